@@ -1,0 +1,1 @@
+"""Triton TTT-MLP / TTT-Linear kernels implementing the contract of ttt_core.ops."""

@@ -1,0 +1,1 @@
+"""Library: TTT-DiT model, ops, sampling, decoding, training. Importable without ComfyUI."""

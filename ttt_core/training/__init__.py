@@ -1,0 +1,1 @@
+"""Fine-tuning: data preparation, multi-stage context extension, FSDP2."""
