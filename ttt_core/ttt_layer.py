@@ -233,7 +233,7 @@ class TTTLayer(nn.Module):
         reverse: bool = False,
         checkpoint_group_size: int = 0,
         *,
-        _extra_pad_tokens: int = 0,
+        _extra_pad_mini_batches: int = 0,
         _pad_generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the layer over a whole video.
@@ -241,8 +241,8 @@ class TTTLayer(nn.Module):
         text [B, S, L, width] (segment-major), video [B, F * h * w, width] in (t, y, x) order, grid =
         (F, h, w) in patches. ``reverse`` runs the backward direction (see module docstring); outputs are
         always returned in the natural (forward) layout: (text_out [B, S, L, width], video_out).
-        ``_extra_pad_tokens`` / ``_pad_generator`` exist for the padding-invariance test only (more pad
-        tokens / random pad contents).
+        ``_extra_pad_mini_batches`` / ``_pad_generator`` exist for the padding-invariance test only (more
+        pad tokens / random pad contents).
         """
         B, S, L, W = text.shape
         frames, gh, gw = grid
@@ -284,7 +284,7 @@ class TTTLayer(nn.Module):
         q, k, v = (t.transpose(1, 2)[:, :, order] for t in (q, k, v))  # [B, H, N, D], scan order
         eta = eta[:, :, order]
 
-        n_pad = (-N) % self.mini_batch_size + _extra_pad_tokens
+        n_pad = (-N) % self.mini_batch_size + _extra_pad_mini_batches * self.mini_batch_size
         if n_pad:
             if _pad_generator is not None:
                 pad = torch.randn(3, B, H, n_pad, D, generator=_pad_generator, dtype=q.dtype).to(q.device)
