@@ -412,6 +412,9 @@ def generate(
     seeds = resolve_seeds_for(sb.num_segments, seed, segment_seeds, regenerate, variation_seed)
     ckpt = checkpoint_path or default_checkpoint_path(out_path)
     extra = {"storyboard": storyboard_to_dict(sb), "out_path": out_path, "model": bundle.name}
+    for key, val in (("model", model), ("ttt_weights", ttt_weights), ("text_encoder", text_encoder), ("vae", vae)):
+        if isinstance(val, (str, os.PathLike)):
+            extra[f"{key}_path"] = os.path.abspath(os.fspath(val))
     t0 = time.perf_counter()
     latents = run_sampler(
         bundle, cond, uncond, progress=progress, steps=steps, seed=seed, scheduler=scheduler, guidance=guidance,
