@@ -318,6 +318,24 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor, out_path: str, *,
             vae.to("cpu")
 
 
+def frames_of(decoded):
+    """The frames decode_to_mp4 returned with return_frames=True (whatever container it used), or None."""
+    if decoded is None:
+        return None
+    if isinstance(decoded, torch.Tensor):
+        return decoded
+    for attr in ("frames", "images"):
+        if getattr(decoded, attr, None) is not None:
+            return getattr(decoded, attr)
+    if isinstance(decoded, dict):
+        return decoded.get("frames")
+    if isinstance(decoded, (tuple, list)):
+        for item in decoded:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None
+
+
 @dataclass
 class GenerateResult:
     path: str | None
@@ -436,9 +454,7 @@ def generate(
 
     cfg = bundle.config
     geo = cfg.geometry(sb.num_segments)
-    images = getattr(decoded, "frames", None) if return_frames else None
-    if return_frames and images is None and isinstance(decoded, tuple):
-        images = decoded[1] if len(decoded) > 1 else None
+    images = frames_of(decoded) if return_frames else None
     return GenerateResult(
         path=out_path, num_segments=sb.num_segments, latent_frames=geo.latent_frames, frames=geo.pixel_frames,
         fps=16, width=geo.pixel_width, height=geo.pixel_height, duration_s=geo.duration_s, seconds=timings,
