@@ -27,6 +27,17 @@ _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_A = 0.044715
 LN_EPS = 1e-8
 DEFAULT_GROUP = 16
+# Tests set this: every buffer the kernels write starts NaN-filled, so an element left unwritten shows up.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, device, dtype=torch.float32):
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
+def _empty_like(t):
+    return _empty(*t.shape, device=t.device, dtype=t.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -537,11 +548,11 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     n_ck = -(-n_mb // G)
     W1, b1, W2, b2 = (_state_f32(state[0], BH, D, Fh), _state_f32(state[1], BH, Fh),
                       _state_f32(state[2], BH, Fh, D), _state_f32(state[3], BH, D))
-    out = torch.empty_like(q)
-    finals = [torch.empty_like(t) for t in (W1, b1, W2, b2)]
+    out = _empty_like(q)
+    finals = [_empty_like(t) for t in (W1, b1, W2, b2)]
     dev = q.device
     if save:
-        cks = [torch.empty(BH, n_ck, *s, device=dev, dtype=torch.float32) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
+        cks = [_empty(BH, n_ck, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
     else:
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
     _ttt_mlp_fwd_kernel[(BH,)](
@@ -558,10 +569,10 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     BH, n_mb = B * H, N // mb
     n_ck = -(-n_mb // G)
     W1, b1 = _state_f32(state[0], BH, D, D), _state_f32(state[1], BH, D)
-    out = torch.empty_like(q)
-    finals = [torch.empty_like(W1), torch.empty_like(b1)]
+    out = _empty_like(q)
+    finals = [_empty_like(W1), _empty_like(b1)]
     if save:
-        cks = [torch.empty(BH, n_ck, *s, device=q.device, dtype=torch.float32) for s in ((D, D), (D,))]
+        cks = [_empty(BH, n_ck, *s, device=q.device) for s in ((D, D), (D,))]
     else:
         cks = [W1, b1]
     _ttt_linear_fwd_kernel[(BH,)](
@@ -607,11 +618,11 @@ class _TTTMLPFunction(torch.autograd.Function):
         dout = (torch.zeros_like(q) if dout is None else dout).to(q.dtype).contiguous()
         ends = [_grad_or_zeros(g, torch.empty(BH, *s, **f32)) for g, s in
                 zip((dW1e, db1e, dW2e, db2e), ((D, Fh), (Fh,), (Fh, D), (D,)))]
-        scratch = [torch.empty(BH, G, *s, **f32) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        deta = torch.empty(B, H, N, **f32)
-        dstate = [torch.empty(BH, *s, **f32) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
-        dlnw, dlnb = torch.empty(BH, D, **f32), torch.empty(BH, D, **f32)
+        scratch = [_empty(BH, G, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        deta = _empty(B, H, N, device=q.device)
+        dstate = [_empty(BH, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
+        dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
         _ttt_mlp_bwd_kernel[(BH,)](
             q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *ends,
             dq, dk, dv, deta, *dstate, dlnw, dlnb,
@@ -645,11 +656,11 @@ class _TTTLinearFunction(torch.autograd.Function):
         f32 = dict(device=q.device, dtype=torch.float32)
         dout = (torch.zeros_like(q) if dout is None else dout).to(q.dtype).contiguous()
         ends = [_grad_or_zeros(dW1e, torch.empty(BH, D, D, **f32)), _grad_or_zeros(db1e, torch.empty(BH, D, **f32))]
-        scratch = [torch.empty(BH, G, D, D, **f32), torch.empty(BH, G, D, **f32)]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        deta = torch.empty(B, H, N, **f32)
-        dW, db = torch.empty(BH, D, D, **f32), torch.empty(BH, D, **f32)
-        dlnw, dlnb = torch.empty(BH, D, **f32), torch.empty(BH, D, **f32)
+        scratch = [_empty(BH, G, D, D, device=q.device), _empty(BH, G, D, device=q.device)]
+        dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
+        deta = _empty(B, H, N, device=q.device)
+        dW, db = _empty(BH, D, D, device=q.device), _empty(BH, D, device=q.device)
+        dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
         _ttt_linear_bwd_kernel[(BH,)](
             q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, *scratch, *ends,
             dq, dk, dv, deta, dW, db, dlnw, dlnb,

@@ -1,0 +1,114 @@
+"""Triton TTT kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1), at small shapes.
+
+The interpreter must be switched on before triton is imported, so the kernel runs happen in one
+subprocess (this file run as a script); the pytest process itself never sets TRITON_INTERPRET, so other
+test modules that import triton are unaffected. Each case draws fresh random inputs, poisons every kernel
+output (NaN) and compares output, final state and all gradients with ttt_core.ops' torch backend in
+float64 (tests/gpu/kernel_checks.py, shared with the device tests in tests/gpu/).
+
+bf16 is checked on the device only: Triton 3.9's interpreter computes tl.dot on bf16 casts wrongly
+(a plain fp32 -> bf16 cast followed by tl.dot gives errors of 1e10 there), so here fp32 and fp16 run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+# kind, B, H, N, D, mini_batch, group, dtype name
+CASES = [
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial)
+    ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
+    ("mlp", 1, 2, 64, 16, 16, 3, "float16"),
+    ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128, mini-batch 32
+    ("linear", 2, 2, 80, 16, 16, 2, "float32"),
+    ("linear", 1, 2, 192, 16, 64, 2, "float32"),  # mini-batch 64
+    ("linear", 1, 2, 96, 32, 32, 1, "float32"),
+    ("linear", 1, 2, 64, 16, 16, 3, "float16"),
+]
+TOL = {"float32": 1e-4, "float16": 1e-2}
+
+
+def _worker() -> None:
+    """Runs in the subprocess with TRITON_INTERPRET=1: one JSON line per case."""
+    import warnings
+
+    import numpy as np
+
+    warnings.filterwarnings("ignore")
+    np.seterr(all="ignore")  # exp overflow inside sigmoid is expected (saturates correctly)
+    sys.path.insert(0, str(HERE / "gpu"))
+    from kernel_checks import check
+
+    seed = int(os.environ.get("KERNEL_TEST_SEED", "0"))
+    for i, (kind, B, H, N, D, mb, G, dt) in enumerate(CASES):
+        t0 = time.time()
+        try:
+            errs = check(kind, B, H, N, D, mb, G, getattr(torch, dt), "cpu", seed + i)
+            print(json.dumps({"case": i, "errs": errs, "s": time.time() - t0}), flush=True)
+        except AssertionError as e:
+            print(json.dumps({"case": i, "fail": str(e)}), flush=True)
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", KERNEL_TEST_SEED=str(torch.seed() % 2**31))
+    proc = subprocess.run([sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            results[rec["case"]] = rec
+    return results
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_triton_interpreter_matches_float64_reference(interpreter_results, case):
+    rec = interpreter_results.get(case)
+    assert rec is not None, "case did not run"
+    assert "fail" not in rec, rec.get("fail")
+    tol = TOL[CASES[case][-1]]
+    names = {"out", "dq", "dk", "dv", "deta", "dW1", "db1", "dln_weight", "dln_bias", "final_W1", "final_b1"}
+    assert names <= set(rec["errs"]), f"missing checks: {names - set(rec['errs'])}"
+    bad = {k: v for k, v in rec["errs"].items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
+def test_auto_backend_is_torch_on_cpu():
+    from ttt_video.kernels import triton_supports
+    from ttt_video.ttt_core.ops import resolve_backend
+
+    q = torch.randn(1, 2, 128, 64)
+    assert not triton_supports(q, 64, "mlp")
+    assert resolve_backend("auto", q, 64, "mlp") == "torch"
+    assert resolve_backend("auto", q, 16, "linear") == "torch"
+
+
+def test_bad_shapes_raise_clear_errors():
+    from ttt_video.kernels import ttt_linear_triton, ttt_mlp_triton
+
+    q = torch.randn(1, 1, 48, 16)
+    eta = torch.rand(1, 1, 48)
+    st = (torch.randn(1, 1, 16, 64), torch.randn(1, 1, 1, 64), torch.randn(1, 1, 64, 16), torch.randn(1, 1, 1, 16))
+    lw, lb = torch.ones(1, 16), torch.zeros(1, 16)
+    with pytest.raises(ValueError, match="N=48 is not a multiple of mini_batch_size=32"):
+        ttt_mlp_triton(q, q, q, eta, st, lw, lb, 32, 0)
+    with pytest.raises(ValueError, match="powers of two"):
+        ttt_linear_triton(q[..., :12], q[..., :12], q[..., :12], eta, (torch.randn(1, 1, 12, 12), torch.randn(1, 1, 1, 12)),
+                          torch.ones(1, 12), torch.zeros(1, 12), 16, 0)
+    with pytest.raises(TypeError, match="bf16/fp16/fp32"):
+        ttt_linear_triton(q.double(), q.double(), q.double(), eta, st[:1] + st[1:2], lw, lb, 16, 0)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    _worker()
