@@ -135,7 +135,7 @@ class TTTDiTBlock(CogVideoXBlock):
         if S == 1:  # the single window is the whole sequence
             return self.attn1(hidden_states=video, encoder_hidden_states=text, image_rotary_emb=layout.rotary)
         win_len = layout.window_frames.shape[1]
-        windows = video.view(B, frames, T, W)[:, layout.window_frames]  # [B, S, 13, T, W]
+        windows = video.reshape(B, frames, T, W)[:, layout.window_frames]  # [B, S, 13, T, W]
         out_video, out_text = self.attn1(
             hidden_states=windows.reshape(B * S, win_len * T, W),
             encoder_hidden_states=text.reshape(B * S, L, W),
@@ -151,7 +151,7 @@ class TTTDiTBlock(CogVideoXBlock):
         """Z = tanh(a) TTT(X') + X'; Z' = tanh(b) TTT_reversed(Z) + Z (text / video gates separate)."""
         B, _, W = video.shape
         S, L = layout.num_segments, layout.text_len
-        text4 = text.view(B, S, L, W)
+        text4 = text.reshape(B, S, L, W)
         for reverse, prefix in ((False, "forward"), (True, "backward")):
             t_out, v_out = self.ttt(text4, video, layout.grid, reverse=reverse,
                                     checkpoint_group_size=layout.scan_checkpoint_group)

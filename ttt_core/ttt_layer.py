@@ -38,7 +38,7 @@ Where we differ from the official code, and why:
 
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,25 @@ def sequence_order(geometry: VideoGeometry, reverse: bool = False) -> torch.Tens
     return torch.cat(parts)
 
 
+@functools.lru_cache(maxsize=8)
+def _scan_orders(geometry: VideoGeometry, reverse: bool, device: torch.device):
+    """(order, inverse order) on ``device``; shared by all layers (one copy per video shape)."""
+    order = sequence_order(geometry, reverse)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return order.to(device), inverse.to(device)
+
+
+@functools.lru_cache(maxsize=8)
+def _rope_tables(head_dim: int, grid: tuple, theta: float, reverse: bool, device: torch.device, dtype):
+    """cos / sin [F*h*w, head_dim/2] of the video tokens by sequence index, shared by all layers (at 63 s
+    one table is ~44 MB in float32). ``reverse``: the table of the flipped video (position by index)."""
+    angles = ttt_rope_angles(head_dim, *grid, theta)
+    if reverse:
+        angles = angles.flip(0)
+    return angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+
+
 # --------------------------------------------------------------------------------------------------
 # the layer
 # --------------------------------------------------------------------------------------------------
@@ -168,7 +187,6 @@ class TTTLayer(nn.Module):
         else:
             self.W1 = nn.Parameter(torch.empty(H, D, D))
             self.b1 = nn.Parameter(torch.empty(H, 1, D))
-        self._cache: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -191,24 +209,6 @@ class TTTLayer(nn.Module):
     @property
     def state_names(self) -> tuple[str, ...]:
         return ("W1", "b1", "W2", "b2") if self.kind == "ttt_mlp" else ("W1", "b1")
-
-    # ---- cached layout tables -------------------------------------------------------------------
-    def _rope_tables(self, frames: int, height: int, width: int, device, dtype):
-        key = ("rope", frames, height, width, str(device), dtype)
-        if key not in self._cache:
-            angles = ttt_rope_angles(self.head_dim, frames, height, width, self.rope_theta)
-            cdt = torch.promote_types(dtype, torch.float32)
-            self._cache[key] = (angles.cos().to(device, cdt), angles.sin().to(device, cdt))
-        return self._cache[key]
-
-    def _orders(self, geometry: VideoGeometry, reverse: bool, device):
-        key = ("order", geometry, reverse, str(device))
-        if key not in self._cache:
-            order = sequence_order(geometry, reverse)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel())
-            self._cache[key] = (order.to(device), inverse.to(device))
-        return self._cache[key]
 
     # ---- pieces ---------------------------------------------------------------------------------
     def reconstruction_target(self, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -271,16 +271,15 @@ class TTTLayer(nn.Module):
         k = F.normalize(self.wk(x).view(B, N, H, D), p=2, dim=-1)
         v = self.wv(x).view(B, N, H, D)
 
-        cos, sin = self._rope_tables(frames, gh, gw, x.device, x.dtype)
-        if reverse:  # positions by sequence index of the flipped video
-            cos, sin = cos.flip(0), sin.flip(0)
+        cdt = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = _rope_tables(self.head_dim, (frames, gh, gw), self.rope_theta, reverse, x.device, cdt)
         cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads of [B, Nv, H, D]
         q = torch.cat([q[:, :n_text], apply_pairwise_rope(q[:, n_text:], cos, sin)], dim=1)
         k = torch.cat([k[:, :n_text], apply_pairwise_rope(k[:, n_text:], cos, sin)], dim=1)
         v = self.reconstruction_target(v, k)
         eta = self.inner_lr(x)  # [B, H, N]
 
-        order, inverse = self._orders(geometry, reverse, x.device)
+        order, inverse = _scan_orders(geometry, reverse, x.device)
         q, k, v = (t.transpose(1, 2)[:, :, order] for t in (q, k, v))  # [B, H, N, D], scan order
         eta = eta[:, :, order]
 
