@@ -11,9 +11,10 @@ Accepted inputs of ``load_ttt_dit(path_or_folder, ttt_weights=None, ...)``:
     inferred from tensor shapes (``infer_config``: what cannot be read from shapes is taken from the
     ``cogvideox-5b`` preset, and the warning says which fields);
 (c) one combined file written by ``save_ttt_dit`` (config JSON in the safetensors metadata);
-(d) any of the above laid out with the official ttt-video-dit key names (``layers.{i}.seq_modeling_block...``,
-    see ``OFFICIAL_BLOCK_KEYS``), converted to safetensors first (``convert_torch_checkpoint`` /
-    docs/loading.md: their torch DCP / ``.pt`` checkpoints are pickles and are never opened here).
+(d) files laid out with the official ttt-video-dit key names (``layers.{i}.seq_modeling_block...``, see
+    ``OFFICIAL_BLOCK_KEYS``), converted to safetensors first (``convert_torch_checkpoint`` /
+    docs/loading.md: their torch DCP / ``.pt`` checkpoints are pickles and are never opened here), or
+    with ComfyUI's native CogVideoX names (``blocks.{i}.attn_out``..., ``COMFY_BLOCK_KEYS``).
 
 ``ttt_weights`` optionally names a second file holding the TTT parameters (and any backbone parameters the
 trainer changed, e.g. the attention q/k/v/o of the later stages); its tensors replace those of the first
@@ -39,6 +40,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -65,6 +67,7 @@ __all__ = [
     "read_safetensors",
     "infer_config",
     "official_to_ours_key",
+    "comfy_to_ours_key",
     "ours_to_official_key",
     "is_ttt_key",
     "convert_torch_checkpoint",
@@ -350,6 +353,34 @@ OFFICIAL_BLOCK_KEYS: dict[str, str] = {
     "mlp.layer2.": "ff.net.2.",
 }
 _OFFICIAL_BLOCK_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+# ComfyUI's native CogVideoX (comfy/ldm/cogvideo/model.py), e.g. a model saved from a ComfyUI graph:
+# the same tensors as diffusers under flattened names.
+COMFY_ROOTS = ("patch_embed", "time_embedding_linear_1", "time_embedding_linear_2", "blocks", "norm_final",
+               "norm_out", "proj_out")  # fmt: skip
+COMFY_TOP_KEYS: dict[str, str] = {
+    "time_embedding_linear_1.": "time_embedding.linear_1.",
+    "time_embedding_linear_2.": "time_embedding.linear_2.",
+    "patch_embed.": "patch_embed.",
+    "norm_final.": "norm_final.",
+    "norm_out.": "norm_out.",
+    "proj_out.": "proj_out.",
+}
+COMFY_BLOCK_KEYS: dict[str, str] = {
+    "norm1.": "norm1.",
+    "norm2.": "norm2.",
+    "q.": "attn1.to_q.",
+    "k.": "attn1.to_k.",
+    "v.": "attn1.to_v.",
+    "norm_q.": "attn1.norm_q.",
+    "norm_k.": "attn1.norm_k.",
+    "attn_out.": "attn1.to_out.0.",
+    "ff_proj.": "ff.net.0.proj.",
+    "ff_out.": "ff.net.2.",
+    "ttt.": "ttt.",  # a ComfyUI-side save of our own model would keep our TTT names
+    "ttt_gates.": "ttt_gates.",
+}
+_COMFY_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _OURS_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 
 
@@ -406,10 +437,28 @@ def _root_position(key: str, roots: Iterable[str]) -> int | None:
     return best
 
 
+def comfy_to_ours_key(key: str) -> str | None:
+    """Map one ComfyUI-native CogVideoX key (comfy/ldm/cogvideo/model.py) to ours (None if unknown)."""
+    m = _COMFY_BLOCK_RE.match(key)
+    if m:
+        rest = _rename(m.group(2), COMFY_BLOCK_KEYS)
+        return None if rest is None else f"transformer_blocks.{m.group(1)}.{rest}"
+    return _rename(key, COMFY_TOP_KEYS)
+
+
+# layout name -> (top-level module names, names that only this layout uses, key mapping to ours)
+_LAYOUTS = {
+    "ours": (OURS_ROOTS, ("time_embedding", "transformer_blocks"), None),
+    "official": (OFFICIAL_ROOTS, OFFICIAL_ROOTS, official_to_ours_key),
+    "comfy": (COMFY_ROOTS, ("time_embedding_linear_1", "time_embedding_linear_2", "blocks"), comfy_to_ours_key),
+}
+_LAYOUT_NOTES = {"official": "official ttt-video-dit", "comfy": "ComfyUI-native CogVideoX"}
+
+
 def normalize_keys(refs: Mapping[str, Any], source: str) -> tuple[dict[str, Any], list[str]]:
     """Bring a state dict (values of any type) to our key names: drop wrapper segments, strip one common
     prefix (e.g. ``model.diffusion_model.``), drop an official training checkpoint's non-model groups, and
-    rename official ttt-video-dit keys. Returns (renamed mapping, notes for the user)."""
+    rename official ttt-video-dit / ComfyUI-native keys. Returns (renamed mapping, notes for the user)."""
     notes: list[str] = []
     cleaned = {}
     dropped = 0
@@ -421,17 +470,16 @@ def normalize_keys(refs: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
         if new in cleaned:
             raise CheckpointFormatError(f"{source}: keys {key!r} and another one both mean {new!r}")
         cleaned[new] = value
-
-    ours = {k: _root_position(k, OURS_ROOTS) for k in cleaned}
-    official = {k: _root_position(k, OFFICIAL_ROOTS) for k in cleaned}
-    n_ours = sum(v is not None for v in ours.values())
-    n_official = sum(v is not None and ours[k] is None for k, v in official.items())
-    layout_is_official = n_official > n_ours
-    positions = official if layout_is_official else ours
-
-    prefixes = Counter(k[:p] for k, p in positions.items() if p is not None)
     if dropped:
         notes.append(f"ignored {dropped} non-model entries (optimizer / scheduler / data state)")
+
+    # the layout whose own (unshared) module names occur most; ours on a tie
+    votes = {name: sum(_root_position(k, unique) is not None for k in cleaned) for name, (_, unique, _) in _LAYOUTS.items()}
+    layout = max(_LAYOUTS, key=lambda name: (votes[name], name == "ours"))
+    roots, _, mapping = _LAYOUTS[layout]
+    positions = {k: _root_position(k, roots) for k in cleaned}
+
+    prefixes = Counter(k[:p] for k, p in positions.items() if p is not None)
     if not prefixes:
         return cleaned, notes  # nothing we recognise: the key check will list them as unexpected
     if len(prefixes) > 1:
@@ -446,14 +494,14 @@ def normalize_keys(refs: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
         out[key[len(prefix) :]] = value
     if prefix:
         notes.append(f"stripped the key prefix {prefix!r}")
-    if layout_is_official:
+    if mapping is not None:
         renamed = {}
         for key, value in out.items():
-            new = official_to_ours_key(key)
-            # keep unmappable keys under their official name so the error names what the file holds
+            new = mapping(key)
+            # keep unmappable keys under their original name so the error names what the file holds
             renamed[new if new is not None else key] = value
         out = renamed
-        notes.append("mapped official ttt-video-dit key names to ours")
+        notes.append(f"mapped {_LAYOUT_NOTES[layout]} key names to ours")
     return out, notes
 
 
@@ -736,10 +784,16 @@ def _with_global_layer(cfg: TTTDiTConfig, global_layer: str) -> TTTDiTConfig:
 # --------------------------------------------------------------------------------------------------
 # building the model without initialising it
 # --------------------------------------------------------------------------------------------------
+_META_LOCK = threading.Lock()
+
+
 @contextmanager
 def _parameters_on_meta():
     """Inside, every registered parameter is moved to the meta device (buffers stay real, so any tables
-    a module computes in __init__ survive); construction costs no memory and no random init."""
+    a module computes in __init__ survive); construction costs no memory and no random init. Patches
+    nn.Module.register_parameter for the duration (under a lock; other threads building modules at the
+    same moment would be affected, which loading in a UI's worker thread does not do)."""
+    _META_LOCK.acquire()
     original = nn.Module.register_parameter
 
     def register(module, name, param):
@@ -752,6 +806,7 @@ def _parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = original
+        _META_LOCK.release()
 
 
 def _build_meta_model(cfg: TTTDiTConfig):
