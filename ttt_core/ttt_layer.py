@@ -292,7 +292,8 @@ class TTTLayer(nn.Module):
             q, k, v = (torch.cat([t, p], dim=2) for t, p in zip((q, k, v), pad))
             eta = torch.cat([eta, eta.new_zeros(B, H, n_pad)], dim=2)  # pad tokens take no inner step
 
-        state = tuple(getattr(self, n).unsqueeze(0).expand(B, *getattr(self, n).shape) for n in self.state_names)
+        # initial state tiled over the batch (a copy, like the official torch.tile; kernels want contiguous)
+        state = tuple(getattr(self, n).unsqueeze(0).expand(B, *getattr(self, n).shape).contiguous() for n in self.state_names)
         op = ttt_mlp if self.kind == "ttt_mlp" else ttt_linear
         out, _ = op(
             q,
