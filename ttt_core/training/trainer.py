@@ -1,0 +1,425 @@
+"""One training stage: torchrun + FSDP2 (or a single process running the same code), checkpoints, logs.
+
+Flow: distributed set-up (NCCL on GPUs, gloo on CPU; a one-process group when started without torchrun) ->
+rank 0 builds the starting weights on the host (random with the run seed, or ``init_from``) -> every rank
+builds the model on the meta device, marks the stage's trainable set, wraps each transformer block and the
+root with ``fully_shard`` (bf16 compute / fp32 master + reduction when precision is bf16) and receives its
+shards from rank 0 -> AdamW with per-group schedules -> the step loop. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from ..config import TTTDiTConfig, preset
+from ..geometry import VideoGeometry
+from .checkpoint import (
+    STATE_NAME,
+    export_inference_weights,
+    is_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .data import LatentVideoDataset, SampleStream, read_manifest_records, sample_generator, write_manifest
+from .objective import NUM_TRAIN_TIMESTEPS, v_prediction_loss
+from .optim import apply_trainable, build_optimizer
+
+METRICS_NAME = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------------------------------
+# distributed set-up
+# --------------------------------------------------------------------------------------------------
+def setup_distributed(device_pref: str):
+    """(rank, world, device, created_group). Uses torchrun's environment when present."""
+    use_cuda = torch.cuda.is_available() and device_pref != "cpu"
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device = 'cuda' but no CUDA device is available")
+    created = False
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            if use_cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        else:  # plain `python -m ...`: a one-process group so that the FSDP2 code path is the same
+            if use_cuda:
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        created = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return rank, world, device, created
+
+
+def log0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# model construction
+# --------------------------------------------------------------------------------------------------
+def stage_model_config(cfg: TrainConfig) -> TTTDiTConfig:
+    overrides = dict(cfg.model.overrides)
+    overrides.setdefault("scan_checkpoint_group_size", cfg.memory.scan_checkpoint_group_size)
+    return preset(cfg.model.preset, **overrides)
+
+
+def _resolve_init_entry(path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"model.init_from: {p} does not exist")
+    if p.is_dir() and not is_checkpoint(p) and (p / "latest").is_file():
+        p = latest_checkpoint(p) or p  # a previous stage's checkpoint.dir: take its newest checkpoint
+    if is_checkpoint(p):
+        return p / "model"
+    return p
+
+
+def previous_changed(init_from: list[str]) -> set[str]:
+    """Backbone parameters that earlier stages changed (carried along so the export stays complete)."""
+    from ..loading import KIND_PARTIAL, open_weights
+
+    changed: set[str] = set()
+    for entry in init_from:
+        p = Path(entry).expanduser()
+        if p.is_dir() and not is_checkpoint(p) and (p / "latest").is_file():
+            p = latest_checkpoint(p) or p
+        if is_checkpoint(p):
+            changed |= set(json.loads((p / STATE_NAME).read_text()).get("changed", []))
+        elif p.is_file():
+            source = open_weights(p)
+            if source.kind == KIND_PARTIAL:
+                changed |= set(source.refs)
+    return changed
+
+
+def build_initial_model(cfg: TrainConfig, model_cfg: TTTDiTConfig):
+    """The starting weights as a full fp32 model on the host (rank 0 only)."""
+    from ..dit import TTTDiT
+    from ..loading import load_ttt_dit, load_ttt_weights
+
+    if not cfg.model.init_from:
+        torch.manual_seed(cfg.run.seed)
+        return TTTDiT(model_cfg).float()
+    entries = [_resolve_init_entry(e) for e in cfg.model.init_from]
+    second = entries[1] if len(entries) > 1 else None
+    model = load_ttt_dit(entries[0], ttt_weights=second, config=model_cfg, dtype=torch.float32, device="cpu")
+    for extra in entries[2:]:
+        load_ttt_weights(model, extra, strict=False)
+    return model
+
+
+def _receive_from_rank0(param: torch.Tensor, full: torch.Tensor | None, rank: int) -> None:
+    if isinstance(param, DTensor):
+        mesh = param.device_mesh
+        src = (full if rank == 0 else torch.empty(param.shape, dtype=torch.float32)).to(mesh.device_type, torch.float32)
+        local = distribute_tensor(src, mesh, param.placements, src_data_rank=0).to_local()
+        with torch.no_grad():
+            param.to_local().copy_(local.to(param.to_local().device, param.dtype))
+    else:
+        with torch.no_grad():
+            param.copy_(full.to(param.device, param.dtype))
+
+
+def build_sharded_model(cfg: TrainConfig, model_cfg: TTTDiTConfig, device: torch.device, rank: int, world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    from ..dit import TTTDiT
+
+    initial = build_initial_model(cfg, model_cfg) if rank == 0 else None
+    with torch.device("meta"):
+        model = TTTDiT(model_cfg)
+    trainable = apply_trainable(model, cfg.stage.trainable)
+    model.enable_gradient_checkpointing(cfg.memory.activation_checkpointing)
+
+    mixed = effective_precision(cfg, device)
+    mesh = init_device_mesh(device.type, (world,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed == "bf16" else None, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy() if cfg.memory.cpu_offload else OffloadPolicy()
+    kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=cfg.memory.reshard_after_forward)
+    for block in model.transformer_blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    model.to_empty(device="cpu" if cfg.memory.cpu_offload else device)
+
+    full_params = dict(initial.named_parameters()) if initial is not None else {}
+    for name, p in model.named_parameters():
+        _receive_from_rank0(p, full_params.get(name), rank)
+    del full_params, initial
+    model.train()
+    return model, trainable
+
+
+def effective_precision(cfg: TrainConfig, device: torch.device) -> str:
+    return cfg.precision.mixed if device.type == "cuda" else cfg.precision.cpu_mixed
+
+
+# --------------------------------------------------------------------------------------------------
+# logging
+# --------------------------------------------------------------------------------------------------
+class MetricsLog:
+    """Console + metrics.jsonl (+ TensorBoard when the package is installed), rank 0 only."""
+
+    def __init__(self, folder: Path, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = folder / METRICS_NAME
+        self.tb = None
+        if not enabled:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            # drop lines of steps after the checkpoint (they will be run again)
+            kept = [r for r in read_manifest_records(self.path) if r.get("step", 0) <= resume_step]
+            write_manifest(self.path, kept)
+        elif resume_step is None and self.path.is_file():
+            self.path.unlink()  # a fresh run in a folder without checkpoints
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(folder / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed (pip install 'comfyui-ttt-video[train]'); logging to "
+                      f"{self.path} only", flush=True)  # fmt: skip
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB -> GiB (peak RSS)
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------------
+class _StopFlag:
+    def __init__(self):
+        self.stop = False
+        self._old = None
+
+    def install(self):
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.stop = True
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def train_stage(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None,
+                save_final: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run (or continue) one stage. Returns a summary dict (steps run, last loss, timings, paths)."""
+    rank, world, device, created_group = setup_distributed(cfg.run.device)
+    stop = _StopFlag()
+    stop.install()
+    try:
+        return _train(cfg, rank, world, device, stop, resume, max_steps, save_final)
+    finally:
+        stop.restore()
+        if created_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
+    ckpt_root = Path(cfg.checkpoint.dir)
+    resume_from = latest_checkpoint(ckpt_root) if resume else None
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise FileExistsError(
+            f"{ckpt_root} already holds checkpoints; pass --resume to continue that run, or set checkpoint.dir "
+            "to a new folder (nothing is overwritten)"
+        )
+    if resume and resume_from is None:
+        log0(f"--resume: no checkpoint in {ckpt_root} yet; starting the stage from its beginning")
+
+    model_cfg = stage_model_config(cfg)
+    dataset = LatentVideoDataset(
+        cfg.data.manifest,
+        cfg.stage.segments,
+        expect_channels=model_cfg.in_channels,
+        expect_text=(model_cfg.max_text_seq_length, model_cfg.text_embed_dim),
+        sample_posterior=cfg.data.sample_posterior,
+    )
+    if dataset.skipped_other_lengths:
+        log0(f"data: {dataset.skipped_other_lengths} manifest item(s) of another length ignored (stage needs "
+             f"{cfg.stage.segments} segment(s))")  # fmt: skip
+    null_text = dataset.null_text() if cfg.data.text_dropout_mode == "empty_prompt" else None
+
+    t0 = time.perf_counter()
+    model, trainable = build_sharded_model(cfg, model_cfg, device, rank, world)
+    optimizer, scheduler, schedules, group_names = build_optimizer(model, cfg)
+    changed = sorted(previous_changed(cfg.model.init_from) | set(trainable))
+    start_step = 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
+        start_step = int(state["step"])
+        changed = sorted(set(changed) | set(state.get("changed", [])))
+        log0(f"resumed from {resume_from} at step {start_step}")
+    build_s = time.perf_counter() - t0
+
+    n_total = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    B, A = cfg.data.batch_size, cfg.data.grad_accum_steps
+    global_batch = B * A * world
+    mixed = effective_precision(cfg, device)
+    log0(
+        f"stage {cfg.stage.name}: {cfg.stage.segments} segment(s), steps {start_step}->{cfg.stage.steps}, "
+        f"{world} process(es) on {device.type}, precision {mixed}, global batch {global_batch} "
+        f"({B} x {A} accum x {world}), {len(dataset)} item(s); parameters {n_total / 1e6:.2f} M, trainable "
+        f"{n_train / 1e6:.2f} M ({cfg.stage.trainable}); model ready in {build_s:.1f} s"
+    )
+
+    metrics = MetricsLog(ckpt_root, rank == 0, cfg.logging.tensorboard, start_step if resume_from else None)
+    stream = SampleStream(len(dataset), cfg.run.seed)
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+    end_step = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start_step + max_steps)
+    step = start_step
+    last: dict[str, float] = {}
+    step_times: list[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def trainer_state() -> dict[str, Any]:
+        return {
+            "stage": cfg.stage.name,
+            "world_size": world,
+            "samples_seen": step * global_batch,
+            "config": cfg.to_dict(),
+            "model_config": model_cfg.to_dict(),
+            "trainable": trainable,
+            "changed": changed,
+        }
+
+    def checkpoint_now():
+        path = save_checkpoint(ckpt_root, step, model=model, model_config=model_cfg, optimizer=optimizer,
+                               scheduler=scheduler, trainer_state=trainer_state(), keep=cfg.checkpoint.keep)  # fmt: skip
+        log0(f"checkpoint: {path}")
+        return path
+
+    stopped_by_signal = False
+    while step < end_step:
+        ts = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for m in range(A):
+            lat, txt, noi, tt = [], [], [], []
+            for b in range(B):
+                j = rank * B * A + m * B + b  # index of this sample inside the global batch
+                gen = sample_generator(cfg.run.seed, step, j)
+                latents, text = dataset.load(stream.item(step * global_batch + j), gen)
+                t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
+                noise = torch.randn(latents.shape, generator=gen)
+                if torch.rand((), generator=gen).item() < cfg.data.text_dropout:
+                    text = null_text.expand_as(text).clone() if null_text is not None else torch.zeros_like(text)
+                lat.append(latents), txt.append(text), noi.append(noise), tt.append(t)
+            latents = torch.stack(lat).to(device)
+            text = torch.stack(txt).to(device)
+            noise = torch.stack(noi).to(device)
+            timesteps = torch.cat(tt).to(device)
+            _, F_, _, h, w = latents.shape
+            tokens += B * VideoGeometry(text.shape[1], h, w, model_cfg.patch_size, text.shape[2]).total_tokens
+            if A > 1:
+                model.set_requires_gradient_sync(m == A - 1)
+            loss = v_prediction_loss(model, latents, text, noise, timesteps) / A
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.optimizer.grad_clip)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        loss_value = loss_sum.item() / world
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - ts
+        step += 1
+        step_times.append(dt)
+        lrs = scheduler.get_last_lr()
+        last = {
+            "loss": loss_value,
+            "grad_norm": float(grad_norm),
+            "step_time_s": dt,
+            "tokens_per_s": tokens * world / dt,
+            "memory_gb": memory_gb(device),
+            **{f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)},
+        }
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {step}; stopping (no checkpoint written)")
+        metrics.log(step, last)
+        if step % cfg.logging.log_every == 0 or step == end_step:
+            log0(
+                f"step {step}/{cfg.stage.steps} loss {loss_value:.5f} grad_norm {float(grad_norm):.4f} "
+                f"lr {max(lrs):.2e} {dt:.2f} s/step {last['tokens_per_s']:.0f} tok/s mem {last['memory_gb']:.1f} GB"
+            )
+        # every rank must agree on stopping (SIGTERM reaches them at slightly different times)
+        flag = torch.tensor([1.0 if stop.stop else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            log0(f"SIGTERM: writing a checkpoint at step {step} and stopping (continue with --resume)")
+            checkpoint_now()
+            stopped_by_signal = True
+            break
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < end_step:
+            checkpoint_now()
+
+    ckpt_path = None
+    export_path = None
+    if not stopped_by_signal and step > start_step and save_final:
+        ckpt_path = checkpoint_now()
+    if not stopped_by_signal and step == cfg.stage.steps and cfg.checkpoint.export and step > start_step:
+        dtype = torch.bfloat16 if cfg.checkpoint.export_dtype == "bf16" else torch.float32
+        export_path = export_inference_weights(model, model_cfg, ckpt_root / "export.safetensors", changed, dtype)
+        log0(f"export (inference weights: TTT + {len([c for c in changed if 'ttt' not in c])} changed backbone "
+             f"tensor(s)): {ckpt_root / 'export.safetensors'}")  # fmt: skip
+    metrics.close()
+    steady = step_times[1:] if len(step_times) > 1 else step_times
+    return {
+        "start_step": start_step,
+        "end_step": step,
+        "stopped_by_signal": stopped_by_signal,
+        "last": last,
+        "mean_step_time_s": sum(steady) / len(steady) if steady else float("nan"),
+        "peak_memory_gb": memory_gb(device),
+        "build_s": build_s,
+        "checkpoint": str(ckpt_path) if ckpt_path else None,
+        "export": str(export_path) if export_path else None,
+        "world_size": world,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "tokens_per_sample": tokens // max(B * A, 1),
+    }
