@@ -689,3 +689,23 @@ def test_comfyui_native_key_names(tmp_path):
         model = load_ttt_dit(tmp_path / "cogvideox_comfy.safetensors", config=CFG)
     assert_same_state(model, state)
     assert any("ComfyUI-native" in n for n in model.load_notes)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_official_dcp_checkpoint_through_the_documented_conversion(tmp_path):
+    """docs/loading.md: an official torch DCP checkpoint is refused with a hint; the two documented steps
+    (dcp_to_torch_save, then our weights_only converter) give a loadable safetensors file."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    state = official_state_dict(29)
+    optimizer = {"state": {"layers.0.mlp.layer1.weight": {"exp_avg": torch.randn(3), "step": torch.tensor(2.0)}},
+                 "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.95), "params": ["layers.0.mlp.layer1.weight"]}]}  # fmt: skip
+    dcp.save({"model": state, "optimizer": optimizer, "lr_scheduler": {"last_epoch": 3}}, checkpoint_id=tmp_path / "step-5000")
+    with pytest.raises(CheckpointFormatError, match=r"torch distributed \(DCP\) checkpoint.*docs/loading\.md"):
+        load_ttt_dit(tmp_path / "step-5000", config=CFG)
+    dcp_to_torch_save(tmp_path / "step-5000", tmp_path / "official.pt")  # the user's step (trusted file)
+    converted = convert_torch_checkpoint(tmp_path / "official.pt", tmp_path / "official.safetensors")
+    model = load_ttt_dit(converted, config=CFG)
+    assert torch.equal(model.transformer_blocks[1].ttt.W1, state["layers.1.seq_modeling_block.ssm.ttt.W1"])
+    assert torch.equal(model.norm_out.linear.weight, state["final_layer.adaLN_modulation.1.weight"])

@@ -679,6 +679,11 @@ def infer_config(refs: Mapping[str, Any], base: str = "cogvideox-5b") -> tuple[T
         text_embed_dim=shape("patch_embed.text_proj.weight")[1],
         time_embed_dim=shape("time_embedding.linear_1.weight")[0],
     )
+    if (width, fields["num_layers"], fields["text_embed_dim"]) == (1920, 30, 4096):
+        raise LoadingError(
+            "these weights look like CogVideoX-2B (width 1920, 30 layers), which uses sinusoidal positions, not "
+            "the rotary embeddings TTTDiT needs; only CogVideoX-5B-style models are supported"
+        )
     notes = ["inferred from tensor shapes: " + ", ".join(f"{k}={v}" for k, v in fields.items())]
     w1, w2 = shape("transformer_blocks.0.ttt.W1"), shape("transformer_blocks.0.ttt.W2")
     if w2 is not None and w1 is not None:
