@@ -116,6 +116,19 @@ def test_diffusers_folder_root_and_transformer_subfolder(tmp_path):
     assert not torch.equal(layer.W1, from_root.transformer_blocks[0].ttt.W1)
 
 
+def test_diffusers_folder_weight_variant_and_inspect_cli(tmp_path, capsys):
+    from ttt_video.ttt_core.loading import _main
+
+    backbone = tiny_diffusers(30)
+    backbone.save_pretrained(tmp_path / "transformer", variant="fp16")
+    assert (tmp_path / "transformer" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    with no_ttt_warning():
+        model = load_ttt_dit(tmp_path, config=CFG)
+    assert_same_state(model, backbone.state_dict())
+    assert _main(["inspect", str(tmp_path)]) == 0
+    assert f"{len(backbone.state_dict())} tensors, kind diffusers-folder, TTT: False" in capsys.readouterr().out
+
+
 def test_diffusers_folder_config_json_gives_the_backbone(tmp_path):
     """Without config=, the backbone comes from transformer/config.json (TTT settings: defaults)."""
     tiny_diffusers(2).save_pretrained(tmp_path / "m" / "transformer")
