@@ -200,6 +200,18 @@ def test_single_file_with_explicit_config(tmp_path, prefix):
         assert any("stripped the key prefix 'model.diffusion_model.'" in n for n in model.load_notes)
 
 
+def test_single_file_in_fp8_is_upcast_to_bf16(tmp_path):
+    state = tiny_diffusers(31).state_dict()
+    fp8 = {k: v.to(torch.float8_e4m3fn) for k, v in state.items()}
+    save_file(fp8, str(tmp_path / "cogvideox_fp8_e4m3fn.safetensors"))
+    with no_ttt_warning():
+        model = load_ttt_dit(tmp_path / "cogvideox_fp8_e4m3fn.safetensors", config=CFG)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert_same_state(model, {k: v.to(torch.bfloat16) for k, v in fp8.items()})
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_ttt_dit(tmp_path / "cogvideox_fp8_e4m3fn.safetensors", config=CFG, dtype="half-ish")
+
+
 def test_single_file_config_inferred_from_shapes(tmp_path):
     backbone = tiny_diffusers(6)
     save_file({"diffusion_model." + k: v for k, v in backbone.state_dict().items()}, str(tmp_path / "w.safetensors"))

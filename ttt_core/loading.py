@@ -729,12 +729,12 @@ def _resolve_config(source: WeightSource, ttt_source: WeightSource | None, confi
                 differ = [
                     f"{f}: {getattr(theirs, f)} -> {getattr(cfg, f)}"
                     for f in theirs.diffusers_kwargs()
-                    if getattr(theirs, f) != getattr(cfg, f) and src.kind != KIND_PARTIAL
+                    if getattr(theirs, f) != getattr(cfg, f)
                 ]
                 if differ:
                     notes.append(f"config given explicitly overrides {src.config_origin}: " + "; ".join(differ))
         origin = "the config argument"
-    elif source.config is not None and source.kind in (KIND_FULL, "diffusers-folder"):
+    elif source.config is not None:
         cfg = TTTDiTConfig.from_dict(source.config)
         origin = source.config_origin
         if source.kind == "diffusers-folder":
@@ -869,13 +869,30 @@ def _fresh_init(modules: list[nn.Module], dtype: torch.dtype, device) -> None:
             module.to(device=device, dtype=dtype)
 
 
+_DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                "fp16": torch.float16, "float16": torch.float16, "fp64": torch.float64, "float64": torch.float64}  # fmt: skip
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).lower().replace("torch.", "")
+    if name not in _DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPE_NAMES)} or a torch.dtype, got {dtype!r}")
+    return _DTYPE_NAMES[name]
+
+
 def _majority_float_dtype(refs: Iterable[TensorRef]) -> torch.dtype:
+    """The checkpoint's dtype (by bytes); fp8 storage (ComfyUI fp8 files) is computed in bf16 instead."""
     counts: Counter = Counter()
     for ref in refs:
         dt = ref.torch_dtype
         if dt is not None and dt.is_floating_point:
             counts[dt] += ref.numel
-    return counts.most_common(1)[0][0] if counts else torch.float32
+    if not counts:
+        return torch.float32
+    dtype = counts.most_common(1)[0][0]
+    return torch.bfloat16 if dtype.itemsize == 1 else dtype
 
 
 # --------------------------------------------------------------------------------------------------
@@ -909,8 +926,7 @@ def load_ttt_dit(
     The model is returned in eval mode. TTT parameters missing from CogVideoX-only weights are initialised
     freshly from ``TTT_INIT_SEED`` with a warning.
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""))
+    dtype = _as_dtype(dtype)
     source = open_weights(path_or_folder)
     if source.kind == KIND_PARTIAL:
         raise LoadingError(
