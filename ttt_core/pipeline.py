@@ -239,6 +239,18 @@ def check_storyboard(bundle: ModelBundle, sb: Storyboard, encoder=None) -> list[
                     max_segments_trained=getattr(cfg, "max_segments_trained", None))
 
 
+def text_cache_dir(bundle: ModelBundle) -> str | None:
+    """Where text embeddings are cached: bundle.cache_dir, else $TTT_VIDEO_CACHE_DIR/text, else
+    ~/.cache/ttt-video/text. "off" (either place) disables the cache."""
+    root = bundle.cache_dir or os.environ.get("TTT_VIDEO_CACHE_DIR")
+    if root and root.lower() == "off":
+        return None
+    if bundle.cache_dir:
+        return bundle.cache_dir
+    base = Path(root) if root else Path.home() / ".cache" / "ttt-video"
+    return str(base / "text")
+
+
 def encode_storyboard(bundle: ModelBundle, sb: Storyboard, *, use_negative: bool = True,
                       progress: ProgressFn | None = None) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Per-segment prompt (and negative prompt) embeddings [S, L, dim] on the CPU, plus warnings. The text
@@ -249,8 +261,13 @@ def encode_storyboard(bundle: ModelBundle, sb: Storyboard, *, use_negative: bool
         L = bundle.config.max_text_seq_length
         if progress:
             progress("encode", 0, 1, None)
-        cond = encoder.encode(sb.prompts(), max_length=L)
-        uncond = encoder.encode(sb.negative_prompts(), max_length=L) if use_negative else None
+        cache = text_cache_dir(bundle)
+        if cache is not None and hasattr(encoder, "encode_cached"):
+            cond = encoder.encode_cached(sb.prompts(), cache, max_length=L, on_overflow="error")
+            uncond = encoder.encode_cached(sb.negative_prompts(), cache, max_length=L, on_overflow="error") if use_negative else None
+        else:
+            cond = encoder.encode(sb.prompts(), max_length=L, on_overflow="error")
+            uncond = encoder.encode(sb.negative_prompts(), max_length=L, on_overflow="error") if use_negative else None
         if progress:
             progress("encode", 1, 1, None)
     finally:
