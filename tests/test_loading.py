@@ -628,6 +628,21 @@ def test_pickle_files_are_refused_without_being_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_valid_file_whose_header_length_starts_like_a_pickle(tmp_path):
+    """A header of 640 = 0x0280 bytes makes a valid safetensors file start with b"\\x80\\x02" (a pickle's
+    protocol-2 opcode): the structure decides, not the first bytes."""
+    path = tmp_path / "lookalike.safetensors"
+    tensor = torch.randn(3, 2)
+    for pad in range(700):
+        save_file({"x": tensor}, str(path), metadata={"pad": "a" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    else:
+        pytest.fail("no padding gave a 640-byte header")
+    tensors, metadata = read_safetensors(path)
+    assert torch.equal(tensors["x"], tensor) and len(metadata["pad"]) == pad
+
+
 def test_random_bytes_and_empty_file(tmp_path):
     gen = torch.Generator().manual_seed(24)
     junk = tmp_path / "junk.safetensors"

@@ -189,29 +189,30 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorRe
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
-        other = _describe_non_safetensors(head)
-        if other:
-            raise CheckpointFormatError(
-                f"{path} is not a safetensors file: it looks like {other}. Only safetensors files are loaded "
-                "(pickled checkpoints can run code when opened); see docs/loading.md or "
-                "`python -m ttt_video.ttt_core.loading convert` for converting torch checkpoints you trust."
-            )
-        if size < 8:
-            raise CheckpointFormatError(f"{path} is only {size} bytes: not a safetensors file (empty or truncated)")
         header_len = int.from_bytes(head, "little")
-        if header_len < 2 or header_len > _MAX_HEADER_BYTES:
+        first = fh.read(1)
+        # A safetensors file is recognised by its own structure first (a pickle's or zip's magic bytes can
+        # also be the low bytes of a valid header length, e.g. 0x0280 = 640 starts with b"\x80\x02").
+        if len(head) < 8 or not (2 <= header_len <= _MAX_HEADER_BYTES) or first != b"{":
+            other = _describe_non_safetensors(head)
+            if other:
+                raise CheckpointFormatError(
+                    f"{path} is not a safetensors file: it looks like {other}. Only safetensors files are loaded "
+                    "(pickled checkpoints can run code when opened); see docs/loading.md or "
+                    "`python -m ttt_video.ttt_core.loading convert` for converting torch checkpoints you trust."
+                )
+            if size < 8:
+                raise CheckpointFormatError(f"{path} is only {size} bytes: not a safetensors file (empty or truncated)")
             raise CheckpointFormatError(
                 f"{path} is not a safetensors file (its first 8 bytes give a header length of {header_len} bytes; "
                 f"the file has {size} bytes)"
             )
-        raw = fh.read(header_len)
+        raw = first + fh.read(header_len - 1)
     if len(raw) < header_len:
-        if raw[:1] == b"{":
-            raise CheckpointFormatError(
-                f"{path} is truncated: its safetensors header needs {header_len} bytes but the file has only "
-                f"{size - 8} after the length field (incomplete download or copy?)"
-            )
-        raise CheckpointFormatError(f"{path} is not a safetensors file (header length {header_len} > file size {size})")
+        raise CheckpointFormatError(
+            f"{path} is truncated: its safetensors header needs {header_len} bytes but the file has only "
+            f"{size - 8} after the length field (incomplete download or copy?)"
+        )
     try:
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
