@@ -432,7 +432,9 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
             board = Storyboard([Segment(text=t, requires_scene_transition=tr)
                                 for t, tr in zip(clip.texts[seg_lo:seg_hi], clip.transitions[seg_lo:seg_hi])])  # fmt: skip
             prompts = board.prompts()
-            text = text_encoder.encode(prompts, max_length=text_len).float().cpu()
+            text = text_encoder.encode(prompts, max_length=text_len, on_overflow="ignore").float().cpu()
+            for i, n in getattr(text_encoder, "last_truncated", []):
+                summary.notes.append(f"{clip.label}: segment {seg_lo + i + 1} text has {n} tokens, cut to {text_len}")
             start_s = (clip.start_s or 0.0) + seg_lo * SECONDS_PER_SEGMENT
             record = write_item(out, item_id, latent, text, store_dtype=sdtype, extra={
                 "texts": prompts, "source": str(clip.video), "start_s": start_s, "annotation": clip.label})  # fmt: skip

@@ -1,0 +1,175 @@
+"""`ttt-video prepare`: 16-fps reading, length rules, annotation formats, resumability, bad inputs.
+
+Videos are made here with PyAV (uniform grey frames whose level encodes the source frame index, so the
+16-fps resampling and the crop can be checked), then encoded with the tiny embedded VAE / T5.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+av = pytest.importorskip("av")
+
+from ttt_video.ttt_core.training import prepare as prep  # noqa: E402
+from ttt_video.ttt_core.training.data import LatentVideoDataset, load_manifest, sample_generator  # noqa: E402
+
+
+def make_video(path: Path, n_frames: int, fps: int = 24, size=(128, 80), level=lambda i: (i * 3) % 250, codec="libx264"):
+    """Grey frames: frame i has every pixel = level(i); a white bar on the left marks the horizontal crop."""
+    w, h = size
+    container = av.open(str(path), mode="w")
+    stream = container.add_stream(codec, rate=fps)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    stream.options = {"crf": "0", "preset": "ultrafast"} if codec == "libx264" else {}
+    for i in range(n_frames):
+        img = np.full((h, w, 3), level(i), dtype=np.uint8)
+        img[:, :8] = 255
+        frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+    container.close()
+    return path
+
+
+def test_read_16fps_sample_and_hold_and_cover_crop(tmp_path):
+    path = make_video(tmp_path / "a.mp4", 72, fps=24, size=(128, 80))  # 3.0 s
+    frames = prep.read_frames_16fps(path, 96, 64, None, None)
+    assert frames.shape == (48, 64, 96, 3)  # 3 s at 16 fps: 48 frames (the 49th would be at t = 3.0 s)
+    # 128x80 -> cover 96x64: scale max(0.75, 0.8) = 0.8 -> 103x64, centre crop removes 3 columns on the left
+    # (the white 8-px bar shrinks to ~6.4 px, 3 of them cropped away)
+    centre = frames[:, 32, 48, 0].astype(int)
+    expected = np.array([(int(k * 24 / 16) * 3) % 250 for k in range(48)])  # source frame shown at k / 16 s
+    assert np.abs(centre - expected).max() <= 3
+    assert frames[:, 32, 0, 0].min() > 240  # the bar is still there on the left ...
+    assert np.abs(frames[:, 32, 5, 0].astype(int) - expected).max() <= 12  # ... but ~3 px wide, not ~6 (cropped)
+
+    # a window from start_s: frame 0 is the source frame on screen at 1.25 s (index 30)
+    part = prep.read_frames_16fps(path, 96, 64, 1.25, 5)
+    assert part.shape[0] == 5
+    assert abs(int(part[0, 32, 48, 0]) - (30 * 3) % 250) <= 3
+
+
+EMBEDDED = Path(__file__).resolve().parents[1] / "models" / "embedded-default"
+
+
+def make_model_root(tmp_path: Path) -> Path:
+    """A tiny CogVideoX-format folder: the embedded T5 tokenizer / encoder and a small seeded VAE.
+
+    The VAE is built here (diffusers' AutoencoderKLCogVideoX, 4 latent channels, 8x / 4x compression like the
+    embedded one) with at least one resnet per block, which diffusers' encoder needs to change widths."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    root = tmp_path / "model"
+    root.mkdir()
+    for sub in ("tokenizer", "text_encoder"):
+        (root / sub).symlink_to(EMBEDDED / sub, target_is_directory=True)
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
+                                 latent_channels=4, sample_height=64, sample_width=96, scaling_factor=0.7)  # fmt: skip
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    return root
+
+
+def _clip(n_texts, start=None):
+    return prep.Clip(Path("v.mp4"), [f"t{i}" for i in range(n_texts)], [False] * n_texts, start, "ann:1")
+
+
+def test_length_rules_pad_crop_and_mismatch():
+    frames = np.zeros((48, 4, 4, 3), np.uint8)
+    frames[-1] = 7
+    out, note = prep.fit_clip_length(frames, _clip(1))  # exactly 3 s: last frame repeated once
+    assert out.shape[0] == 49 and (out[-1] == 7).all() and "repeated" in note
+    frames = np.arange(49 + 20)[:, None, None, None].repeat(3, -1).astype(np.uint8)
+    out, note = prep.fit_clip_length(frames, _clip(1))  # 20 surplus frames: centre crop
+    assert out.shape[0] == 49 and out[0, 0, 0, 0] == 10 and "centre-cropped" in note
+    with pytest.raises(prep.AnnotationError, match=r"3 segment text\(s\).*145 frames.*only 100 frames"):
+        prep.fit_clip_length(np.zeros((100, 4, 4, 3), np.uint8), _clip(3))
+    with pytest.raises(prep.AnnotationError, match=r"9\.0+ s .*3 whole 3-s segments.*1 segment text"):
+        prep.fit_clip_length(np.zeros((144, 4, 4, 3), np.uint8), _clip(1))
+    out, note = prep.fit_clip_length(np.zeros((300, 4, 4, 3), np.uint8), _clip(2, start=1.0))  # window of a long video
+    assert out.shape[0] == 97 and note is None
+
+
+def test_annotation_formats(tmp_path):
+    ours = {"videos": [{"video": "a.mp4", "start_s": 2.0, "segments": [
+        {"text": "one"}, {"text": "two", "requires_scene_transition": True}]}]}  # fmt: skip
+    (tmp_path / "ours.json").write_text(json.dumps(ours))
+    (tmp_path / "official.jsonl").write_text(json.dumps(
+        {"mp4": "b.mp4", "text_0": "x", "text_1": "y", "text_2": "z", "scene_start": [True, False, True],
+         "scene_end": [True, False, False]}) + "\n")  # fmt: skip
+    (tmp_path / "clips.json").write_text(json.dumps(
+        {"k1": {"mp4": "ep/c1.mp4", "text": "a", "scene_start": True, "scene_end": False}}))  # fmt: skip
+    a = prep.parse_annotations(tmp_path / "ours.json")
+    assert a[0].texts == ["one", "two"] and a[0].transitions == [False, True] and a[0].start_s == 2.0
+    b = prep.parse_annotations(tmp_path / "official.jsonl")
+    assert b[0].texts == ["x", "y", "z"] and b[0].transitions == [False, True, True] and b[0].start_s is None
+    c = prep.parse_annotations(tmp_path / "clips.json", videos_root=tmp_path / "root")
+    assert c[0].texts == ["a"] and c[0].video == tmp_path / "root" / "ep" / "c1.mp4"
+    (tmp_path / "bad.json").write_text(json.dumps([{"mp4": "b.mp4", "text_0": "x", "scene_start": [True, False]}]))
+    with pytest.raises(prep.AnnotationError, match="scene_start.*list of 1"):
+        prep.parse_annotations(tmp_path / "bad.json")
+
+
+def test_prepare_end_to_end_resumable_with_bad_cases(tmp_path, capsys):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    make_video(vids / "long.mp4", 16 * 7, fps=16)  # 7 s: segments from start_s 0.5 -> two 3-s segments fit
+    make_video(vids / "exact.mp4", 48, fps=16)  # exactly 3 s
+    make_video(vids / "short.mp4", 60, fps=24)  # 2.5 s: too short for one segment
+    (vids / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    ann = {"videos": [
+        {"video": "long.mp4", "start_s": 0.5, "segments": [{"text": "a cat"}, {"text": "a dog", "requires_scene_transition": True}]},
+        {"video": "exact.mp4", "segments": [{"text": "a bird"}]},
+        {"video": "short.mp4", "segments": [{"text": "too short"}]},
+        {"video": "broken.mp4", "segments": [{"text": "unreadable"}]},
+        {"video": "missing.mp4", "segments": [{"text": "nowhere"}]},
+    ]}  # fmt: skip
+    (vids / "ann.json").write_text(json.dumps(ann))
+    out = tmp_path / "prepared"
+    model = make_model_root(tmp_path)
+    kw = dict(model_root=model, preset_name="tiny", device="cpu")
+    s1 = prep.prepare_dataset(annotations=vids / "ann.json", out=out, segments_per_item=1, **kw)
+    assert s1.written == 3 and s1.already_done == 0  # long.mp4 -> 2 items, exact.mp4 -> 1
+    reasons = dict(s1.skipped)
+    assert "length mismatch" in reasons["ann.json:videos[2]"] and "only 40 frames" in reasons["ann.json:videos[2]"]
+    assert "unreadable video" in reasons["ann.json:videos[3]"]
+    assert "not found" in reasons["ann.json:videos[4]"]
+    printed = capsys.readouterr().out
+    assert "3 item(s) written" in printed and "skipped ann.json:videos[2]" in printed
+
+    items, info = load_manifest(out / "manifest.jsonl")
+    assert info["preset"] == "tiny" and info["pixel_width"] == 96 and info["latent_channels"] == 4
+    assert [it.num_segments for it in items] == [1, 1, 1]
+    recs = [it.record for it in items]
+    # scene tokens are placed within each item as at inference: a 1-segment item has none
+    assert recs[0]["texts"] == ["a cat"] and recs[1]["texts"] == ["a dog"]
+    assert recs[1]["start_s"] == pytest.approx(3.5)
+    for rec in recs:  # paths relative to the manifest, files exist
+        assert not Path(rec["vid_emb"]).is_absolute() and (out / rec["vid_emb"]).is_file()
+    ds = LatentVideoDataset(out / "manifest.jsonl", 1, expect_channels=4, expect_text=(16, 32))
+    lat, txt = ds.load(0, sample_generator(0, 0, 0))
+    assert lat.shape == (13, 4, 8, 12) and txt.shape == (1, 16, 32) and torch.isfinite(lat).all()
+    assert not list(out.rglob("*.tmp"))  # nothing half-written
+
+    mtime = (out / recs[0]["vid_emb"]).stat().st_mtime_ns
+    s2 = prep.prepare_dataset(annotations=vids / "ann.json", out=out, segments_per_item=1, progress=False, **kw)
+    assert s2.written == 0 and s2.already_done == 3
+    assert (out / recs[0]["vid_emb"]).stat().st_mtime_ns == mtime  # not re-encoded
+
+    with pytest.raises(ValueError, match="other settings"):
+        prep.prepare_dataset(annotations=vids / "ann.json", out=out, segments_per_item=2, progress=False, **kw)
+
+    # the same data as one 2-segment item (a 6-s stage)
+    s3 = prep.prepare_dataset(annotations=vids / "ann.json", out=tmp_path / "p2", segments_per_item=2, progress=False, **kw)
+    assert s3.written == 1
+    items2, _ = load_manifest(tmp_path / "p2")
+    lat2, txt2 = LatentVideoDataset(tmp_path / "p2", 2).load(0, sample_generator(0, 0, 0))
+    assert lat2.shape == (25, 4, 8, 12) and txt2.shape == (2, 16, 32)
+    assert items2[0].record["texts"] == ["a cat<end_scene>", "<start_scene>a dog"]
