@@ -321,7 +321,9 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor, out_path: str, *,
     vae = bundle.vae()
     vae_device = bundle.device
     vae_dtype = bundle.dtype if bundle.device.type == "cuda" else torch.float32
-    vae.to(device=vae_device, dtype=vae_dtype)
+    if next(vae.parameters()).dtype != vae_dtype:
+        vae.to(dtype=vae_dtype)
+    vae.to(device=vae_device)
 
     def dprog(done, total, *rest):
         if progress:
