@@ -98,11 +98,12 @@ def test_mp4_read_back(vae, tmp_path, num_segments):
     assert calls == [(i + 1, num_segments) for i in range(num_segments)]
     rate, w, h, codec, pix_fmt, frames = _read_mp4(out)
     assert (rate, w, h, codec, pix_fmt, len(frames)) == (16, 96, 64, "h264", "yuv420p", n)
-    # lossy, but the content is the decoded video (a shuffled or black video would be far off)
+    # Lossy (the untrained VAE makes pixel noise, and yuv420p halves its chroma: ~0.06 mean error), but
+    # the content is the decoded video in order: the frame-shifted comparison is twice as far off.
     decoded = torch.stack([torch.from_numpy(f) for f in frames]).float() / 255
     err = (decoded - info.frames).abs().mean().item()
-    assert err < 0.06, err
-    assert (decoded - info.frames.roll(1, 0)).abs().mean().item() > err
+    shifted = (decoded - info.frames.roll(1, 0)).abs().mean().item()
+    assert err < 0.1 and err < 0.6 * shifted, (err, shifted)
     assert [p.name for p in out.parent.iterdir()] == ["video.mp4"]  # no temp files left
 
 

@@ -26,7 +26,7 @@ when complete; an existing file is never replaced unless ``overwrite=True``.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable, Iterator
@@ -282,8 +282,8 @@ class _Mp4Writer:
 
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=folder)
-        os.close(fd)
+        # A fresh name (not mkstemp, whose 0600 mode would stick to the final video).
+        self.tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
         try:
             self.container = av.open(self.tmp, mode="w", format="mp4")
             codec = "libx264" if "libx264" in av.codecs_available else "h264"
@@ -293,7 +293,8 @@ class _Mp4Writer:
             if codec == "libx264":
                 self.stream.options = {"crf": str(crf), "preset": "medium"}
         except BaseException:
-            os.unlink(self.tmp)
+            if os.path.exists(self.tmp):
+                os.unlink(self.tmp)
             raise
         self._av = av
 

@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -330,8 +330,7 @@ def _save_atomic(path: Path, tensor: torch.Tensor, metadata: dict[str, str]) -> 
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file({"embedding": tensor}, tmp, metadata=metadata)
         os.replace(tmp, path)
