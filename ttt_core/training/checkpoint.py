@@ -190,7 +190,9 @@ def save_checkpoint(
             groups.append({"hyper": hyper, "param_names": [names[id(p)] for p in group["params"]]})
         atomic_write_text(tmp / "optimizer" / "index.json", json.dumps({"weight_map": writer.weight_map}, indent=1))
         atomic_write_text(tmp / "optimizer" / "param_groups.json", json.dumps({"groups": groups, "steps": steps}, indent=1))
+        # the schedules themselves are rebuilt from the config; LambdaLR wants one entry per group
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+        sched["lr_lambdas"] = [None] * len(optimizer.param_groups)
         atomic_write_text(tmp / "scheduler.json", json.dumps(sched, indent=1))
         state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, saved_at=time.time())
         atomic_write_text(tmp / STATE_NAME, json.dumps(state, indent=1, sort_keys=True))

@@ -16,6 +16,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,9 @@ def train_stage(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None
 
 
 def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
+    # TTTDiT returns a reshaped view; the loss only reads it (no in-place op), so FSDP2's warning about
+    # in-place ops on views does not apply.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     ckpt_root = Path(cfg.checkpoint.dir)
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if not resume and latest_checkpoint(ckpt_root) is not None:

@@ -1,0 +1,276 @@
+"""Training: objective vs a float64 reference, parameter groups / schedules, loss going down, FSDP2 on 2
+processes vs 1, SIGTERM -> checkpoint -> --resume reproducing the uninterrupted losses, stage hand-off and
+the inference export. Tiny preset on CPU (fp32), tiny random datasets written in the prepared format."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttt_video.ttt_core.config import preset
+from ttt_video.ttt_core.dit import TTTDiT
+from ttt_video.ttt_core.training import objective, optim
+from ttt_video.ttt_core.training.checkpoint import latest_checkpoint
+from ttt_video.ttt_core.training.config import load_config
+from ttt_video.ttt_core.training.data import write_dataset_info, write_item, write_manifest
+from ttt_video.ttt_core.training.trainer import METRICS_NAME, previous_changed, train_stage
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def make_dataset(root: Path, segments: int, n_items: int, seed: int) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    frames = 13 + 12 * (segments - 1)
+    records = []
+    for i in range(n_items):
+        mean = torch.randn(frames, 4, 8, 12, generator=g)
+        logvar = torch.full_like(mean, -4.0) + 0.5 * torch.rand(mean.shape, generator=g)
+        text = torch.randn(segments, 16, 32, generator=g)
+        records.append(write_item(root, f"v{i}", torch.cat([mean, logvar], 1), text, store_dtype=torch.float32))
+    write_manifest(root / "manifest.jsonl", records)
+    write_dataset_info(root, {"scaling_factor": 0.7, "latent_channels": 4})
+    return root / "manifest.jsonl"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {
+        "root": root,
+        "d1": make_dataset(root / "d1", 1, 4, seed=1),
+        "d3": make_dataset(root / "d3", 3, 2, seed=2),
+    }
+
+
+def overrides(manifest, ckpt_dir, steps=6, **extra):
+    items = {
+        "data.manifest": json.dumps(str(manifest)),
+        "checkpoint.dir": json.dumps(str(ckpt_dir)),
+        "stage.steps": str(steps),
+        "optimizer.lr": "1e-3",  # big enough that every step moves the weights measurably
+        "optimizer.lr_ttt": "1e-3",
+        "optimizer.lr_end": "1e-4",
+        "optimizer.warmup_steps": "1",
+        "logging.tensorboard": "false",
+        "checkpoint.interval": "0",
+    }
+    items.update({k: str(v) for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in items.items()]
+
+
+def losses(ckpt_dir: Path) -> list[float]:
+    lines = (Path(ckpt_dir) / METRICS_NAME).read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def read_model(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted((ckpt / "model").glob("model-*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# objective, groups, schedules
+# --------------------------------------------------------------------------------------------------
+def test_zero_snr_schedule_and_v_target_match_float64_reference():
+    # official ZeroSNRDDPMDiscretization: sqrt-linear betas, then sqrt(alphas_cumprod) shifted and scaled so
+    # that the last one is 0 and the first unchanged
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    s = torch.cumprod(1 - betas, 0).sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    ref = s**2
+    acp = objective.zero_snr_alphas_cumprod()
+    assert torch.allclose(acp, ref, rtol=1e-6, atol=1e-9) and acp[-1] == 0
+
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(4, 13, 4, 8, 12, generator=g), torch.randn(4, 13, 4, 8, 12, generator=g)
+    t = torch.tensor([0, 250, 998, 999])
+    x_t, v = objective.noise_and_target(x0, noise, t)
+    a = ref[t].sqrt().view(-1, 1, 1, 1, 1)
+    sig = (1 - ref[t]).sqrt().view(-1, 1, 1, 1, 1)
+    assert torch.allclose(x_t.double(), a * x0.double() + sig * noise.double(), atol=1e-5)
+    assert torch.allclose(v.double(), a * noise.double() - sig * x0.double(), atol=1e-5)
+    assert torch.allclose(x_t[3], noise[3]) and torch.allclose(v[3], -x0[3])  # terminal step: pure noise
+
+
+def test_trainable_sets_groups_and_schedules(data):
+    model = TTTDiT(preset("tiny"))
+    names = [n for n, _ in model.named_parameters()]
+    qkvo = optim.apply_trainable(model, "ttt_qkvo")
+    assert "transformer_blocks.0.attn1.to_q.weight" in qkvo and "transformer_blocks.1.attn1.to_out.0.bias" in qkvo
+    assert "transformer_blocks.0.attn1.norm_k.weight" in qkvo and "transformer_blocks.0.ttt_gates.forward_text" in qkvo
+    assert "transformer_blocks.0.ff.net.0.proj.weight" not in qkvo and "proj_out.weight" not in qkvo
+    assert set(optim.apply_trainable(model, "all")) == set(names)
+
+    cfg = load_config(TINY / "3s.toml", [f"data.manifest={json.dumps(str(data['d1']))}", "stage.steps=100"])
+    opt, sched, schedules, group_names = optim.build_optimizer(model, cfg)
+    groups = dict(zip([s.name for s in schedules], group_names))
+    assert "transformer_blocks.0.ttt_gates.backward_video" in groups["ttt_wd"]  # gates decay (official)
+    assert "transformer_blocks.0.ttt.ttt_norm_weight" in groups["ttt_no_wd"]
+    assert "transformer_blocks.0.ttt.b1" in groups["ttt_no_wd"] and "transformer_blocks.0.ttt.W1" in groups["ttt_wd"]
+    assert "transformer_blocks.0.attn1.to_q.bias" in groups["other_no_wd"]
+    assert sum(len(v) for v in group_names) == len(names)
+    assert cfg.warmup_steps == 2  # 2 % of 100
+    ttt = schedules[[s.name for s in schedules].index("ttt_wd")]
+    other = schedules[[s.name for s in schedules].index("other_wd")]
+    assert ttt(0) == pytest.approx(0.5) and ttt(1) == pytest.approx(1.0)
+    mid = 2 + 49  # half-way through the decay: cosine at its midpoint
+    assert ttt(mid) * 1e-4 == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 49 / 98)))
+    assert ttt(100) * 1e-4 == pytest.approx(1e-5)
+    assert other(50) == pytest.approx(1.0)  # 1e-5 -> 1e-5: flat after warm-up
+    lrs = []
+    for _ in range(3):
+        lrs.append(sched.get_last_lr()[[s.name for s in schedules].index("ttt_wd")])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4)
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    torch.manual_seed(0)
+    model = TTTDiT(preset("tiny", scan_checkpoint_group_size=0)).train()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(2, 13, 4, 8, 12, generator=g)
+    text = torch.randn(2, 1, 16, 32, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([300, 700])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=1e-4)
+    history = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = objective.v_prediction_loss(model, x0, text, noise, t)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert history[-1] < 0.75 * history[0], history
+    assert sum(b < a for a, b in zip(history, history[1:])) >= 17, history  # (almost) every step lowers it
+
+
+# --------------------------------------------------------------------------------------------------
+# runs
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_run(data):
+    """Uninterrupted 1-process run, 6 steps, global batch 2 (2 per process)."""
+    ckpt = data["root"] / "ref"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 2}))
+    summary = train_stage(cfg)
+    return ckpt, summary
+
+
+def test_single_process_run_checkpoint_and_export(reference_run):
+    ckpt, summary = reference_run
+    assert summary["end_step"] == 6 and len(losses(ckpt)) == 6
+    final = latest_checkpoint(ckpt)
+    assert final.name == "step_00000006"
+    files = [p for p in final.rglob("*") if p.is_file()]
+    assert files and all(p.suffix in (".safetensors", ".json") for p in files)  # nothing pickled
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["samples_seen"] == 12 and state["world_size"] == 1
+
+    # the export = TTT + every changed parameter (3-s stage: all); loads through the Model Loader path
+    from ttt_video.ttt_core.loading import load_ttt_dit
+
+    base = TTTDiT(preset("tiny"))
+    folder = final.parent / "base"
+    from ttt_video.ttt_core.loading import save_ttt_dit
+
+    save_ttt_dit(base, folder / "model.safetensors")
+    loaded = load_ttt_dit(folder / "model.safetensors", ttt_weights=ckpt / "export.safetensors", dtype=torch.float32)
+    trained = read_model(final)
+    for name, p in loaded.state_dict().items():
+        assert torch.allclose(p, trained[name], rtol=1e-2, atol=1e-2), name  # bf16 export
+    # and the checkpoint's model folder itself loads as a model
+    direct = load_ttt_dit(final / "model", dtype=torch.float32)
+    assert all(torch.equal(p, trained[n]) for n, p in direct.state_dict().items())
+
+
+def test_two_process_fsdp_matches_one_process(data, reference_run):
+    ref_ckpt, _ = reference_run
+    ckpt = data["root"] / "fsdp2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ttt_video.ttt_core.training.cli", "train", "--config", str(TINY / "3s.toml"),
+           "--max-steps", "3"]  # fmt: skip
+    for o in overrides(data["d1"], ckpt, **{"data.batch_size": 1}):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    two, one = losses(ckpt), losses(ref_ckpt)[:3]
+    assert len(two) == 3
+    assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
+    # same weights after 3 steps as the 1-process run's: compare with a 3-step 1-process resume point
+    state = json.loads((latest_checkpoint(ckpt) / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 6
+
+
+def test_sigterm_checkpoint_and_resume_reproduce_losses(data, reference_run):
+    ref_ckpt, _ = reference_run
+    ckpt = data["root"] / "killed"
+    cmd = [sys.executable, "-m", "ttt_video.ttt_core.training.cli", "train", "--config", str(TINY / "3s.toml")]
+    for o in overrides(data["d1"], ckpt, **{"data.batch_size": 2}):
+        cmd += ["--set", o]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    out = []
+    for line in proc.stdout:  # the banner is printed just before the first step
+        out.append(line)
+        if line.startswith("stage 3s:"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    out.append(rest)
+    assert proc.returncode == 0, "".join(out)[-3000:]
+    stopped = latest_checkpoint(ckpt)
+    k = json.loads((stopped / "trainer_state.json").read_text())["step"]
+    assert 1 <= k < 6 and "SIGTERM" in "".join(out)
+    assert not (ckpt / "export.safetensors").exists()
+
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 2}))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_stage(cfg)  # never silently starts over in a folder with checkpoints
+    summary = train_stage(cfg, resume=True)
+    assert summary["start_step"] == k and summary["end_step"] == 6
+    assert losses(ckpt) == pytest.approx(losses(ref_ckpt), rel=1e-6, abs=1e-7)
+    a, b = read_model(latest_checkpoint(ckpt)), read_model(latest_checkpoint(ref_ckpt))
+    assert all(torch.allclose(a[n], b[n], rtol=1e-6, atol=1e-7) for n in b)
+
+
+def test_stage_handoff_to_9s(data, reference_run):
+    ref_ckpt, _ = reference_run
+    ckpt = data["root"] / "9s"
+    extra = {"model.init_from": json.dumps([str(ref_ckpt)])}
+    cfg = load_config(TINY / "9s.toml", overrides(data["d3"], ckpt, steps=2, **extra))
+    assert cfg.stage.segments == 3 and cfg.stage.trainable == "ttt_qkvo"
+    summary = train_stage(cfg)
+    assert summary["end_step"] == 2 and math.isfinite(summary["last"]["loss"])
+    before, after = read_model(latest_checkpoint(ref_ckpt)), read_model(latest_checkpoint(ckpt))
+    for name in before:
+        trainable = optim.is_trainable(name, "ttt_qkvo")
+        same = torch.equal(before[name], after[name])
+        if not trainable:
+            assert same, f"frozen {name} changed"
+    moved = [n for n in before if optim.is_trainable(n, "ttt_qkvo") and not torch.equal(before[n], after[n])]
+    assert any(".ttt." in n for n in moved) and any(".attn1.to_q." in n for n in moved)
+    state = json.loads((latest_checkpoint(ckpt) / "trainer_state.json").read_text())
+    assert set(state["changed"]) == set(before)  # the 3-s stage changed everything: the export keeps it all
+    from ttt_video.ttt_core.loading import open_weights
+
+    assert set(open_weights(ckpt / "export.safetensors").refs) == set(before)
+    assert previous_changed([str(ckpt / "export.safetensors")]) == set(before)
+
+    bad = load_config(TINY / "9s.toml", overrides(data["d1"], data["root"] / "9s-bad", steps=2, **extra))
+    with pytest.raises(ValueError, match="no item has 3 segment"):
+        train_stage(bad)
