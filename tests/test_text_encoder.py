@@ -206,3 +206,48 @@ def test_bundled_storyboards_fit_a_64_token_budget(encoder):
         assert validate(sb, encoder.count_tokens, max_tokens=64) == []
         unk = encoder.tokenizer.unk_token_id
         assert all(unk not in encoder.tokenizer(p)["input_ids"] for p in sb.prompts())
+
+
+def test_cogvideox_style_folder_uses_existing_rows(tmp_path):
+    """Like CogVideoX's T5: a SentencePiece spiece.model + 100 extra ids (here 200 + 100 = 300 ids) and
+    an embedding padded past the vocabulary (here 328 rows, as 32,128 for 32,100). The scene tokens get
+    the next two ids (300, 301 ~ 32100, 32101) and use the checkpoint's existing rows: nothing resized."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+
+    text = (ROOT / "storyboards" / "one_minute.txt").read_text()
+    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if s.strip() and not s.startswith("#")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences * 3), model_writer=buf, vocab_size=200, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        minloglevel=2,
+    )  # fmt: skip
+    root = tmp_path / "cogvideox"
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "spiece.model").write_bytes(buf.getvalue())
+    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "T5Tokenizer", "extra_ids": 100, "model_max_length": 226,
+         "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}))  # fmt: skip
+    cfg = T5Config(vocab_size=328, d_model=16, d_kv=4, num_heads=4, d_ff=32, num_layers=1, feed_forward_proj="gated-gelu")
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+    T5EncoderModel(cfg).save_pretrained(str(root / "text_encoder"))
+
+    enc = SegmentTextEncoder.from_pretrained(root, lazy=False)
+    assert enc.added_tokens == ["<end_scene>", "<start_scene>"]
+    assert enc.tokenizer.convert_tokens_to_ids(["<end_scene>", "<start_scene>"]) == [300, 301]
+    weight = enc._model.get_input_embeddings().weight
+    orig = T5EncoderModel.from_pretrained(str(root / "text_encoder")).get_input_embeddings().weight
+    assert weight.shape == (328, 16)
+    torch.testing.assert_close(weight, orig, rtol=0, atol=0)
+
+    texts = ["The cat sleeps.<end_scene>", "<start_scene>Dot runs across the table."]
+    emb = enc.encode(texts, max_length=20)
+    ids = enc.tokenizer(texts, padding="max_length", max_length=20, truncation=True, return_tensors="pt")["input_ids"]
+    assert ids[0].tolist().count(300) == 1 and ids[1, 0] == 301
+    ref_model = T5EncoderModel.from_pretrained(str(root / "text_encoder")).double().eval()
+    with torch.no_grad():
+        ref = ref_model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(emb.double(), ref, rtol=1e-5, atol=1e-5)
