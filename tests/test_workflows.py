@@ -34,7 +34,8 @@ def expected_widgets(cls):
             continue
         out.append((name, s))
         opts = s[1] if len(s) > 1 else {}
-        if s[0] == "INT" and opts.get("control_after_generate"):
+        # ComfyUI's frontend adds the control widget for this option and for inputs named seed / noise_seed
+        if s[0] == "INT" and (opts.get("control_after_generate") or name in ("seed", "noise_seed")):
             out.append((name + ":control_after_generate", (["fixed", "increment", "decrement", "randomize"], {})))
     return out
 
