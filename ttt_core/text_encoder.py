@@ -109,6 +109,10 @@ class SegmentTextEncoder:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        # count_tokens measures long texts on purpose; we report overflows ourselves, so silence
+        # transformers' generic "longer than the specified maximum sequence length" notice.
+        if isinstance(getattr(tokenizer, "deprecation_warnings", None), dict):
+            tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
         vocab = tokenizer.get_vocab()
         missing = [t for t in SCENE_TOKENS if t not in vocab]
         if missing:
