@@ -251,3 +251,37 @@ def test_cogvideox_style_folder_uses_existing_rows(tmp_path):
     with torch.no_grad():
         ref = ref_model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(emb.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_embedded_assets_are_reproducible(tmp_path):
+    """scripts/build_embedded_assets.py is deterministic: a fresh build equals the committed files
+    (tensors exactly, tokenizer files byte for byte, configs up to library version stamps)."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("build_embedded_assets", ROOT / "scripts" / "build_embedded_assets.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fresh = tmp_path / "m"
+    digests = mod.build(fresh)
+    assert set(digests) == {
+        "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    }  # fmt: skip
+    total = 0
+    for rel in digests:
+        a, b = fresh / rel, EMBEDDED / rel
+        total += b.stat().st_size
+        if rel.endswith(".safetensors"):
+            ta, tb = load_file(str(a)), load_file(str(b))
+            assert ta.keys() == tb.keys()
+            for k in ta:
+                torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0, msg=f"{rel}:{k}")
+        elif rel.endswith("config.json") and not rel.startswith("tokenizer/"):
+            strip = lambda d: {k: v for k, v in d.items() if not k.endswith("_version")}  # noqa: E731
+            assert strip(json.loads(a.read_text())) == strip(json.loads(b.read_text())), rel
+        else:
+            assert a.read_bytes() == b.read_bytes(), rel
+    assert total < 3 * 1024 * 1024  # "a few MB at most"
