@@ -274,3 +274,16 @@ def test_stage_handoff_to_9s(data, reference_run):
     bad = load_config(TINY / "9s.toml", overrides(data["d1"], data["root"] / "9s-bad", steps=2, **extra))
     with pytest.raises(ValueError, match="no item has 3 segment"):
         train_stage(bad)
+
+
+def test_device_script_runs_on_cpu_with_tiny_preset(tmp_path):
+    """scripts/device_train.sh (the 5B timing run) end to end on CPU with the tiny preset."""
+    env = {**ENV, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "scripts/device_train.sh", "tiny", "ttt_qkvo", "2"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["end_step"] == 2 and summary["tokens_per_sample"] == 13 * 24 + 16
+    assert summary["trainable_params"] < summary["total_params"]
+    assert "| mean step time" in proc.stdout and "| tokens/s (mean)" in proc.stdout
+    assert not (tmp_path / "work" / "run" / "latest").exists()  # timing run: no checkpoint written

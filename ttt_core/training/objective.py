@@ -13,6 +13,7 @@ x0_pred - x0 = -s_t (v_pred - v). Timesteps are drawn uniformly from [0, 1000).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -54,18 +55,21 @@ def noise_and_target(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Ten
     return a * x0 + s * noise, a * noise - s * x0
 
 
-def v_prediction_loss(model, latents, text, noise, timesteps, *, compute_dtype=torch.float32):
+def v_prediction_loss(model, latents, text, noise, timesteps, *, compute_dtype=torch.float32,
+                      offload_activations: bool = False):
     """Mean squared v error of ``model`` (TTTDiT signature) on one micro-batch; returns a float32 scalar.
 
     latents [B, F, C, h, w] (already scaled by the VAE scaling factor), text [B, S, L, D], noise like
     latents, timesteps [B] int64.
     """
     x_t, v_target = noise_and_target(latents, noise, timesteps)
-    v_pred = model(
-        hidden_states=x_t.to(compute_dtype),
-        encoder_hidden_states=text.to(compute_dtype),
-        timestep=timesteps,
-    )
+    ctx = torch.autograd.graph.save_on_cpu(pin_memory=latents.is_cuda) if offload_activations else contextlib.nullcontext()
+    with ctx:
+        v_pred = model(
+            hidden_states=x_t.to(compute_dtype),
+            encoder_hidden_states=text.to(compute_dtype),
+            timestep=timesteps,
+        )
     if v_pred.shape != v_target.shape:
         raise RuntimeError(f"model output {tuple(v_pred.shape)} does not match latents {tuple(v_target.shape)}")
     return (v_pred.float() - v_target).pow(2).mean()

@@ -109,6 +109,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
         group_names.append(names[key])
     if not groups:
         raise ValueError("no trainable parameters: check stage.trainable")
-    optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps)
+    optimizer = torch.optim.AdamW(groups, betas=tuple(opt.betas), eps=opt.eps, foreach=opt.foreach)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=list(schedules))
     return optimizer, scheduler, schedules, group_names

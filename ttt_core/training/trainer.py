@@ -154,12 +154,15 @@ def build_sharded_model(cfg: TrainConfig, model_cfg: TTTDiTConfig, device: torch
     mixed = effective_precision(cfg, device)
     mesh = init_device_mesh(device.type, (world,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed == "bf16" else None, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy() if cfg.memory.cpu_offload else OffloadPolicy()
+    cpu_offload = cfg.memory.cpu_offload and device.type == "cuda"
+    if cfg.memory.cpu_offload and not cpu_offload:
+        log0("memory.cpu_offload ignored: there is no GPU to offload from")
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     kwargs = dict(mesh=mesh, mp_policy=mp, offload_policy=offload, reshard_after_forward=cfg.memory.reshard_after_forward)
     for block in model.transformer_blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
-    model.to_empty(device="cpu" if cfg.memory.cpu_offload else device)
+    model.to_empty(device="cpu" if cpu_offload else device)
 
     full_params = dict(initial.named_parameters()) if initial is not None else {}
     for name, p in model.named_parameters():
@@ -358,7 +361,8 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
             tokens += B * VideoGeometry(text.shape[1], h, w, model_cfg.patch_size, text.shape[2]).total_tokens
             if A > 1:
                 model.set_requires_gradient_sync(m == A - 1)
-            loss = v_prediction_loss(model, latents, text, noise, timesteps) / A
+            loss = v_prediction_loss(model, latents, text, noise, timesteps,
+                                     offload_activations=cfg.memory.offload_activations) / A
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable_params, cfg.optimizer.grad_clip)
