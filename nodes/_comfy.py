@@ -5,8 +5,11 @@ Nothing here imports ComfyUI at module load: the pack (and its tests) import wit
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("ttt_video")  # ComfyUI shows INFO and above; stdout prints can sit in a buffer
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 MODELS_SUBFOLDER = "ttt_video"  # ComfyUI/models/ttt_video: CogVideoX folders, TTT weights

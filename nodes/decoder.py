@@ -7,6 +7,8 @@ from pathlib import Path
 
 from . import _comfy
 
+log = _comfy.log
+
 
 def next_output_path(prefix: str, ext: str = ".mp4") -> tuple[Path, str]:
     """output/<prefix>_00001.mp4 with the first free counter; returns (path, subfolder)."""
@@ -106,5 +108,5 @@ class TTTSegmentDecoder:
                 f"{n / FPS:.2f} s ({latents['num_segments']} segments)")
         if getattr(model, "is_embedded_default", False):
             info += " -- embedded default model: UNTRAINED, the video is noise"
-        print(f"[TTT Video] wrote {path} ({info})")
+        log.info("wrote %s (%s)", path, info)
         return {"ui": {"text": [info]}, "result": (str(path), images, n, info)}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from . import _comfy
 
+log = _comfy.log
+
 EMBEDDED = "embedded default"
 NONE = "none"
 FROM_MODEL = "from model"
@@ -102,5 +104,5 @@ class TTTModelLoader:
         bundle = pipeline.load_model_bundle(model_path, weights, text_encoder=te, vae=vae_path, device=device,
                                             dtype=dtype, offload=offload)
         if bundle.is_embedded_default:
-            print(f"[TTT Video] {pipeline.EMBEDDED_DEFAULT_NOTE}")
+            log.warning("%s", pipeline.EMBEDDED_DEFAULT_NOTE)
         return (bundle, bundle.describe())

@@ -8,6 +8,8 @@ import os
 
 from . import _comfy
 
+log = _comfy.log
+
 
 def _parse_segment_seeds(text: str) -> dict[int, int] | None:
     from ..ttt_core.cli import _segment_seeds
@@ -86,9 +88,9 @@ class TTTOneMinuteSampler:
                                            _parse_segments(regenerate_segments), variation_seed)
         cond, uncond, warnings = pipeline.encode_storyboard(bundle, sb, use_negative=use_negative)
         for w in warnings:
-            print(f"[TTT Video] warning: {w}")
+            log.warning("%s", w)
         if bundle.is_embedded_default:
-            print(f"[TTT Video] {pipeline.EMBEDDED_DEFAULT_NOTE}")
+            log.warning("%s", pipeline.EMBEDDED_DEFAULT_NOTE)
 
         # The checkpoint name is a hash of everything that determines the result, so re-queueing the same
         # settings after a cancel finds it.
@@ -99,7 +101,7 @@ class TTTOneMinuteSampler:
         ckpt = str(folder / f"{hashlib.sha256(key_src.encode()).hexdigest()[:20]}.safetensors")
         resume_from = ckpt if resume and os.path.isfile(ckpt) else None
         if resume_from:
-            print(f"[TTT Video] resuming from {ckpt}")
+            log.info("resuming from %s", ckpt)
 
         bar = _comfy.progress_bar(steps)
 
