@@ -323,4 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run through the package's copy of this module: plugin modules register their commands there (under
+    # `python -m` this file is also loaded as __main__, a second module object with its own registry).
+    from ttt_video.ttt_core.cli import main as _package_main
+
+    raise SystemExit(_package_main())
