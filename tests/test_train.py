@@ -217,6 +217,15 @@ def test_two_process_fsdp_matches_one_process(data, reference_run):
     assert state["world_size"] == 2 and state["samples_seen"] == 6
 
 
+def test_gradient_accumulation_matches_a_bigger_batch(data, reference_run):
+    ref_ckpt, _ = reference_run
+    ckpt = data["root"] / "accum"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 1, "data.grad_accum_steps": 2}))
+    summary = train_stage(cfg, max_steps=3, save_final=False)
+    assert summary["end_step"] == 3 and summary["checkpoint"] is None and latest_checkpoint(ckpt) is None
+    assert losses(ckpt) == pytest.approx(losses(ref_ckpt)[:3], rel=1e-5, abs=1e-7)
+
+
 def test_sigterm_checkpoint_and_resume_reproduce_losses(data, reference_run):
     ref_ckpt, _ = reference_run
     ckpt = data["root"] / "killed"
