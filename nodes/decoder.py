@@ -92,10 +92,13 @@ class TTTSegmentDecoder:
         lat = latents["latents"]
         path, subfolder = next_output_path(filename_prefix)
         bar = _comfy.progress_bar(latents["num_segments"])
+        interrupted = _comfy.interrupt_check()
 
         def progress(stage, done, total, detail=None):
             if bar is not None and stage == "decode":
                 bar.update_absolute(done, total)
+            if interrupted is not None:
+                interrupted()  # cancel between segments; decode_to_mp4 then leaves no partial file
 
         decoded = pipeline.decode_latents(model, lat, str(path), tiling=vae_tiling, return_frames=return_images,
                                           progress=progress)

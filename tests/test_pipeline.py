@@ -88,7 +88,7 @@ def test_refuses_to_overwrite_and_writes_nothing_on_failure(bundle, tmp_path):
     broken = pipeline.ModelBundle(**{**bundle.__dict__, "transformer": Broken(bundle.transformer)})
     with pytest.raises(RuntimeError, match="model exploded"):
         pipeline.generate(parse_storyboard(STORY_3), out2, model=broken, steps=1)
-    assert not out2.exists()
+    assert not out2.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["v.mp4"]
 
 
 MALFORMED = {
@@ -146,6 +146,24 @@ def test_interrupt_then_resume_gives_identical_video(bundle, tmp_path):
     assert torch.equal(res.images, full.images) and res.images.shape == (145, 64, 96, 3)
     assert len(decoded_frames(out)) == 145
     assert not os.path.exists(ckpt)  # done: the stale state is removed
+
+
+def test_interrupted_decode_resumes_without_sampling(bundle, tmp_path, monkeypatch):
+    sb = parse_storyboard(STORY_3)
+    out = tmp_path / "v.mp4"
+
+    def ctrl_c_while_decoding(stage, done, total, info):
+        if stage == "decode":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.generate(sb, out, model=bundle, steps=2, seed=1, progress=ctrl_c_while_decoding)
+    ckpt = pipeline.default_checkpoint_path(out)
+    assert not out.exists() and sampling.read_checkpoint_meta(ckpt)["step"] == 2
+    calls = []
+    monkeypatch.setattr(sampling, "_call_model", lambda *a, **k: calls.append(1))
+    res = pipeline.generate(None, out, model=bundle, resume=ckpt)
+    assert calls == [] and res.frames == 145 and out.exists() and not os.path.exists(ckpt)
 
 
 def test_clear_errors_for_bad_models_and_paths(tmp_path):

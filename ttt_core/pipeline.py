@@ -457,6 +457,7 @@ def generate(
         bundle, cond, uncond, progress=progress, steps=steps, seed=seed, scheduler=scheduler, guidance=guidance,
         guidance_mode=guidance_mode, segment_seeds=seeds, cfg_mode=cfg_mode, cancel=cancel,
         checkpoint_path=ckpt, checkpoint_every=checkpoint_every, checkpoint_extra=extra, resume_from=resume,
+        keep_final_checkpoint=True,  # an interrupted decode resumes without sampling again
     )
     timings["sample"] = time.perf_counter() - t0
     if resume_meta is not None:
@@ -466,9 +467,10 @@ def generate(
     decoded = decode_latents(bundle, latents, out_path, tiling=vae_tiling, overwrite=overwrite,
                              return_frames=return_frames, progress=progress)
     timings["decode"] = time.perf_counter() - t0
-    # The run is complete: a checkpoint we left for it is stale now.
+    # The video is written: the state we kept for it (ours, or the default-named one resumed from) is stale.
     for stale in {ckpt, resume} - {None}:
-        if stale and os.path.abspath(stale) == os.path.abspath(default_checkpoint_path(out_path)) and os.path.exists(stale):
+        if os.path.abspath(stale) in (os.path.abspath(ckpt), os.path.abspath(default_checkpoint_path(out_path))) \
+                and os.path.exists(stale):
             os.remove(stale)
 
     cfg = bundle.config

@@ -399,6 +399,7 @@ def sample(
     checkpoint_extra: dict[str, Any] | None = None,
     resume_from: str | None = None,
     stop_after: int | None = None,
+    keep_final_checkpoint: bool = False,
 ) -> torch.Tensor:
     """Sample the latents of a whole video: returns [1, F_lat, C, h, w] float32 on the model's device.
 
@@ -408,6 +409,8 @@ def sample(
     checkpoint_path: where an interrupted run leaves its state (None: not saved); checkpoint_every > 0 also
     saves every k steps. resume_from: a checkpoint; its settings replace the arguments above, and cond /
     uncond must be the same embeddings. stop_after: stop (as if cancelled) before that 0-based step.
+    keep_final_checkpoint: also save the finished latents (step = total) so a caller whose next stage (VAE
+    decoding) is interrupted can resume straight to it; the caller removes the file when done.
     """
     cond = _as_batch(cond, "cond")
     uncond = _as_batch(uncond, "uncond")
@@ -465,7 +468,7 @@ def sample(
     uncond_d = uncond.to(device=device, dtype=model_dtype) if use_cfg else None
 
     def save_state(step: int, latents: torch.Tensor, prev_x0: torch.Tensor | None, reason: str) -> str | None:
-        if checkpoint_path is None:
+        if checkpoint_path is None or step == 0:  # nothing done yet: nothing worth keeping
             return None
         tensors = {"latents": latents.float()}
         if prev_x0 is not None:
@@ -549,6 +552,8 @@ def sample(
             except Exception:
                 pass
         raise
+    if keep_final_checkpoint and start_step < n:
+        save_state(n, x, old_x0, "complete")
     return x
 
 
