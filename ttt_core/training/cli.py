@@ -46,10 +46,23 @@ def configure_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="process at most this many clips (0 = all)")
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    from .prepare import prepare_dataset
+def _fail(err: Exception) -> int:
+    print(f"error: {err}", file=sys.stderr)
+    return 1
 
-    summary = prepare_dataset(
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from .prepare import AnnotationError, prepare_dataset
+
+    try:
+        summary = _prepare(args, prepare_dataset)
+    except (AnnotationError, FileNotFoundError, ValueError, RuntimeError) as err:
+        return _fail(err)
+    return 0 if summary.written + summary.already_done > 0 else 1
+
+
+def _prepare(args, prepare_dataset):
+    return prepare_dataset(
         annotations=args.annotations,
         out=args.out,
         videos_root=args.videos,
@@ -60,7 +73,6 @@ def run_prepare(args: argparse.Namespace) -> int:
         store_dtype=args.store_dtype,
         limit=args.limit,
     )
-    return 0 if summary.written + summary.already_done > 0 else 1
 
 
 def configure_train(p: argparse.ArgumentParser) -> None:
@@ -78,8 +90,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .trainer import train_stage
 
-    cfg = load_config(args.config, args.set)
-    summary = train_stage(cfg, resume=args.resume, max_steps=args.max_steps, save_final=not args.no_final_checkpoint)
+    try:
+        cfg = load_config(args.config, args.set)
+        summary = train_stage(cfg, resume=args.resume, max_steps=args.max_steps, save_final=not args.no_final_checkpoint)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # config / data / folder problems
+        return _fail(err)
     if args.summary_json and int(os.environ.get("RANK", "0")) == 0:
         atomic_write_text(Path(args.summary_json), json.dumps(summary, indent=1))
     return 0

@@ -425,7 +425,13 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
             seg_lo, seg_hi = w * n_seg, (w + 1) * n_seg
             f_lo = seg_lo * FRAMES_PER_SEGMENT
             f_hi = seg_hi * FRAMES_PER_SEGMENT + 1
-            latent = encode_video(vae, frames[f_lo:f_hi])
+            try:
+                latent = encode_video(vae, frames[f_lo:f_hi])
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"{clip.label}: the VAE in {model_root / 'vae'} failed to encode {f_hi - f_lo} frames of "
+                    f"{width}x{height} ({err})"
+                ) from err
             expected_f = latent_frames_for_segments(n_seg)
             if latent.shape[0] != expected_f:
                 raise RuntimeError(f"VAE gave {latent.shape[0]} latent frames for {f_hi - f_lo} frames, expected {expected_f}")
