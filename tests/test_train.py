@@ -166,8 +166,17 @@ def test_loss_goes_down_on_a_fixed_batch():
 def reference_run(data):
     """Uninterrupted 1-process run, 6 steps, global batch 2 (2 per process)."""
     ckpt = data["root"] / "ref"
-    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 2}))
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 2, "checkpoint.interval": 2}))
     summary = train_stage(cfg)
+    return ckpt, summary
+
+
+@pytest.fixture(scope="module")
+def accum_run(data):
+    """1 process, batch 1 x 2 accumulation steps, stopped after 3 of 6 steps (final checkpoint at 3)."""
+    ckpt = data["root"] / "accum"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 1, "data.grad_accum_steps": 2}))
+    summary = train_stage(cfg, max_steps=3)
     return ckpt, summary
 
 
@@ -176,6 +185,8 @@ def test_single_process_run_checkpoint_and_export(reference_run):
     assert summary["end_step"] == 6 and len(losses(ckpt)) == 6
     final = latest_checkpoint(ckpt)
     assert final.name == "step_00000006"
+    # interval 2, keep 2: step 2 was pruned, nothing half-written is left
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith(("step_", ".tmp"))) == ["step_00000004", "step_00000006"]
     files = [p for p in final.rglob("*") if p.is_file()]
     assert files and all(p.suffix in (".safetensors", ".json") for p in files)  # nothing pickled
     state = json.loads((final / "trainer_state.json").read_text())
@@ -198,7 +209,7 @@ def test_single_process_run_checkpoint_and_export(reference_run):
     assert all(torch.equal(p, trained[n]) for n, p in direct.state_dict().items())
 
 
-def test_two_process_fsdp_matches_one_process(data, reference_run):
+def test_two_process_fsdp_matches_one_process(data, reference_run, accum_run):
     ref_ckpt, _ = reference_run
     ckpt = data["root"] / "fsdp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -212,17 +223,19 @@ def test_two_process_fsdp_matches_one_process(data, reference_run):
     two, one = losses(ckpt), losses(ref_ckpt)[:3]
     assert len(two) == 3
     assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
-    # same weights after 3 steps as the 1-process run's: compare with a 3-step 1-process resume point
     state = json.loads((latest_checkpoint(ckpt) / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["samples_seen"] == 6
+    # same weights after 3 steps as the 1-process run (sharded over 2 ranks, gathered by the checkpoint)
+    a, b = read_model(latest_checkpoint(ckpt)), read_model(latest_checkpoint(accum_run[0]))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[n], b[n], rtol=1e-4, atol=1e-6) for n in a)
+    assert any(not torch.equal(a[n], read_model(latest_checkpoint(ref_ckpt))[n]) for n in a)  # (not step 6)
 
 
-def test_gradient_accumulation_matches_a_bigger_batch(data, reference_run):
-    ref_ckpt, _ = reference_run
-    ckpt = data["root"] / "accum"
-    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 1, "data.grad_accum_steps": 2}))
-    summary = train_stage(cfg, max_steps=3, save_final=False)
-    assert summary["end_step"] == 3 and summary["checkpoint"] is None and latest_checkpoint(ckpt) is None
+def test_gradient_accumulation_matches_a_bigger_batch(reference_run, accum_run):
+    (ref_ckpt, _), (ckpt, summary) = reference_run, accum_run
+    assert summary["end_step"] == 3 and latest_checkpoint(ckpt).name == "step_00000003"
+    assert not (ckpt / "export.safetensors").exists()  # the stage is not finished: no export yet
     assert losses(ckpt) == pytest.approx(losses(ref_ckpt)[:3], rel=1e-5, abs=1e-7)
 
 
