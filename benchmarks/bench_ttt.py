@@ -173,6 +173,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip", default="", help="comma list of: fla,sdpa,torch,bwd,linear")
     p.add_argument("--json", default="")
+    p.add_argument("--variants", default="", help="';'-separated kernel configs to time first, e.g. "
+                   "'mlp_fwd:variant=gmem,num_warps=8;linear_fwd:num_stages=3,mb=16'")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
     from ttt_video.ttt_core.ops import ttt_linear, ttt_mlp
@@ -188,6 +190,32 @@ def main(argv=None):
     r["matmul_tflops"] = matmul_tflops()
     r["copy_tbps"] = copy_tbps()
     print(f"bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, copy {r['copy_tbps']:.2f} TB/s", flush=True)
+
+    if a.variants:
+        from ttt_video.kernels import ttt_triton
+
+        base = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
+        r["variants"] = {}
+        for spec in a.variants.split(";"):
+            name, _, kv = spec.partition(":")
+            cfg = {k: dict(v) for k, v in base.items()}
+            for item in filter(None, kv.split(",")):
+                key, val = item.split("=")
+                cfg[name][key] = val if key == "variant" else int(val)
+            ttt_triton.KERNEL_CONFIG.clear()
+            ttt_triton.KERNEL_CONFIG.update(cfg)
+            kind = "mlp" if name.startswith("mlp") else "linear"
+            mb = 64 if kind == "mlp" else int(cfg[name].get("mb", 16))
+            t1 = time.time()
+            try:
+                res = bench_ttt(ttt_mlp if kind == "mlp" else ttt_linear, kind, B2, H, N, D, Fh if kind == "mlp" else D,
+                                mb, "triton", reps=a.reps, with_bwd=name.endswith("bwd"))
+            except Exception as e:  # noqa: BLE001 - a failing variant is reported, not fatal
+                res = {"error": repr(e)[:300]}
+            r["variants"][spec] = res
+            print(f"variant {spec}: {res} ({time.time() - t1:.0f}s)", flush=True)
+        ttt_triton.KERNEL_CONFIG.clear()
+        ttt_triton.KERNEL_CONFIG.update(base)
 
     t0 = time.time()
     mlp = bench_ttt(ttt_mlp, "mlp", B2, H, N, D, Fh, 64, "triton", reps=a.reps, with_bwd="bwd" not in skip)
@@ -205,7 +233,8 @@ def main(argv=None):
         r.update({f"torch_mlp_{k}": v * N / ns for k, v in tr.items()})
         print(f"ttt-mlp torch slice {ns}: {tr}", flush=True)
     if "fla" not in skip:
-        r.update(bench_fla(B2, H, N, D, reps=a.reps))
+        # one direction at a time (B=2 runs out of memory in fla's fwd+bwd at this length); x2 = both
+        r.update({k: 2 * v for k, v in bench_fla(1, H, N, D, reps=a.reps).items()})
         print({k: v for k, v in r.items() if k.startswith(("gdn", "gla"))}, flush=True)
     if "sdpa" not in skip:
         r["sdpa_ms"] = bench_sdpa(21, 18_048, H, D, reps=a.reps)
@@ -241,10 +270,10 @@ def main(argv=None):
     row("TTT-Linear mb16 triton forward+backward", "lin16_fwdbwd_ms")
     row("TTT-Linear mb64 triton forward", "lin64_fwd_ms", 2 * 3 * 2 * N * D * D * H)
     row("TTT-Linear mb64 triton forward+backward", "lin64_fwdbwd_ms")
-    row("fla chunk_gated_delta_rule forward", "gdn_fwd_ms")
-    row("fla chunk_gated_delta_rule forward+backward", "gdn_fwdbwd_ms")
-    row("fla chunk_simple_gla forward", "gla_fwd_ms")
-    row("fla chunk_simple_gla forward+backward", "gla_fwdbwd_ms")
+    row("fla chunk_gated_delta_rule forward (2 x one direction)", "gdn_fwd_ms")
+    row("fla chunk_gated_delta_rule fwd+bwd (2 x one direction)", "gdn_fwdbwd_ms")
+    row("fla chunk_simple_gla forward (2 x one direction)", "gla_fwd_ms")
+    row("fla chunk_simple_gla fwd+bwd (2 x one direction)", "gla_fwdbwd_ms")
     row("SDPA local attention fwd (21 x 18,048, once)", "sdpa_ms", 21 * 4 * 18_048**2 * D * H)
     print("\n".join(rows))
     ratios = {}

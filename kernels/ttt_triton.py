@@ -219,6 +219,410 @@ def _ttt_mlp_fwd_kernel(
 
 
 @triton.jit
+def _mlp_chunk_fwd(x, w1t, b1, w2, DT: tl.constexpr, IEEE: tl.constexpr):
+    """gelu(x W1[:, c] + b1[c]) W2[c, :]: one F-chunk's contribution to the MLP output (w1t = W1[:, c]^T)."""
+    return _mm(_gelu(_mm(x, tl.trans(w1t), DT, IEEE) + b1[None, :]), w2, DT, IEEE)
+
+
+@triton.jit
+def _mlp_chunk_update(k, e, gz2, p2, w1t, b1, w2, DT: tl.constexpr, IEEE: tl.constexpr):
+    """Inner-gradient step for one F-chunk of the state (W1[:, c]^T, b1[c], W2[c, :]).
+
+    Only dot operands are kept in the input dtype (ac, p1c) so the live set stays small."""
+    z1c = _mm(k, tl.trans(w1t), DT, IEEE) + b1[None, :]
+    ac, gpc = _gelu_and_grad(z1c)
+    ac = ac.to(DT)
+    p1c = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * gpc)
+    b1 = b1 - tl.sum(p1c, axis=0)
+    w2 = w2 - _mm(tl.trans(ac), p2, DT, IEEE)
+    w1t = w1t - _mm(tl.trans(p1c.to(DT)), k, DT, IEEE)
+    return w1t, b1, w2
+
+
+@triton.jit
+def _ttt_mlp_fwd_chunked_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    W1, B1, W2, B2,
+    OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
+    CK_W1, CK_B1, CK_W2, CK_B2,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, F: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Forward with the hidden dim split into 2 chunks of F/2 held as separate register tensors.
+
+    f(x) = sum_c gelu(x W1[:, c] + b1[c]) W2[c, :] + b2, and the update of chunk c needs only chunk c
+    (plus the full dl/dZ2), so no [b, F] intermediate is live. The state is kept as [F/2, D] tiles
+    (W1 transposed) and 1-D biases: with 8 warps Triton's Hopper MMA layout covers 128 rows, so [128, 64]
+    accumulators hold no replicated elements, while [64, 64] tiles or [1, F] rows were replicated across
+    warp groups (2x-64x the registers) and spilled. Z1 is recomputed in the update pass: 8 instead of
+    7 matmul-equivalents per mini-batch."""
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    FC: tl.constexpr = F // 2
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    cc = tl.arange(0, FC)
+    o1 = cc[:, None] + dc[None, :] * F  # W1[:, chunk 0]^T as [FC, D]; chunk 1 adds FC
+    o2 = cc[:, None] * D + dc[None, :]  # W2[chunk 0, :]; chunk 1 adds FC * D
+    bw1 = W1 + pid64 * D * F
+    bw2 = W2 + pid64 * F * D
+    bb1 = B1 + pid64 * F
+    w1_0 = tl.load(bw1 + o1).to(tl.float32)
+    w1_1 = tl.load(bw1 + FC + o1).to(tl.float32)
+    b1_0 = tl.load(bb1 + cc).to(tl.float32)
+    b1_1 = tl.load(bb1 + FC + cc).to(tl.float32)
+    w2_0 = tl.load(bw2 + o2).to(tl.float32)
+    w2_1 = tl.load(bw2 + FC * D + o2).to(tl.float32)
+    b2 = tl.load(B2 + pid64 * D + dc).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc).to(tl.float32)[None, :]
+    beta = tl.load(LNB + h * D + dc).to(tl.float32)[None, :]
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile = rows[:, None] * D + dc[None, :]
+    for c in range(n_ck):
+        if SAVE:
+            ck = pid64 * n_ck + c
+            _store_mlp_chunks(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, CK_B2 + ck * D,
+                              w1_0, w1_1, b1_0, b1_1, w2_0, w2_1, b2, o1, o2, cc, dc, D, FC)
+        i_end = tl.minimum(c * G + G, n_mb)
+        for i in range(c * G, i_end):
+            offs = tok + i * MB * D + tile
+            k = tl.load(K + offs)
+            v = tl.load(V + offs).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
+            z2 = b2[None, :] + _mlp_chunk_fwd(k, w1_0, b1_0, w2_0, DT, IEEE)
+            z2 += _mlp_chunk_fwd(k, w1_1, b1_1, w2_1, DT, IEEE)
+            xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k, gamma, beta, D, eps)
+            p2 = e[:, None] * gz2
+            b2 = b2 - tl.sum(p2, axis=0)
+            gz2 = gz2.to(DT)
+            p2 = p2.to(DT)
+            w1_0, b1_0, w2_0 = _mlp_chunk_update(k, e, gz2, p2, w1_0, b1_0, w2_0, DT, IEEE)
+            w1_1, b1_1, w2_1 = _mlp_chunk_update(k, e, gz2, p2, w1_1, b1_1, w2_1, DT, IEEE)
+            q = tl.load(Q + offs)  # reloaded (L1/L2 hit) rather than kept live through the update
+            zq2 = b2[None, :] + _mlp_chunk_fwd(q, w1_0, b1_0, w2_0, DT, IEEE)
+            zq2 += _mlp_chunk_fwd(q, w1_1, b1_1, w2_1, DT, IEEE)
+            xq, rq = _ln_norm(zq2, D, eps)
+            out = q.to(tl.float32) + gamma * xq + beta
+            tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+    _store_mlp_chunks(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D,
+                      w1_0, w1_1, b1_0, b1_1, w2_0, w2_1, b2, o1, o2, cc, dc, D, FC)
+
+
+@triton.jit
+def _store_mlp_chunks(PW1, PB1, PW2, PB2, w1_0, w1_1, b1_0, b1_1, w2_0, w2_1, b2, o1, o2, cc, dc,
+                      D: tl.constexpr, FC: tl.constexpr):
+    tl.store(PW1 + o1, w1_0)
+    tl.store(PW1 + FC + o1, w1_1)
+    tl.store(PB1 + cc, b1_0)
+    tl.store(PB1 + FC + cc, b1_1)
+    tl.store(PW2 + o2, w2_0)
+    tl.store(PW2 + FC * D + o2, w2_1)
+    tl.store(PB2 + dc, b2)
+
+
+@triton.jit
+def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, eps,
+                   D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
+                   WITH_OUT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """One TTT-MLP mini-batch with W1 [D, F], b1 [F], W2 [F, D] in global memory (L2-resident, fp32).
+
+    Reads the state at RW1/RB1/RW2, writes W_end to WW1/WB1/WW2 (may alias), F-chunk by F-chunk, so only
+    [b, FC] / [D, FC] tiles are live in registers; k and q are re-read per chunk (L1 hits) and dl/dZ2 is
+    kept in the operand dtype, to keep the live set (and spills) small. b2 stays in registers.
+    Returns (b2_end, f(q; W_end) before LN) -- the latter only if WITH_OUT."""
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    cc = tl.arange(0, FC)
+    tile = rows[:, None] * D + dc[None, :]
+    o1 = dc[:, None] * F + cc[None, :]
+    o2 = cc[:, None] * D + dc[None, :]
+    z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+    for ch in range(F // FC):
+        k = tl.load(KP + tile)
+        w1c = tl.load(RW1 + ch * FC + o1)
+        b1c = tl.load(RB1 + ch * FC + cc)
+        w2c = tl.load(RW2 + ch * FC * D + o2)
+        z2 += _mm(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+    k = tl.load(KP + tile)
+    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
+    p2 = e[:, None] * gz2
+    b2 = b2 - tl.sum(p2, axis=0)
+    gz2 = gz2.to(DT)
+    p2 = p2.to(DT)
+    zq2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+    for ch in range(F // FC):
+        k = tl.load(KP + tile)
+        w1c = tl.load(RW1 + ch * FC + o1)
+        b1c = tl.load(RB1 + ch * FC + cc)
+        w2c = tl.load(RW2 + ch * FC * D + o2)
+        z1c = _mm(k, w1c, DT, IEEE) + b1c[None, :]
+        ac, gpc = _gelu_and_grad(z1c)
+        p1c = e[:, None] * (_mm(gz2, tl.trans(w2c), DT, IEEE) * gpc)
+        w2c = w2c - _mm(tl.trans(ac.to(DT)), p2, DT, IEEE)
+        b1c = b1c - tl.sum(p1c, axis=0)
+        w1c = w1c - _mm(tl.trans(k), p1c.to(DT), DT, IEEE)
+        tl.debug_barrier()  # every thread has read chunk ch before it is overwritten (in-place update)
+        tl.store(WW1 + ch * FC + o1, w1c)
+        tl.store(WB1 + ch * FC + cc, b1c)
+        tl.store(WW2 + ch * FC * D + o2, w2c)
+        if WITH_OUT:
+            q = tl.load(QP + tile)
+            zq2 += _mm(_gelu(_mm(q, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+    tl.debug_barrier()  # W_end visible to all threads before the next mini-batch reads it
+    return b2, zq2
+
+
+@triton.jit
+def _ttt_mlp_fwd_gmem_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    SW1, SB1, SW2, B2,
+    OUT, B2_OUT,
+    CK_W1, CK_B1, CK_W2, CK_B2,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Forward with the W1/W2 state updated in place in global memory (SW1/SB1/SW2 hold the initial
+    state on entry and the final state on exit); see _mlp_gmem_step."""
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, F)
+    pw1 = SW1 + pid64 * D * F
+    pb1 = SB1 + pid64 * F
+    pw2 = SW2 + pid64 * F * D
+    b2 = tl.load(B2 + pid64 * D + dc).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc).to(tl.float32)[None, :]
+    beta = tl.load(LNB + h * D + dc).to(tl.float32)[None, :]
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile = rows[:, None] * D + dc[None, :]
+    for c in range(n_ck):
+        if SAVE:
+            ck = pid64 * n_ck + c
+            _copy_mlp_state(pw1, pb1, pw2, CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, D, F)
+            tl.store(CK_B2 + ck * D + dc, b2)
+        i_end = tl.minimum(c * G + G, n_mb)
+        for i in range(c * G, i_end):
+            offs = tok + i * MB * D + tile
+            v = tl.load(V + offs).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
+            b2, zq2 = _mlp_gmem_step(K + tok + i * MB * D, v, e, Q + tok + i * MB * D, pw1, pb1, pw2, pw1, pb1, pw2, b2, gamma, beta, eps,
+                                     D, F, FC, MB, True, DT, IEEE)
+            xq, rq = _ln_norm(zq2, D, eps)
+            out = tl.load(Q + offs).to(tl.float32) + gamma * xq + beta
+            tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
+    tl.store(B2_OUT + pid64 * D + dc, b2)
+
+
+@triton.jit
+def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constexpr):
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, F)
+    tl.store(WW1 + dc[:, None] * F + fc[None, :], tl.load(RW1 + dc[:, None] * F + fc[None, :]))
+    tl.store(WB1 + fc, tl.load(RB1 + fc))
+    tl.store(WW2 + fc[:, None] * D + dc[None, :], tl.load(RW2 + fc[:, None] * D + dc[None, :]))
+
+
+@triton.jit
+def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, db2,
+                       gamma, beta, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
+                       DT: tl.constexpr, IEEE: tl.constexpr):
+    """Back-propagate one TTT-MLP mini-batch, F-chunk by F-chunk, with everything [D, F]-sized in global
+    memory: the state at its start (RW1/RB1/RW2, b2) and end (EW1/EB1/EW2, b2e), and the gradient
+    accumulators GW1/GB1/GW2 (dL/dW_end on entry, dL/dW_start on exit; db2 likewise, in registers).
+    Writes dq to DQP; returns (dk, dv, deta, db2, d gamma, d beta)."""
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    cc = tl.arange(0, FC)
+    tile = rows[:, None] * D + dc[None, :]
+    o1 = dc[:, None] * F + cc[None, :]
+    o2 = cc[:, None] * D + dc[None, :]
+    # pass 1: inner forward at W (keys) and at W_end (queries)
+    z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+    zq2 = tl.zeros([MB, D], dtype=tl.float32) + b2e[None, :]
+    for ch in range(F // FC):
+        k = tl.load(KP + tile)
+        z2 += _mlp_chunk_fwd_nt(k, tl.load(RW1 + ch * FC + o1), tl.load(RB1 + ch * FC + cc),
+                                tl.load(RW2 + ch * FC * D + o2), DT, IEEE)
+        q = tl.load(QP + tile)
+        zq2 += _mlp_chunk_fwd_nt(q, tl.load(EW1 + ch * FC + o1), tl.load(EB1 + ch * FC + cc),
+                                 tl.load(EW2 + ch * FC * D + o2), DT, IEEE)
+    xq, rq = _ln_norm(zq2, D, eps)
+    dgamma = tl.sum(do * xq, axis=0)
+    dbeta = tl.sum(do, axis=0)
+    dzq2 = _ln_bwd(do * gamma, xq, rq, D)
+    db2 += tl.sum(dzq2, axis=0)
+    dzq2 = dzq2.to(DT)
+    # pass 2a: output path; completes dL/dW_end in GW1/GB1/GW2
+    dq = do
+    for ch in range(F // FC):
+        q = tl.load(QP + tile)
+        w1e = tl.load(EW1 + ch * FC + o1)
+        w2e = tl.load(EW2 + ch * FC * D + o2)
+        zq1c = _mm(q, w1e, DT, IEEE) + tl.load(EB1 + ch * FC + cc)[None, :]
+        aqc, gq1c = _gelu_and_grad(zq1c)
+        dw2e = tl.load(GW2 + ch * FC * D + o2) + _mm(tl.trans(aqc.to(DT)), dzq2, DT, IEEE)
+        dzq1c = _mm(dzq2, tl.trans(w2e), DT, IEEE) * gq1c
+        dw1e = tl.load(GW1 + ch * FC + o1) + _mm(tl.trans(q), dzq1c.to(DT), DT, IEEE)
+        db1e = tl.load(GB1 + ch * FC + cc) + tl.sum(dzq1c, axis=0)
+        dq += _mm(dzq1c.to(DT), tl.trans(w1e), DT, IEEE)
+        tl.debug_barrier()
+        tl.store(GW2 + ch * FC * D + o2, dw2e)
+        tl.store(GW1 + ch * FC + o1, dw1e)
+        tl.store(GB1 + ch * FC + cc, db1e)
+    tl.store(DQP + tile, dq.to(DQP.dtype.element_ty))
+    tl.debug_barrier()
+    # pass 2b: the parts of the update path that are sums over F
+    k = tl.load(KP + tile)
+    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
+    gz2_op = gz2.to(DT)
+    dp2_acc = tl.zeros([MB, D], dtype=tl.float32)
+    gz2_acc = tl.zeros([MB, D], dtype=tl.float32)
+    de = tl.zeros([MB], dtype=tl.float32)
+    for ch in range(F // FC):
+        k = tl.load(KP + tile)
+        w2c = tl.load(RW2 + ch * FC * D + o2)
+        z1c = _mm(k, tl.load(RW1 + ch * FC + o1), DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
+        ac, gpc = _gelu_and_grad(z1c)
+        gAc = _mm(gz2_op, tl.trans(w2c), DT, IEEE)
+        dp2_acc += _mm(ac.to(DT), tl.load(GW2 + ch * FC * D + o2), DT, IEEE)
+        dp1c = -(_mm(k, tl.load(GW1 + ch * FC + o1), DT, IEEE) + tl.load(GB1 + ch * FC + cc)[None, :])
+        de += tl.sum(dp1c * gAc * gpc, axis=1)
+        dgAc = e[:, None] * dp1c * gpc
+        gz2_acc += _mm(dgAc.to(DT), w2c, DT, IEEE)
+    dp2 = -(dp2_acc + db2[None, :])
+    de += tl.sum(dp2 * gz2, axis=1)
+    dz2, dg, dgm, dbt = _ln_double_bwd(e[:, None] * dp2 + gz2_acc, gx, g, xh, rstd, gz2, gamma, D)
+    dgamma += dgm
+    dbeta += dbt
+    dk = dg
+    dv = -dg
+    db2 += tl.sum(dz2, axis=0)
+    dz2 = dz2.to(DT)
+    p2 = (e[:, None] * gz2).to(DT)
+    tl.debug_barrier()
+    # pass 3: through the update and the inner forward at W; accumulators become dL/dW_start
+    for ch in range(F // FC):
+        k = tl.load(KP + tile)
+        w1c = tl.load(RW1 + ch * FC + o1)
+        w2c = tl.load(RW2 + ch * FC * D + o2)
+        dw1e = tl.load(GW1 + ch * FC + o1)
+        db1e = tl.load(GB1 + ch * FC + cc)
+        dw2e = tl.load(GW2 + ch * FC * D + o2)
+        z1c = _mm(k, w1c, DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
+        ac, gpc, gpc2 = _gelu_parts(z1c)
+        gAc = _mm(gz2_op, tl.trans(w2c), DT, IEEE)
+        p1c = e[:, None] * gAc * gpc
+        dAc = _mm(dz2, tl.trans(w2c), DT, IEEE) - _mm(p2, tl.trans(dw2e), DT, IEEE)
+        dgz1c = -e[:, None] * (_mm(k, dw1e, DT, IEEE) + db1e[None, :])
+        dgAc = dgz1c * gpc
+        dz1c = dgz1c * gAc * gpc2 + dAc * gpc
+        dz1c_op = dz1c.to(DT)
+        dk += _mm(dz1c_op, tl.trans(w1c), DT, IEEE) - _mm(p1c.to(DT), tl.trans(dw1e), DT, IEEE)
+        dw2s = dw2e + _mm(tl.trans(dgAc.to(DT)), gz2_op, DT, IEEE) + _mm(tl.trans(ac.to(DT)), dz2, DT, IEEE)
+        dw1s = dw1e + _mm(tl.trans(k), dz1c_op, DT, IEEE)
+        db1s = db1e + tl.sum(dz1c, axis=0)
+        tl.debug_barrier()
+        tl.store(GW2 + ch * FC * D + o2, dw2s)
+        tl.store(GW1 + ch * FC + o1, dw1s)
+        tl.store(GB1 + ch * FC + cc, db1s)
+    tl.debug_barrier()
+    return dk, dv, de, db2, dgamma, dbeta
+
+
+@triton.jit
+def _mlp_chunk_fwd_nt(x, w1c, b1c, w2c, DT: tl.constexpr, IEEE: tl.constexpr):
+    """gelu(x W1c + b1c) W2c for W1c [D, FC] (not transposed)."""
+    return _mm(_gelu(_mm(x, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+
+
+@triton.jit
+def _ttt_mlp_bwd_gmem_kernel(
+    Q, K, V, ETA, LNW, LNB, DOUT,
+    CK_W1, CK_B1, CK_W2, CK_B2,
+    SC_W1, SC_B1, SC_W2, SC_B2,
+    GW1, GB1, GW2, DB2_END,
+    DQ, DK, DV, DETA,
+    DB2, DLNW, DLNB,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Backward of the TTT-MLP scan. Per checkpoint group (in reverse): phase A recomputes the states at
+    the start of each of its mini-batches plus the end state into G + 1 scratch slots (state in global
+    memory, _mlp_gmem_step); phase B back-propagates the mini-batches in reverse (_mlp_gmem_bwd_step).
+    GW1/GB1/GW2 hold dL/d(final W1, b1, W2) on entry and dL/d(initial W1, b1, W2) on exit."""
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    gamma = tl.load(LNW + h * D + dc).to(tl.float32)[None, :]
+    beta = tl.load(LNB + h * D + dc).to(tl.float32)[None, :]
+    gw1 = GW1 + pid64 * D * F
+    gb1 = GB1 + pid64 * F
+    gw2 = GW2 + pid64 * F * D
+    db2 = tl.load(DB2_END + pid64 * D + dc).to(tl.float32)
+    dgamma = tl.zeros([D], dtype=tl.float32)
+    dbeta = tl.zeros([D], dtype=tl.float32)
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile = rows[:, None] * D + dc[None, :]
+    s0 = pid64 * (G + 1)
+    for cc_ in range(n_ck):
+        c = n_ck - 1 - cc_
+        i0 = c * G
+        cnt = tl.minimum(G, n_mb - i0)
+        ck = pid64 * n_ck + c
+        # phase A: slot j = state at the start of mini-batch i0 + j, slot cnt = state after the group
+        _copy_mlp_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D,
+                        SC_W1 + s0 * D * F, SC_B1 + s0 * F, SC_W2 + s0 * F * D, D, F)
+        b2 = tl.load(CK_B2 + ck * D + dc)
+        tl.store(SC_B2 + s0 * D + dc, b2)
+        tl.debug_barrier()
+        for j in range(cnt):
+            base = tok + (i0 + j) * MB * D
+            v = tl.load(V + base + tile).to(tl.float32)
+            e = tl.load(ETA + eta_base + (i0 + j) * MB + rows).to(tl.float32)
+            r = s0 + j
+            b2, unused = _mlp_gmem_step(K + base, v, e, Q + base, SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D,
+                                        SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D,
+                                        b2, gamma, beta, eps, D, F, FC, MB, False, DT, IEEE)
+            tl.store(SC_B2 + (r + 1) * D + dc, b2)
+        tl.debug_barrier()
+        # phase B
+        for jj in range(cnt):
+            j = cnt - 1 - jj
+            i = i0 + j
+            r = s0 + j
+            base = tok + i * MB * D
+            v = tl.load(V + base + tile).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
+            do = tl.load(DOUT + base + tile).to(tl.float32)
+            dk, dv, de, db2, dgm, dbt = _mlp_gmem_bwd_step(
+                Q + base, K + base, DQ + base, v, e, do,
+                SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D, tl.load(SC_B2 + r * D + dc),
+                SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D, tl.load(SC_B2 + (r + 1) * D + dc),
+                gw1, gb1, gw2, db2, gamma, beta, eps, D, F, FC, MB, DT, IEEE)
+            dgamma += dgm
+            dbeta += dbt
+            tl.store(DK + base + tile, dk.to(DK.dtype.element_ty))
+            tl.store(DV + base + tile, dv.to(DV.dtype.element_ty))
+            tl.store(DETA + eta_base + i * MB + rows, de)
+        tl.debug_barrier()
+    tl.store(DB2 + pid64 * D + dc, db2)
+    tl.store(DLNW + pid64 * D + dc, dgamma)
+    tl.store(DLNB + pid64 * D + dc, dbeta)
+
+
+@triton.jit
 def _ttt_mlp_bwd_kernel(
     Q, K, V, ETA, LNW, LNB, DOUT,
     CK_W1, CK_B1, CK_W2, CK_B2,
@@ -514,10 +918,19 @@ def triton_supports(q: torch.Tensor, mini_batch_size: int, kind: str) -> bool:
     return _pow2(D) and D <= 128 and _pow2(mini_batch_size) and mini_batch_size <= 64 and N % mini_batch_size == 0
 
 
-def _num_warps(kind: str, D: int, F: int, MB: int) -> int:
-    if kind == "linear":
-        return 4
-    return 8 if D * F >= 64 * 256 else 4
+# Launch settings per kernel; the benchmark compares variants by editing this dict.
+KERNEL_CONFIG = {
+    # variant: "gmem" (state in L2, chunked), "chunked" (state in registers, 2 F-chunks), "plain"
+    "mlp_fwd": {"variant": "gmem", "fc": 32, "num_warps": 4, "num_stages": 1},
+    "mlp_bwd": {"variant": "gmem", "fc": 32, "num_warps": 4, "num_stages": 1},
+    "linear_fwd": {"num_warps": 4, "num_stages": 1},
+    "linear_bwd": {"num_warps": 4, "num_stages": 1},
+}
+
+
+def _launch_opts(name: str) -> dict:
+    cfg = KERNEL_CONFIG[name]
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
 def _check(kind, q, mini_batch_size, D, F):
@@ -555,11 +968,25 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [_empty(BH, n_ck, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
     else:
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
-    _ttt_mlp_fwd_kernel[(BH,)](
+    variant = KERNEL_CONFIG["mlp_fwd"]["variant"]
+    if variant == "gmem" and _pow2(Fh) and Fh >= 32:
+        # state updated in place in the final-state buffers (they start as a copy of the initial state);
+        # F-chunks of 64 columns (half of F at the small test shapes, so the chunk loop is exercised)
+        FC = min(KERNEL_CONFIG["mlp_fwd"].get("fc", 32), Fh // 2)
+        finals[0].copy_(W1)
+        finals[1].copy_(b1)
+        finals[2].copy_(W2)
+        _ttt_mlp_fwd_gmem_kernel[(BH,)](
+            q, k, v, eta, ln_w, ln_b, finals[0], finals[1], finals[2], b2, out, finals[3], *cks,
+            N, H, n_mb, n_ck, G, LN_EPS,
+            D=D, F=Fh, FC=FC, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
+        )
+        return out, finals, cks
+    kernel = _ttt_mlp_fwd_chunked_kernel if variant == "chunked" and _pow2(Fh // 2) else _ttt_mlp_fwd_kernel
+    kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, F=Fh, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32,
-        num_warps=_num_warps("mlp", D, Fh, mb), num_stages=1,
+        D=D, F=Fh, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
     )
     return out, finals, cks
 
@@ -578,8 +1005,7 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     _ttt_linear_fwd_kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32,
-        num_warps=_num_warps("linear", D, D, mb), num_stages=1,
+        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("linear_fwd"),
     )
     return out, finals, cks
 
@@ -618,18 +1044,30 @@ class _TTTMLPFunction(torch.autograd.Function):
         dout = (torch.zeros_like(q) if dout is None else dout).to(q.dtype).contiguous()
         ends = [_grad_or_zeros(g, torch.empty(BH, *s, **f32)) for g, s in
                 zip((dW1e, db1e, dW2e, db2e), ((D, Fh), (Fh,), (Fh, D), (D,)))]
-        scratch = [_empty(BH, G, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
         dq, dk, dv = _empty_like(q), _empty_like(k), _empty_like(v)
         deta = _empty(B, H, N, device=q.device)
         dstate = [_empty(BH, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
         dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
-        _ttt_mlp_bwd_kernel[(BH,)](
-            q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *ends,
-            dq, dk, dv, deta, *dstate, dlnw, dlnb,
-            N, H, n_mb, n_ck, G, LN_EPS,
-            D=D, F=Fh, MB=mb, IEEE=q.dtype == torch.float32,
-            num_warps=_num_warps("mlp", D, Fh, mb), num_stages=1,
-        )
+        cfg = KERNEL_CONFIG["mlp_bwd"]
+        if cfg["variant"] == "gmem" and _pow2(Fh) and Fh >= 32:
+            FC = min(cfg.get("fc", 32), Fh // 2)
+            scratch = [_empty(BH, G + 1, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
+            gw = [t.clone() for t in ends[:3]]  # dL/dW_end in, dL/dW_start out
+            _ttt_mlp_bwd_gmem_kernel[(BH,)](
+                q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *gw, ends[3],
+                dq, dk, dv, deta, dstate[3], dlnw, dlnb,
+                N, H, n_mb, n_ck, G, LN_EPS,
+                D=D, F=Fh, FC=FC, MB=mb, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_bwd"),
+            )
+            dstate[:3] = gw
+        else:
+            scratch = [_empty(BH, G, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
+            _ttt_mlp_bwd_kernel[(BH,)](
+                q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *ends,
+                dq, dk, dv, deta, *dstate, dlnw, dlnb,
+                N, H, n_mb, n_ck, G, LN_EPS,
+                D=D, F=Fh, MB=mb, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_bwd"),
+            )
         shapes = ((B, H, D, Fh), (B, H, 1, Fh), (B, H, Fh, D), (B, H, 1, D))
         dW1, db1, dW2, db2 = (t.view(*s).to(dt) for t, s, dt in zip(dstate, shapes, sdt))
         dlnw = dlnw.view(B, H, D).sum(0).to(ln_dt)
@@ -665,8 +1103,7 @@ class _TTTLinearFunction(torch.autograd.Function):
             q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, *scratch, *ends,
             dq, dk, dv, deta, dW, db, dlnw, dlnb,
             N, H, n_mb, n_ck, G, LN_EPS,
-            D=D, MB=mb, IEEE=q.dtype == torch.float32,
-            num_warps=_num_warps("linear", D, D, mb), num_stages=1,
+            D=D, MB=mb, IEEE=q.dtype == torch.float32, **_launch_opts("linear_bwd"),
         )
         dW = dW.view(B, H, D, D).to(sdt[0])
         db = db.view(B, H, 1, D).to(sdt[1])
