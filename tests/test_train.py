@@ -20,8 +20,8 @@ from ttt_video.ttt_core.dit import TTTDiT
 from ttt_video.ttt_core.training import objective, optim
 from ttt_video.ttt_core.training.checkpoint import latest_checkpoint
 from ttt_video.ttt_core.training.config import load_config
-from ttt_video.ttt_core.training.data import write_dataset_info, write_item, write_manifest
-from ttt_video.ttt_core.training.trainer import METRICS_NAME, previous_changed, train_stage
+from ttt_video.ttt_core.training.data import sample_generator, write_dataset_info, write_item, write_manifest
+from ttt_video.ttt_core.training.trainer import METRICS_NAME, drop_text, previous_changed, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny"
@@ -137,6 +137,36 @@ def test_trainable_sets_groups_and_schedules(data):
         opt.step()
         sched.step()
     assert lrs[0] == pytest.approx(0.5e-4) and lrs[1] == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("model", ["cogvideox-5b", "tiny"])
+def test_shipped_stage_configs_follow_the_paper(model):
+    table = {"3s": (1, 5000, "all", 1e-4), "9s": (3, 5000, "ttt_qkvo", 1e-5), "18s": (6, 1000, "ttt_qkvo", 1e-5),
+             "30s": (10, 500, "ttt_qkvo", 1e-5), "63s": (21, 250, "ttt_qkvo", 1e-5)}  # fmt: skip
+    previous = None
+    for name, (segments, steps, trainable, lr_ttt) in table.items():
+        cfg = load_config(REPO / "configs" / model / f"{name}.toml")
+        assert (cfg.stage.segments, cfg.stage.trainable, cfg.optimizer.lr_ttt) == (segments, trainable, lr_ttt)
+        assert cfg.model.preset == model and cfg.optimizer.lr == 1e-5 and cfg.optimizer.lr_end == 1e-5
+        assert (cfg.optimizer.betas, cfg.optimizer.weight_decay, cfg.optimizer.grad_clip) == ([0.9, 0.95], 1e-4, 0.1)
+        assert cfg.optimizer.warmup_fraction == 0.02 and cfg.data.text_dropout == 0.1
+        if model == "cogvideox-5b":
+            assert cfg.stage.steps == steps and cfg.precision.mixed == "bf16"
+            assert cfg.memory.scan_checkpoint_group_size == 16
+        if previous is not None:  # each stage starts from the previous stage's checkpoint folder
+            assert cfg.model.init_from == [previous]
+        previous = cfg.checkpoint.dir
+
+
+def test_text_dropout_zeros_or_empty_prompt_per_video():
+    text = torch.randn(3, 16, 32)
+    null = torch.randn(16, 32)
+    kept = [torch.equal(drop_text(text, sample_generator(0, 0, j), 0.1, None), text) for j in range(2000)]
+    assert 0.08 < 1 - sum(kept) / len(kept) < 0.12  # ~10 % of videos lose their text
+    dropped = next(j for j, k in enumerate(kept) if not k)
+    assert torch.equal(drop_text(text, sample_generator(0, 0, dropped), 0.1, None), torch.zeros_like(text))
+    empty = drop_text(text, sample_generator(0, 0, dropped), 0.1, null)
+    assert all(torch.equal(empty[i], null) for i in range(3))  # every segment gets the empty prompt
 
 
 def test_loss_goes_down_on_a_fixed_batch():

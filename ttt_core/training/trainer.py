@@ -228,6 +228,14 @@ def memory_gb(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
+def drop_text(text: torch.Tensor, gen: torch.Generator, p: float, null_text: torch.Tensor | None) -> torch.Tensor:
+    """With probability p, the whole video's text [S, L, D] becomes zeros (official ``dropout_txt``) or,
+    given ``null_text`` [L, D], the empty prompt's embedding in every segment (classifier-free guidance)."""
+    if torch.rand((), generator=gen).item() >= p:
+        return text
+    return null_text.expand_as(text).clone() if null_text is not None else torch.zeros_like(text)
+
+
 class _StopFlag:
     def __init__(self):
         self.stop = False
@@ -350,8 +358,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
                 latents, text = dataset.load(stream.item(step * global_batch + j), gen)
                 t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
                 noise = torch.randn(latents.shape, generator=gen)
-                if torch.rand((), generator=gen).item() < cfg.data.text_dropout:
-                    text = null_text.expand_as(text).clone() if null_text is not None else torch.zeros_like(text)
+                text = drop_text(text, gen, cfg.data.text_dropout, null_text)
                 lat.append(latents), txt.append(text), noi.append(noise), tt.append(t)
             latents = torch.stack(lat).to(device)
             text = torch.stack(txt).to(device)
