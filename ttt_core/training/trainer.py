@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 import warnings
 from datetime import timedelta
