@@ -53,10 +53,12 @@ TEXT_ENCODER = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
 VAE = dict(
     # Decoding cost is dominated by the full-resolution level (block_out_channels[0]); torch's CPU conv3d
     # is slow (no oneDNN path), so keep it at 4. Measured single-thread CPU time for 253 latent frames:
-    # (8, 8, 16, 16) x 1 layer 22 s; (4, 8, 8, 16) x 0 layers 6.5 s.
+    # (8, 8, 16, 16) x 1 layer 22 s; (4, 8, 8, 16) x 0 layers 6.5 s. layers_per_block must be >= 1:
+    # with 0 the encoder has no resnet to change width between levels and cannot encode (the trainer's
+    # `prepare` needs the encoder); (4, 8, 8, 16) x 1 layer decodes 61 latent frames in ~2 s on one thread.
     block_out_channels=(4, 8, 8, 16),
     latent_channels=4,
-    layers_per_block=0,
+    layers_per_block=1,
     norm_num_groups=2,
     temporal_compression_ratio=4,
     sample_height=64,
