@@ -43,6 +43,15 @@ def test_help_documents_every_option(capsys):
     assert all(a.help for a in sub._actions), [a.dest for a in sub._actions if not a.help]
 
 
+def test_segment_argument_parsing():
+    assert cli._segment_list("3,5-7") == [2, 4, 5, 6]
+    assert cli._segment_seeds("3=123,5=77") == {2: 123, 4: 77}
+    assert cli._segment_seeds("11,12,13") == {0: 11, 1: 12, 2: 13}
+    for bad in ("0", "4-2"):
+        with pytest.raises(Exception):
+            cli._segment_list(bad)
+
+
 def test_module_entry_point_runs():
     r = subprocess.run([sys.executable, "-m", "ttt_video.ttt_core.cli", "--help"], capture_output=True, text=True,
                        timeout=120)

@@ -110,7 +110,9 @@ class ModelBundle:
             folder = root / "vae" if (root / "vae").is_dir() else root
             if not (folder / "config.json").is_file():
                 raise PipelineError(f"no CogVideoX VAE in {root} (expected {folder / 'config.json'})")
-            self._vae = AutoencoderKLCogVideoX.from_pretrained(str(folder), use_safetensors=True).eval()
+            # low_cpu_mem_usage=False: without `accelerate` diffusers would warn on every load.
+            self._vae = AutoencoderKLCogVideoX.from_pretrained(str(folder), use_safetensors=True,
+                                                               low_cpu_mem_usage=False).eval()
             self._vae.requires_grad_(False)
         return self._vae
 
