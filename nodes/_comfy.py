@@ -89,6 +89,18 @@ def progress_bar(total: int):
     return comfy.utils.ProgressBar(total)
 
 
+def torch_device() -> str | None:
+    """ComfyUI's compute device (respects --cpu etc.), or None outside ComfyUI."""
+    try:
+        import comfy.model_management as mm  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return str(mm.get_torch_device())
+    except Exception:
+        return None
+
+
 def interrupt_check():
     """A callable that raises ComfyUI's InterruptProcessingException when the user pressed cancel, or None."""
     try:

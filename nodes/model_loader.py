@@ -101,6 +101,8 @@ class TTTModelLoader:
         weights = None if ttt_weights == NONE else _lookup(ttt_weight_choices(), ttt_weights, "TTT weights")
         te = None if text_encoder in (FROM_MODEL, None) else _lookup(text_encoder_choices(), text_encoder, "text encoder")
         vae_path = None if vae in (FROM_MODEL, None) else _lookup(vae_choices(), vae, "VAE")
+        if device == "auto":
+            device = _comfy.torch_device() or "auto"  # follow ComfyUI's choice (e.g. --cpu)
         bundle = pipeline.load_model_bundle(model_path, weights, text_encoder=te, vae=vae_path, device=device,
                                             dtype=dtype, offload=offload)
         if bundle.is_embedded_default:

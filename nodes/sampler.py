@@ -94,7 +94,8 @@ class TTTOneMinuteSampler:
 
         # The checkpoint name is a hash of everything that determines the result, so re-queueing the same
         # settings after a cancel finds it.
-        key_src = json.dumps({"model": bundle.name, "emb": sampling.tensor_fingerprint(cond, uncond), "seeds": seeds,
+        key_src = json.dumps({"model": bundle.name, "weights": sampling.model_fingerprint(bundle.transformer),
+                              "emb": sampling.tensor_fingerprint(cond, uncond), "seeds": seeds,
                               "steps": steps, "guidance": guidance, "mode": guidance_mode, "scheduler": scheduler,
                               "cfg": cfg_mode}, sort_keys=True)
         folder = _comfy.output_directory() / "ttt_video_resume"
@@ -107,8 +108,7 @@ class TTTOneMinuteSampler:
 
         def on_step(info: sampling.StepInfo):
             if bar is not None:
-                preview = _comfy.preview_image(info.preview()) if info.step % 2 == 0 or info.step == info.total else None
-                bar.update_absolute(info.step, info.total, preview)
+                bar.update_absolute(info.step, info.total, _comfy.preview_image(info.preview()))
 
         latents = pipeline.run_sampler(
             bundle, cond, uncond, steps=steps, seed=seed, scheduler=scheduler, guidance=guidance,

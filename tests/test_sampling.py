@@ -295,6 +295,9 @@ def test_resume_refuses_other_embeddings_or_shape(tiny_model, tmp_path):
     c3, u3 = _emb(3, 6)
     with pytest.raises(ValueError, match="latents of shape"):
         S.sample(tiny_model, c3, u3, resume_from=ckpt)
+    other_model = TTTDiT(preset("tiny")).eval()  # same architecture, other weights
+    with pytest.raises(ValueError, match="other model weights"):
+        S.sample(other_model, cond, unc, resume_from=ckpt)
     bad = tmp_path / "not.safetensors"
     bad.write_bytes(b"\x00" * 64)
     with pytest.raises(ValueError, match="not a sampler checkpoint"):

@@ -50,7 +50,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .geometry import latent_frames_for_segments, segments_for_latent_frames
+from .geometry import latent_frames_for_segments
 
 SCHEDULERS = ("dpmpp_2m", "ddim")
 GUIDANCE_MODES = ("dynamic", "constant", "official")
@@ -279,8 +279,18 @@ def tensor_fingerprint(*tensors: torch.Tensor | None) -> str:
             continue
         t = t.detach().to("cpu").contiguous()
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Cheap identity of a model's weights (parameter count + samples of the first and last tensors), so a
+    checkpoint is not resumed with other weights under the same name."""
+    params = [p for p in model.parameters()]
+    if not params:
+        return "no-parameters"
+    sample = [p.detach().reshape(-1)[:4096].float() for p in (params[0], params[len(params) // 2], params[-1])]
+    return f"{sum(p.numel() for p in params)}-" + tensor_fingerprint(*sample)[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,6 +435,7 @@ def sample(
     except StopIteration:
         device, model_dtype = cond.device, cond.dtype
     emb_fp = tensor_fingerprint(cond, uncond)
+    model_fp = model_fingerprint(model)
 
     start_step, old_x0, x = 0, None, None
     if resume_from is not None:
@@ -440,6 +451,8 @@ def sample(
                 f"checkpoint {resume_from} was made with different text embeddings (another storyboard, "
                 f"negative prompts or text encoder); resume needs the same ones"
             )
+        if meta.get("model_fingerprint") not in (None, model_fp):
+            raise ValueError(f"checkpoint {resume_from} was made with other model weights; resume needs the same model")
         start_step = int(meta["step"])
         x = tensors["latents"].to(device)
         old_x0 = tensors["old_x0"].to(device) if "old_x0" in tensors else None
@@ -482,6 +495,7 @@ def sample(
             "latent_shape": [1, latent_frames, *frame_shape],
             "num_segments": num_segments,
             "embedding_fingerprint": emb_fp,
+            "model_fingerprint": model_fp,
             "model_dtype": str(model_dtype),
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             "extra": checkpoint_extra or {},
@@ -556,10 +570,3 @@ def sample(
         save_state(n, x, old_x0, "complete")
     return x
 
-
-def num_latent_frames(latents: torch.Tensor) -> int:
-    return latents.shape[1]
-
-
-def segments_in(latents: torch.Tensor) -> int:
-    return segments_for_latent_frames(latents.shape[1])
