@@ -164,6 +164,43 @@ def bench_sdpa(windows, L, H, D, reps=3):
     return ms
 
 
+def _apply_config(spec: str):
+    """'name:key=val,...' -> a copy of KERNEL_CONFIG with that entry changed (installed in place)."""
+    from ttt_video.kernels import ttt_triton
+
+    name, _, kv = spec.partition(":")
+    cfg = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
+    for item in filter(None, kv.split(",")):
+        key, val = item.split("=")
+        cfg[name][key] = val if key == "variant" else int(val)
+    ttt_triton.KERNEL_CONFIG.clear()
+    ttt_triton.KERNEL_CONFIG.update(cfg)
+    return name, cfg[name]
+
+
+def probe_one(spec: str, H: int, N: int, D: int, reps: int) -> dict:
+    """One kernel config: correctness (bf16, small shape, fwd + bwd vs float64) then timing at full shape."""
+    import os
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "gpu"))
+    from kernel_checks import check
+
+    from ttt_video.ttt_core.ops import ttt_linear, ttt_mlp
+
+    name, cfg = _apply_config(spec)
+    kind = "mlp" if name.startswith("mlp") else "linear"
+    mb = 64 if kind == "mlp" else int(cfg.get("mb", 16))
+    res = {"spec": spec}
+    errs = check(kind, 2, 3, 10 * mb, D, mb, 4, torch.bfloat16, "cuda", seed=1234)
+    res["max_rel_err"] = max(errs.values())
+    res["worst"] = max(errs, key=errs.get)
+    if res["max_rel_err"] < 1e-2:
+        op = ttt_mlp if kind == "mlp" else ttt_linear
+        res.update(bench_ttt(op, kind, 2, H, N, D, 4 * D if kind == "mlp" else D, mb, "triton", reps=reps,
+                             with_bwd=name.endswith("bwd")))
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=351_168)
@@ -173,10 +210,34 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip", default="", help="comma list of: fla,sdpa,torch,bwd,linear")
     p.add_argument("--json", default="")
+    p.add_argument("--probe", default="", help="';'-separated kernel configs, each checked and timed in its own "
+                   "subprocess (a crash or a wrong result does not stop the run)")
+    p.add_argument("--probe-one", default="", help=argparse.SUPPRESS)
     p.add_argument("--variants", default="", help="';'-separated kernel configs to time first, e.g. "
                    "'mlp_fwd:variant=gmem,num_warps=8;linear_fwd:num_stages=3,mb=16'")
     a = p.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
+    if a.probe_one:
+        print("PROBE " + json.dumps(probe_one(a.probe_one, a.heads, a.tokens, a.dim, a.reps)), flush=True)
+        return
+    if a.probe:
+        import subprocess
+
+        probes = []
+        for spec in a.probe.split(";"):
+            t1 = time.time()
+            cmd = [sys.executable, __file__, "--probe-one", spec, "--tokens", str(a.tokens), "--heads", str(a.heads),
+                   "--dim", str(a.dim), "--reps", str(a.reps)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("PROBE ")]
+            rec = json.loads(lines[-1][6:]) if lines else {"spec": spec, "error": (proc.stderr or proc.stdout)[-600:]}
+            rec["wall_s"] = round(time.time() - t1)
+            probes.append(rec)
+            print("probe", json.dumps(rec), flush=True)
+        if a.json:
+            with open(a.json.replace(".json", "_probe.json"), "w") as f:
+                json.dump(probes, f, indent=1)
+        return
     from ttt_video.ttt_core.ops import ttt_linear, ttt_mlp
 
     H, N, D = a.heads, a.tokens, a.dim

@@ -324,9 +324,47 @@ def _store_mlp_chunks(PW1, PB1, PW2, PB2, w1_0, w1_1, b1_0, b1_1, w2_0, w2_1, b2
 
 
 @triton.jit
+def _x_w2(x, w2, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """x [b, FC] @ W2[c, :] where the chunk is held as [FC, D] (W2T False) or transposed [D, FC]."""
+    if W2T:
+        return _mm(x, tl.trans(w2), DT, IEEE)
+    else:
+        return _mm(x, w2, DT, IEEE)
+
+
+@triton.jit
+def _x_w2t(x, w2, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """x [b, D] @ W2[c, :]^T."""
+    if W2T:
+        return _mm(x, w2, DT, IEEE)
+    else:
+        return _mm(x, tl.trans(w2), DT, IEEE)
+
+
+@triton.jit
+def _outer_w2(a, b, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+    """a^T b for a [b, FC], b [b, D], in the chunk's storage orientation ([FC, D], or [D, FC] = b^T a).
+
+    The transposed orientation keeps every matmul at M = 64 rows (wgmma) when FC < 64."""
+    if W2T:
+        return _mm(tl.trans(b), a, DT, IEEE)
+    else:
+        return _mm(tl.trans(a), b, DT, IEEE)
+
+
+@triton.jit
+def _w2_offsets(cc, dc, D: tl.constexpr, W2T: tl.constexpr):
+    """Offsets of W2[chunk, :] inside W2 [F, D]: as an [FC, D] tile, or its transpose [D, FC]."""
+    if W2T:
+        return dc[:, None] + cc[None, :] * D
+    else:
+        return cc[:, None] * D + dc[None, :]
+
+
+@triton.jit
 def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, eps,
                    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
-                   WITH_OUT: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+                   WITH_OUT: tl.constexpr, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """One TTT-MLP mini-batch with W1 [D, F], b1 [F], W2 [F, D] in global memory (L2-resident, fp32).
 
     Reads the state at RW1/RB1/RW2, writes W_end to WW1/WB1/WW2 (may alias), F-chunk by F-chunk, so only
@@ -338,14 +376,14 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
     cc = tl.arange(0, FC)
     tile = rows[:, None] * D + dc[None, :]
     o1 = dc[:, None] * F + cc[None, :]
-    o2 = cc[:, None] * D + dc[None, :]
+    o2 = _w2_offsets(cc, dc, D, W2T)
     z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
     for ch in range(F // FC):
         k = tl.load(KP + tile)
         w1c = tl.load(RW1 + ch * FC + o1)
         b1c = tl.load(RB1 + ch * FC + cc)
         w2c = tl.load(RW2 + ch * FC * D + o2)
-        z2 += _mm(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+        z2 += _x_w2(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
     k = tl.load(KP + tile)
     xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
     p2 = e[:, None] * gz2
@@ -360,8 +398,8 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + b1c[None, :]
         ac, gpc = _gelu_and_grad(z1c)
-        p1c = e[:, None] * (_mm(gz2, tl.trans(w2c), DT, IEEE) * gpc)
-        w2c = w2c - _mm(tl.trans(ac.to(DT)), p2, DT, IEEE)
+        p1c = e[:, None] * (_x_w2t(gz2, w2c, W2T, DT, IEEE) * gpc)
+        w2c = w2c - _outer_w2(ac.to(DT), p2, W2T, DT, IEEE)
         b1c = b1c - tl.sum(p1c, axis=0)
         w1c = w1c - _mm(tl.trans(k), p1c.to(DT), DT, IEEE)
         tl.debug_barrier()  # every thread has read chunk ch before it is overwritten (in-place update)
@@ -370,7 +408,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         tl.store(WW2 + ch * FC * D + o2, w2c)
         if WITH_OUT:
             q = tl.load(QP + tile)
-            zq2 += _mm(_gelu(_mm(q, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+            zq2 += _x_w2(_gelu(_mm(q, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
     tl.debug_barrier()  # W_end visible to all threads before the next mini-batch reads it
     return b2, zq2
 
@@ -383,7 +421,7 @@ def _ttt_mlp_fwd_gmem_kernel(
     CK_W1, CK_B1, CK_W2, CK_B2,
     N, H, n_mb, n_ck, G, eps,
     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    W2T: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Forward with the W1/W2 state updated in place in global memory (SW1/SB1/SW2 hold the initial
     state on entry and the final state on exit); see _mlp_gmem_step."""
@@ -414,7 +452,7 @@ def _ttt_mlp_fwd_gmem_kernel(
             v = tl.load(V + offs).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
             b2, zq2 = _mlp_gmem_step(K + tok + i * MB * D, v, e, Q + tok + i * MB * D, pw1, pb1, pw2, pw1, pb1, pw2, b2, gamma, beta, eps,
-                                     D, F, FC, MB, True, DT, IEEE)
+                                     D, F, FC, MB, True, W2T, DT, IEEE)
             xq, rq = _ln_norm(zq2, D, eps)
             out = tl.load(Q + offs).to(tl.float32) + gamma * xq + beta
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
@@ -433,7 +471,7 @@ def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constex
 @triton.jit
 def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, db2,
                        gamma, beta, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
-                       DT: tl.constexpr, IEEE: tl.constexpr):
+                       W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Back-propagate one TTT-MLP mini-batch, F-chunk by F-chunk, with everything [D, F]-sized in global
     memory: the state at its start (RW1/RB1/RW2, b2) and end (EW1/EB1/EW2, b2e), and the gradient
     accumulators GW1/GB1/GW2 (dL/dW_end on entry, dL/dW_start on exit; db2 likewise, in registers).
@@ -443,17 +481,17 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
     cc = tl.arange(0, FC)
     tile = rows[:, None] * D + dc[None, :]
     o1 = dc[:, None] * F + cc[None, :]
-    o2 = cc[:, None] * D + dc[None, :]
+    o2 = _w2_offsets(cc, dc, D, W2T)
     # pass 1: inner forward at W (keys) and at W_end (queries)
     z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
     zq2 = tl.zeros([MB, D], dtype=tl.float32) + b2e[None, :]
     for ch in range(F // FC):
         k = tl.load(KP + tile)
         z2 += _mlp_chunk_fwd_nt(k, tl.load(RW1 + ch * FC + o1), tl.load(RB1 + ch * FC + cc),
-                                tl.load(RW2 + ch * FC * D + o2), DT, IEEE)
+                                tl.load(RW2 + ch * FC * D + o2), W2T, DT, IEEE)
         q = tl.load(QP + tile)
         zq2 += _mlp_chunk_fwd_nt(q, tl.load(EW1 + ch * FC + o1), tl.load(EB1 + ch * FC + cc),
-                                 tl.load(EW2 + ch * FC * D + o2), DT, IEEE)
+                                 tl.load(EW2 + ch * FC * D + o2), W2T, DT, IEEE)
     xq, rq = _ln_norm(zq2, D, eps)
     dgamma = tl.sum(do * xq, axis=0)
     dbeta = tl.sum(do, axis=0)
@@ -468,8 +506,8 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
         w2e = tl.load(EW2 + ch * FC * D + o2)
         zq1c = _mm(q, w1e, DT, IEEE) + tl.load(EB1 + ch * FC + cc)[None, :]
         aqc, gq1c = _gelu_and_grad(zq1c)
-        dw2e = tl.load(GW2 + ch * FC * D + o2) + _mm(tl.trans(aqc.to(DT)), dzq2, DT, IEEE)
-        dzq1c = _mm(dzq2, tl.trans(w2e), DT, IEEE) * gq1c
+        dw2e = tl.load(GW2 + ch * FC * D + o2) + _outer_w2(aqc.to(DT), dzq2, W2T, DT, IEEE)
+        dzq1c = _x_w2t(dzq2, w2e, W2T, DT, IEEE) * gq1c
         dw1e = tl.load(GW1 + ch * FC + o1) + _mm(tl.trans(q), dzq1c.to(DT), DT, IEEE)
         db1e = tl.load(GB1 + ch * FC + cc) + tl.sum(dzq1c, axis=0)
         dq += _mm(dzq1c.to(DT), tl.trans(w1e), DT, IEEE)
@@ -491,12 +529,12 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z1c = _mm(k, tl.load(RW1 + ch * FC + o1), DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
         ac, gpc = _gelu_and_grad(z1c)
-        gAc = _mm(gz2_op, tl.trans(w2c), DT, IEEE)
-        dp2_acc += _mm(ac.to(DT), tl.load(GW2 + ch * FC * D + o2), DT, IEEE)
+        gAc = _x_w2t(gz2_op, w2c, W2T, DT, IEEE)
+        dp2_acc += _x_w2(ac.to(DT), tl.load(GW2 + ch * FC * D + o2), W2T, DT, IEEE)
         dp1c = -(_mm(k, tl.load(GW1 + ch * FC + o1), DT, IEEE) + tl.load(GB1 + ch * FC + cc)[None, :])
         de += tl.sum(dp1c * gAc * gpc, axis=1)
         dgAc = e[:, None] * dp1c * gpc
-        gz2_acc += _mm(dgAc.to(DT), w2c, DT, IEEE)
+        gz2_acc += _x_w2(dgAc.to(DT), w2c, W2T, DT, IEEE)
     dp2 = -(dp2_acc + db2[None, :])
     de += tl.sum(dp2 * gz2, axis=1)
     dz2, dg, dgm, dbt = _ln_double_bwd(e[:, None] * dp2 + gz2_acc, gx, g, xh, rstd, gz2, gamma, D)
@@ -518,15 +556,15 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
         dw2e = tl.load(GW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
         ac, gpc, gpc2 = _gelu_parts(z1c)
-        gAc = _mm(gz2_op, tl.trans(w2c), DT, IEEE)
+        gAc = _x_w2t(gz2_op, w2c, W2T, DT, IEEE)
         p1c = e[:, None] * gAc * gpc
-        dAc = _mm(dz2, tl.trans(w2c), DT, IEEE) - _mm(p2, tl.trans(dw2e), DT, IEEE)
+        dAc = _x_w2t(dz2, w2c, W2T, DT, IEEE) - _x_w2t(p2, dw2e, W2T, DT, IEEE)
         dgz1c = -e[:, None] * (_mm(k, dw1e, DT, IEEE) + db1e[None, :])
         dgAc = dgz1c * gpc
         dz1c = dgz1c * gAc * gpc2 + dAc * gpc
         dz1c_op = dz1c.to(DT)
         dk += _mm(dz1c_op, tl.trans(w1c), DT, IEEE) - _mm(p1c.to(DT), tl.trans(dw1e), DT, IEEE)
-        dw2s = dw2e + _mm(tl.trans(dgAc.to(DT)), gz2_op, DT, IEEE) + _mm(tl.trans(ac.to(DT)), dz2, DT, IEEE)
+        dw2s = dw2e + _outer_w2(dgAc.to(DT), gz2_op, W2T, DT, IEEE) + _outer_w2(ac.to(DT), dz2, W2T, DT, IEEE)
         dw1s = dw1e + _mm(tl.trans(k), dz1c_op, DT, IEEE)
         db1s = db1e + tl.sum(dz1c, axis=0)
         tl.debug_barrier()
@@ -538,9 +576,9 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
 
 
 @triton.jit
-def _mlp_chunk_fwd_nt(x, w1c, b1c, w2c, DT: tl.constexpr, IEEE: tl.constexpr):
+def _mlp_chunk_fwd_nt(x, w1c, b1c, w2c, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """gelu(x W1c + b1c) W2c for W1c [D, FC] (not transposed)."""
-    return _mm(_gelu(_mm(x, w1c, DT, IEEE) + b1c[None, :]), w2c, DT, IEEE)
+    return _x_w2(_gelu(_mm(x, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
 
 
 @triton.jit
@@ -552,7 +590,7 @@ def _ttt_mlp_bwd_gmem_kernel(
     DQ, DK, DV, DETA,
     DB2, DLNW, DLNB,
     N, H, n_mb, n_ck, G, eps,
-    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, W2T: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Backward of the TTT-MLP scan. Per checkpoint group (in reverse): phase A recomputes the states at
     the start of each of its mini-batches plus the end state into G + 1 scratch slots (state in global
@@ -594,7 +632,7 @@ def _ttt_mlp_bwd_gmem_kernel(
             r = s0 + j
             b2, unused = _mlp_gmem_step(K + base, v, e, Q + base, SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D,
                                         SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D,
-                                        b2, gamma, beta, eps, D, F, FC, MB, False, DT, IEEE)
+                                        b2, gamma, beta, eps, D, F, FC, MB, False, W2T, DT, IEEE)
             tl.store(SC_B2 + (r + 1) * D + dc, b2)
         tl.debug_barrier()
         # phase B
@@ -610,7 +648,7 @@ def _ttt_mlp_bwd_gmem_kernel(
                 Q + base, K + base, DQ + base, v, e, do,
                 SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D, tl.load(SC_B2 + r * D + dc),
                 SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D, tl.load(SC_B2 + (r + 1) * D + dc),
-                gw1, gb1, gw2, db2, gamma, beta, eps, D, F, FC, MB, DT, IEEE)
+                gw1, gb1, gw2, db2, gamma, beta, eps, D, F, FC, MB, W2T, DT, IEEE)
             dgamma += dgm
             dbeta += dbt
             tl.store(DK + base + tile, dk.to(DK.dtype.element_ty))
@@ -921,8 +959,8 @@ def triton_supports(q: torch.Tensor, mini_batch_size: int, kind: str) -> bool:
 # Launch settings per kernel; the benchmark compares variants by editing this dict.
 KERNEL_CONFIG = {
     # variant: "gmem" (state in L2, chunked), "chunked" (state in registers, 2 F-chunks), "plain"
-    "mlp_fwd": {"variant": "gmem", "fc": 32, "num_warps": 4, "num_stages": 1},
-    "mlp_bwd": {"variant": "gmem", "fc": 32, "num_warps": 4, "num_stages": 1},
+    "mlp_fwd": {"variant": "gmem", "fc": 32, "w2t": 1, "num_warps": 4, "num_stages": 1},
+    "mlp_bwd": {"variant": "gmem", "fc": 32, "w2t": 1, "num_warps": 4, "num_stages": 1},
     "linear_fwd": {"num_warps": 4, "num_stages": 1},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
@@ -979,7 +1017,8 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         _ttt_mlp_fwd_gmem_kernel[(BH,)](
             q, k, v, eta, ln_w, ln_b, finals[0], finals[1], finals[2], b2, out, finals[3], *cks,
             N, H, n_mb, n_ck, G, LN_EPS,
-            D=D, F=Fh, FC=FC, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
+            D=D, F=Fh, FC=FC, MB=mb, SAVE=save, W2T=bool(KERNEL_CONFIG["mlp_fwd"].get("w2t", 1)),
+            IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
         )
         return out, finals, cks
     kernel = _ttt_mlp_fwd_chunked_kernel if variant == "chunked" and _pow2(Fh // 2) else _ttt_mlp_fwd_kernel
@@ -1057,7 +1096,8 @@ class _TTTMLPFunction(torch.autograd.Function):
                 q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *gw, ends[3],
                 dq, dk, dv, deta, dstate[3], dlnw, dlnb,
                 N, H, n_mb, n_ck, G, LN_EPS,
-                D=D, F=Fh, FC=FC, MB=mb, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_bwd"),
+                D=D, F=Fh, FC=FC, MB=mb, W2T=bool(cfg.get("w2t", 1)), IEEE=q.dtype == torch.float32,
+                **_launch_opts("mlp_bwd"),
             )
             dstate[:3] = gw
         else:

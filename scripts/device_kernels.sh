@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call (issue 4): GPU correctness tests of the Triton TTT kernels, then the benchmark.
+# One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
+# variants (each in its own process: checked, then timed), then the benchmark table.
 # Run through the device tool from the repo root, carrying .whl (fla wheels, see docs/performance.md):
-#   bash scripts/device_kernels.sh [benchmark args...]
-# Logs go to $OUT (gpu_tests.log, errors.jsonl, bench.log, bench.json).
+#   PROBE='mlp_fwd:num_warps=8;...' bash scripts/device_kernels.sh [benchmark args...]
+# Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -21,6 +22,20 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,t
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   KERNEL_ERR_LOG="$OUT/errors.jsonl" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest \
-    -o addopts="" -n 4 tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | grep -v "^$" | tail -40
+    -o addopts="" -n 4 tests/gpu > "$OUT/gpu_tests.log" 2>&1
+  grep -E "passed|failed|Error|error:" "$OUT/gpu_tests.log" | grep -v "^E  " | tail -8
+  python3 - "$OUT/errors.jsonl" <<'PY'
+import json, sys
+try:
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        e = r["errs"]
+        print("errs", r["case"], "max %.1e (%s)" % (max(e.values()), max(e, key=e.get)))
+except FileNotFoundError:
+    print("no error log")
+PY
+fi
+if [ -n "${PROBE:-}" ]; then
+  timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/probe.log"
 fi
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_ttt.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
