@@ -142,15 +142,15 @@ def _background(size, room: str, wall: str, camera) -> np.ndarray:
 def _draw_cat(cv: _Canvas, x: float, y_off: float, facing: int, pose: str, scarf, t: float):
     f = 1 if facing >= 0 else -1
     if pose == "sleep":
-        cy = CAT_Y + 6
+        cy = CAT_Y + 4
         breathe = 0.8 * math.sin(2 * math.pi * t / 1.5)
-        cv.ellipse(x - f * 21, cy + 3, 9, 3.5, CAT_FUR)  # tail along the floor
-        cv.ellipse(x, cy, 19, 7 + breathe, CAT_FUR)
-        hx, hy = x + f * 20, cy + 1
-        cv.ellipse(hx, hy, 8.5, 8, CAT_FUR)
-        cv.polygon([(hx - 7, hy - 3), (hx - 3, hy - 12), (hx, hy - 4)], CAT_FUR)
-        cv.polygon([(hx, hy - 4), (hx + 3, hy - 12), (hx + 7, hy - 3)], CAT_FUR)
-        cv.rect(x + f * 3, cy - 8, x + f * 21, cy + 8, scarf)  # scarf: 18 wide
+        cv.ellipse(x - f * 23, cy + 5, 9, 3.5, CAT_FUR)  # tail along the floor
+        cv.ellipse(x, cy, 21, 9 + breathe, CAT_FUR)
+        hx, hy = x + f * 22, cy + 1
+        cv.ellipse(hx, hy, 9, 8.5, CAT_FUR)
+        cv.polygon([(hx - 7, hy - 3), (hx - 3, hy - 13), (hx, hy - 4)], CAT_FUR)
+        cv.polygon([(hx, hy - 4), (hx + 3, hy - 13), (hx + 7, hy - 3)], CAT_FUR)
+        cv.rect(x + f * 3, cy - 9, x + f * 21, cy + 9, scarf)  # scarf: 18 x 18 world units
         cv.rect(hx + f * 1, hy - 2.5, hx + f * 6, hy - 1.5, EYE)  # closed eye
         return
     cy = CAT_Y + y_off
@@ -183,7 +183,7 @@ def _draw_mouse(cv: _Canvas, x: float, y: float, facing: int, scale: float, t: f
 
 def _draw_cheese(cv: _Canvas, x: float, size: float):
     base = MOUSE_FLOOR_Y + 6
-    w, hgt = 12 * size, 16 * size
+    w, hgt = 14 * size, 18 * size
     cv.polygon([(x - w, base), (x + w, base), (x + w, base - hgt)], CHEESE)
 
 

@@ -9,7 +9,7 @@ noise and blur. Per segment (its own frames, a few frames after the boundary ski
 - the scarf colour: the most frequent scarf colour inside the cat's bounding box;
 - the action, from what is on screen and how it moves: cat and mouse present, the cat's horizontal travel
   (chase left / right), its vertical excursion (jump), the mouse vanishing (hide), cheese with the mouse
-  and no cat (eat cheese), a lying, still cat without the mouse (sleep).
+  and no cat (eat cheese), a still cat lying low (sleep).
 
 Metrics (each a fraction in [0, 1]):
 
@@ -41,7 +41,8 @@ MOUSE_MIN_FRACTION = 0.006
 CHEESE_MIN_FRACTION = 0.003
 CHASE_MIN_TRAVEL = 0.15  # of the frame width
 JUMP_MIN_RISE = 0.12  # of the frame height
-SLEEP_MAX_ASPECT = 0.55  # bounding-box height / width of a lying cat (standing: ~0.8)
+SLEEP_MAX_ASPECT = 0.55  # bounding-box height / width of a lying cat (standing: 0.7)
+SLEEP_MIN_LOW = 0.79  # or: the cat's centre this low in the frame (lying: 0.84, standing: 0.73); survives blur
 
 _PALETTE = palette()
 LABELS = list(_PALETTE)
@@ -150,6 +151,7 @@ def read_segment(frames: np.ndarray, index: int = 0) -> SegmentReading:
     cat_frac, mouse_frac, cheese_frac = float(cat_on.mean()), float(mouse_on.mean()), float(cheese_on.mean())
     travel = rise = 0.0
     aspect = float(np.median(aspects)) if aspects else None
+    low = float(np.median(cy) / h) if cy else 0.0
     if len(cx) >= 4:
         k = max(1, len(cx) // 5)
         travel = float((np.median(cx[-k:]) - np.median(cx[:k])) / w)
@@ -169,8 +171,8 @@ def read_segment(frames: np.ndarray, index: int = 0) -> SegmentReading:
         action = "chase_right" if travel > 0 else "chase_left"
     elif rise >= JUMP_MIN_RISE:
         action = "jump"
-    elif mouse_frac < 0.5 and cheese_frac < 0.5 and aspect is not None and aspect <= SLEEP_MAX_ASPECT \
-            and abs(travel) < CHASE_MIN_TRAVEL / 2:
+    elif cheese_frac < 0.5 and abs(travel) < CHASE_MIN_TRAVEL / 2 and (
+            (aspect is not None and aspect <= SLEEP_MAX_ASPECT) or low >= SLEEP_MIN_LOW):
         action = "sleep"
     return SegmentReading(index, room, walls, scarf, action, cat_frac, mouse_frac, cheese_frac, travel, rise, aspect)
 
