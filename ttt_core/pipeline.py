@@ -100,6 +100,10 @@ class ModelBundle:
         dtype = self.dtype if self.device.type == "cuda" else torch.float32
         return SegmentTextEncoder.from_pretrained(self.text_encoder_root, self.device, dtype)
 
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return self.dtype if self.device.type == "cuda" else torch.float32
+
     def vae(self):
         if self._vae is None:
             from diffusers import AutoencoderKLCogVideoX
@@ -110,9 +114,10 @@ class ModelBundle:
             folder = root / "vae" if (root / "vae").is_dir() else root
             if not (folder / "config.json").is_file():
                 raise PipelineError(f"no CogVideoX VAE in {root} (expected {folder / 'config.json'})")
-            # low_cpu_mem_usage=False: without `accelerate` diffusers would warn on every load.
-            self._vae = AutoencoderKLCogVideoX.from_pretrained(str(folder), use_safetensors=True,
-                                                               low_cpu_mem_usage=False).eval()
+            # low_cpu_mem_usage=False: without `accelerate` diffusers would warn on every load; the dtype is
+            # chosen at load time (diffusers warns about casting a loaded VAE).
+            self._vae = AutoencoderKLCogVideoX.from_pretrained(
+                str(folder), use_safetensors=True, low_cpu_mem_usage=False, torch_dtype=self.vae_dtype).eval()
             self._vae.requires_grad_(False)
         return self._vae
 
@@ -322,7 +327,7 @@ def decode_latents(bundle: ModelBundle, latents: torch.Tensor, out_path: str, *,
 
     vae = bundle.vae()
     vae_device = bundle.device
-    vae_dtype = bundle.dtype if bundle.device.type == "cuda" else torch.float32
+    vae_dtype = bundle.vae_dtype
     if next(vae.parameters()).dtype != vae_dtype:
         vae.to(dtype=vae_dtype)
     vae.to(device=vae_device)
