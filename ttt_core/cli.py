@@ -242,6 +242,9 @@ def run_generate(args: argparse.Namespace) -> int:
                 setattr(args, key, extra[f"{key}_path"])
     progress = _Progress(not args.quiet)
     ckpt = args.checkpoint or pipeline.default_checkpoint_path(args.out)
+    if not args.resume and os.path.exists(ckpt):
+        print(f"note: {ckpt} holds an interrupted run of this video; this fresh run replaces it if interrupted. To "
+              f"continue it instead: {_resume_command(args, ckpt)}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         sb = load_storyboard(args.storyboard, video_index=args.video_index - 1) if args.storyboard else None
