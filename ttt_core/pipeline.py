@@ -212,8 +212,8 @@ def as_storyboard(storyboard: Storyboard | str | os.PathLike) -> Storyboard:
     """A Storyboard from an object, a file path, or storyboard text (Format 3 / JSON)."""
     if isinstance(storyboard, Storyboard):
         return storyboard
-    if isinstance(storyboard, os.PathLike) or (isinstance(storyboard, str) and "\n" not in storyboard
-                                                 and os.path.splitext(storyboard)[1].lower() in (".txt", ".json", ".jsonl", ".md")):
+    if isinstance(storyboard, os.PathLike) or (isinstance(storyboard, str) and "\n" not in storyboard and (
+            os.path.isfile(storyboard) or os.path.splitext(storyboard)[1].lower() in (".txt", ".json", ".jsonl"))):
         return load_storyboard(storyboard)
     if isinstance(storyboard, str):
         return parse_storyboard(storyboard)
