@@ -314,3 +314,29 @@ def test_bad_settings_are_clear(tiny_model):
         S.sample(tiny_model, cond, unc, steps=1, segment_seeds=[1, 2])
     with pytest.raises(ValueError, match="do not match"):
         S.sample(tiny_model, cond, unc[:, :8], steps=1)
+
+
+def test_auto_cfg_falls_back_to_sequential_when_batched_does_not_fit(tiny_model, tmp_path):
+    cond, unc = _emb(2, 9)
+    seen_batches = []
+
+    class SmallGPU(torch.nn.Module):  # "runs out of memory" for a batch of two
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, hidden_states, **kw):
+            seen_batches.append(hidden_states.shape[0])
+            if hidden_states.shape[0] > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+            return self.inner(hidden_states=hidden_states, **kw)
+
+    kw = dict(steps=3, seed=2, guidance_mode="constant", guidance=5.0)
+    ref = S.sample(tiny_model, cond, unc, cfg_mode="sequential", **kw)
+    ckpt = str(tmp_path / "c.safetensors")
+    out = S.sample(SmallGPU(tiny_model), cond, unc, cfg_mode="auto", checkpoint_path=ckpt, checkpoint_every=1, **kw)
+    assert seen_batches.count(2) == 1 and seen_batches.count(1) == 6  # tried once, then two passes per step
+    assert torch.equal(out, ref)
+    assert S.read_checkpoint_meta(ckpt)["settings"]["cfg_mode"] == "sequential"
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # an explicit "batched" is not second-guessed
+        S.sample(SmallGPU(tiny_model), cond, unc, cfg_mode="batched", **kw)
