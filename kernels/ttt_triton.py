@@ -469,7 +469,7 @@ def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constex
 
 
 @triton.jit
-def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, db2,
+def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, db2,
                        gamma, beta, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
                        W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Back-propagate one TTT-MLP mini-batch, F-chunk by F-chunk, with everything [D, F]-sized in global
@@ -493,13 +493,14 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
         zq2 += _mlp_chunk_fwd_nt(q, tl.load(EW1 + ch * FC + o1), tl.load(EB1 + ch * FC + cc),
                                  tl.load(EW2 + ch * FC * D + o2), W2T, DT, IEEE)
     xq, rq = _ln_norm(zq2, D, eps)
+    do = tl.load(DOP + tile).to(tl.float32)
     dgamma = tl.sum(do * xq, axis=0)
     dbeta = tl.sum(do, axis=0)
     dzq2 = _ln_bwd(do * gamma, xq, rq, D)
     db2 += tl.sum(dzq2, axis=0)
     dzq2 = dzq2.to(DT)
     # pass 2a: output path; completes dL/dW_end in GW1/GB1/GW2
-    dq = do
+    dq = tl.load(DOP + tile).to(tl.float32)
     for ch in range(F // FC):
         q = tl.load(QP + tile)
         w1e = tl.load(EW1 + ch * FC + o1)
@@ -519,7 +520,8 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, v, e, do, RW1, RB1, RW2, b2, EW1, EB1, EW2, 
     tl.debug_barrier()
     # pass 2b: the parts of the update path that are sums over F
     k = tl.load(KP + tile)
-    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
+    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(VP + tile).to(tl.float32), k.to(tl.float32), gamma, beta,
+                                           D, eps)
     gz2_op = gz2.to(DT)
     dp2_acc = tl.zeros([MB, D], dtype=tl.float32)
     gz2_acc = tl.zeros([MB, D], dtype=tl.float32)
@@ -641,11 +643,9 @@ def _ttt_mlp_bwd_gmem_kernel(
             i = i0 + j
             r = s0 + j
             base = tok + i * MB * D
-            v = tl.load(V + base + tile).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
-            do = tl.load(DOUT + base + tile).to(tl.float32)
             dk, dv, de, db2, dgm, dbt = _mlp_gmem_bwd_step(
-                Q + base, K + base, DQ + base, v, e, do,
+                Q + base, K + base, DQ + base, V + base, e, DOUT + base,
                 SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D, tl.load(SC_B2 + r * D + dc),
                 SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D, tl.load(SC_B2 + (r + 1) * D + dc),
                 gw1, gb1, gw2, db2, gamma, beta, eps, D, F, FC, MB, W2T, DT, IEEE)
@@ -959,9 +959,13 @@ def triton_supports(q: torch.Tensor, mini_batch_size: int, kind: str) -> bool:
 # Launch settings per kernel; the benchmark compares variants by editing this dict.
 KERNEL_CONFIG = {
     # variant: "gmem" (state in L2, chunked), "chunked" (state in registers, 2 F-chunks), "plain"
-    "mlp_fwd": {"variant": "gmem", "fc": 32, "w2t": 1, "num_warps": 4, "num_stages": 1},
-    "mlp_bwd": {"variant": "gmem", "fc": 32, "w2t": 1, "num_warps": 4, "num_stages": 1},
-    "linear_fwd": {"num_warps": 4, "num_stages": 1},
+    # device-verified (run 4, H100, Triton 3.6): gmem fc=64 / 8 warps correct and fastest; gmem fc=32 gave
+    # wrong results / illegal addresses in bf16 there (fine in fp32 and in the interpreter).
+    "mlp_fwd": {"variant": "gmem", "fc": 64, "w2t": 1, "num_warps": 8, "num_stages": 1},
+    # "gmem" backward is correct in fp32 on the device and in the interpreter, but its bf16 build was wrong
+    # on Triton 3.6 / H100 (run 4); the plain kernel is the device-verified default.
+    "mlp_bwd": {"variant": "plain", "fc": 32, "w2t": 1, "num_warps": 8, "num_stages": 1},
+    "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
