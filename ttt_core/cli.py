@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import shlex
 import sys
@@ -32,9 +33,10 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}
 # Optional modules that register more subcommands (prepare / train / score come from other issues).
+# Names are relative to this package (ttt_core), so they resolve however the pack was imported.
 PLUGIN_MODULES = (
-    "ttt_video.ttt_core.training.cli",
-    "ttt_video.ttt_core.scoring_cli",
+    ".training.cli",
+    ".toyworld.cli",
 )
 
 
@@ -292,11 +294,13 @@ register_command("generate", "render a storyboard into a video (mp4)", configure
 # entry point
 # --------------------------------------------------------------------------------------------------
 def _load_plugins() -> None:
+    base = __package__ or "ttt_video.ttt_core"
     for mod in PLUGIN_MODULES:
+        full = importlib.util.resolve_name(mod, base)
         try:
-            importlib.import_module(mod)
+            importlib.import_module(full)
         except ModuleNotFoundError as e:
-            if e.name and (mod == e.name or mod.startswith(e.name + ".")):
+            if e.name and (full == e.name or full.startswith(e.name + ".")):
                 continue  # not written yet / not installed
             raise
 
