@@ -183,7 +183,7 @@ def _draw_mouse(cv: _Canvas, x: float, y: float, facing: int, scale: float, t: f
 
 def _draw_cheese(cv: _Canvas, x: float, size: float):
     base = MOUSE_FLOOR_Y + 6
-    w, hgt = 14 * size, 18 * size
+    w, hgt = 15 * size, 20 * size
     cv.polygon([(x - w, base), (x + w, base), (x + w, base - hgt)], CHEESE)
 
 

@@ -17,7 +17,10 @@ Metrics (each a fraction in [0, 1]):
 - ``consistency``: every fact checked in every *later* segment where it should be visible (the scarf
   wherever the story has the cat on screen, a room's walls wherever the story is in that room); a segment
   whose colour cannot be read counts as wrong. ``consistency_revisit``: only the checks in a later scene
-  than the one that named the fact (the long-range part: only a global layer carries it);
+  than the one that named the fact. ``consistency_gap``: only the checks where the fact is not on screen
+  in the previous segment (the cat was away, or another room was shown). Segment-local attention sees the
+  previous segment only through one shared latent frame, so these checks are beyond its reach: only a
+  global layer (or luck, 1 in 4) gets them right;
 - ``smoothness``: the fraction of consecutive frame pairs, outside cuts and scene changes, whose mean
   absolute change is at most ``SMOOTH_THRESHOLD`` (0-255 scale): flicker, noise and jumps lower it.
 """
@@ -189,6 +192,7 @@ class ScoreReport:
     stated_accuracy: float | None
     consistency: float | None
     consistency_revisit: float | None
+    consistency_gap: float | None
     consistency_scarf: float | None
     consistency_walls: float | None
     consistency_checks: int
@@ -210,7 +214,8 @@ class ScoreReport:
             f"  storyboard following  {pct(self.following)}  (room {pct(self.room_accuracy)}, action "
             f"{pct(self.action_accuracy)}, facts where named {pct(self.stated_accuracy)})",
             f"  long-range consistency {pct(self.consistency)}  (later scenes {pct(self.consistency_revisit)}, "
-            f"scarf {pct(self.consistency_scarf)}, walls {pct(self.consistency_walls)}; {self.consistency_checks} checks)",
+            f"after a gap {pct(self.consistency_gap)}, scarf {pct(self.consistency_scarf)}, walls "
+            f"{pct(self.consistency_walls)}; {self.consistency_checks} checks)",
             f"  smoothness            {pct(self.smoothness)}  (mean change {self.mean_change:.2f}, max {self.max_change:.2f} "
             f"of 255 outside cuts)",
         ]
@@ -299,9 +304,11 @@ def score_frames(frames: np.ndarray, storyboard_or_events, name: str = "<frames>
                 if key[1] != s["room"]:
                     continue
                 expected, read = facts["walls"][key[1]], r.walls
+            prev = segs[s["index"] - 1]
+            gap = prev.get("cat") is None if key[0] == "scarf" else prev["room"] != key[1]
             checks.append({"segment": s["index"], "fact": key[0], "room": key[1] if len(key) > 1 else None,
                            "expected": expected, "read": read, "ok": read == expected,
-                           "revisit": s["scene"] != scene, "named_in_segment": at})
+                           "revisit": s["scene"] != scene, "gap": gap, "named_in_segment": at})
         per_seg.append(row)
 
     # smoothness: frame pairs inside segments and across boundaries that are not cuts
@@ -324,6 +331,7 @@ def score_frames(frames: np.ndarray, storyboard_or_events, name: str = "<frames>
         stated_accuracy=_mean(stated_ok),
         consistency=_mean(c["ok"] for c in checks),
         consistency_revisit=_mean(c["ok"] for c in checks if c["revisit"]),
+        consistency_gap=_mean(c["ok"] for c in checks if c["gap"]),
         consistency_scarf=_mean(c["ok"] for c in checks if c["fact"] == "scarf"),
         consistency_walls=_mean(c["ok"] for c in checks if c["fact"] == "walls"),
         consistency_checks=len(checks),
@@ -351,6 +359,7 @@ TABLE_METRICS = (
     ("action_accuracy", "action"),
     ("consistency", "consistency"),
     ("consistency_revisit", "consistency (later scenes)"),
+    ("consistency_gap", "consistency (after a gap)"),
     ("smoothness", "smoothness"),
 )
 
@@ -363,6 +372,7 @@ def summarize(reports: list[ScoreReport]) -> dict:
         out[key] = float(np.mean(vals)) if vals else None
     checks = [c for r in reports for c in r.checks]
     out["consistency_pooled"] = _mean(c["ok"] for c in checks)
+    out["consistency_gap_pooled"] = _mean(c["ok"] for c in checks if c["gap"])
     out["consistency_checks"] = len(checks)
     return out
 

@@ -166,8 +166,8 @@ def _hide(state: dict, wide: bool, hole_x: float):
 
 def _eat(state: dict, rng):
     facing = int(rng.choice([-1, 1]))
-    m = 48.0 - 10.0 * facing
-    return False, None, {"x0": m, "x1": m, "hide_at": None, "facing": facing}, {"x": m + 18.0 * facing, "size0": 1.0, "size1": 0.6}
+    m = 48.0 - 12.0 * facing
+    return False, None, {"x0": m, "x1": m, "hide_at": None, "facing": facing}, {"x": m + 22.0 * facing, "size0": 1.0, "size1": 0.7}
 
 
 def _sleep(state: dict, prev_action: str | None, shot: str, prev_shot: str | None, rng):
