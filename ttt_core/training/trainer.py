@@ -129,7 +129,8 @@ def build_initial_model(cfg: TrainConfig, model_cfg: TTTDiTConfig):
 def _receive_from_rank0(param: torch.Tensor, full: torch.Tensor | None, rank: int) -> None:
     if isinstance(param, DTensor):
         mesh = param.device_mesh
-        src = (full if rank == 0 else torch.empty(param.shape, dtype=torch.float32)).to(mesh.device_type, torch.float32)
+        # detach: moving a requires-grad parameter to CUDA yields a non-leaf, which distribute_tensor refuses
+        src = (full.detach() if rank == 0 else torch.empty(param.shape, dtype=torch.float32)).to(mesh.device_type, torch.float32)
         local = distribute_tensor(src, mesh, param.placements, src_data_rank=0).to_local()
         with torch.no_grad():
             param.to_local().copy_(local.to(param.to_local().device, param.dtype))
