@@ -334,10 +334,14 @@ class TTTDiT(nn.Module):
             grid=(frames, gh, gw),
             window_frames=window_frames,
             frame_counts=frame_counts,
-            rotary=self._window_rotary(gh, gw, device, hidden_states.dtype),
+            # tokens.dtype, not the input's: under FSDP2 mixed precision the blocks compute in the param dtype,
+            # and FSDP casts block inputs in the forward but not in checkpoint recomputation, so everything
+            # handed to a block must already be in that dtype for the recomputed tensors to match
+            rotary=self._window_rotary(gh, gw, device, tokens.dtype),
             scan_checkpoint_group=cfg.scan_checkpoint_group_size if training_scan else 0,
         )
 
+        emb = emb.to(tokens.dtype)
         for block in self.transformer_blocks:
             if block.gradient_checkpointing and torch.is_grad_enabled():
                 video, text = checkpoint(block, video, text, emb, layout, use_reentrant=False)
