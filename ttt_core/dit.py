@@ -160,6 +160,14 @@ class TTTDiTBlock(CogVideoXBlock):
         return video, text4.reshape(B, S * L, W)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, layout: _Layout):  # type: ignore[override]
+        # Checkpoint inside the block's forward (not around the call): FSDP2 casts a block's inputs to the
+        # compute dtype in its forward hook but not when checkpointing recomputes, so the recomputation
+        # must start from the already-cast inputs for the saved tensors to match.
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, hidden_states, encoder_hidden_states, temb, layout, use_reentrant=False)
+        return self._forward(hidden_states, encoder_hidden_states, temb, layout)
+
+    def _forward(self, hidden_states, encoder_hidden_states, temb, layout: _Layout):
         video, text = hidden_states, encoder_hidden_states
         norm_video, norm_text, gate_msa, enc_gate_msa = self.norm1(video, text, temb)
         seq_video, seq_text = self.local_attention(norm_video, norm_text, layout)
@@ -343,10 +351,7 @@ class TTTDiT(nn.Module):
 
         emb = emb.to(tokens.dtype)
         for block in self.transformer_blocks:
-            if block.gradient_checkpointing and torch.is_grad_enabled():
-                video, text = checkpoint(block, video, text, emb, layout, use_reentrant=False)
-            else:
-                video, text = block(video, text, emb, layout)
+            video, text = block(video, text, emb, layout)
 
         video = self.norm_final(video)
         video = self.norm_out(video, temb=emb)
