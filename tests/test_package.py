@@ -124,3 +124,13 @@ def test_pack_imports_without_comfyui_and_loads_like_comfyui_does(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_comfyui_requirements_match_pyproject_dependencies():
+    """requirements.txt (what ComfyUI users install) lists every runtime dependency except torch."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda spec: re.split(r"[<>=!~ \[]", spec.strip(), maxsplit=1)[0].lower()
+    wanted = {name(d) for d in project["dependencies"]} - {"torch"}
+    lines = [l.split("#")[0].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()]
+    listed = {name(l) for l in lines if l}
+    assert wanted == listed, (wanted - listed, listed - wanted)
