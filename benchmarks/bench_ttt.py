@@ -104,8 +104,8 @@ def bench_ttt(op, kind, B, H, N, D, Fh, mb, backend, group=16, reps=3, with_bwd=
     return res
 
 
-def bench_fla(B, H, N, D, reps=3):
-    """fla Gated DeltaNet and simple_gla (Mamba2-like) at [B, N, H, D], bf16."""
+def bench_fla(B, H, N, D, reps=3, skip=frozenset()):
+    """fla Gated DeltaNet and simple_gla (Mamba2-like) at [B, N, H, D], bf16 (`skip` may hold gdn / gla)."""
     out = {}
     try:
         import fla.ops.common.chunk_o as chunk_o
@@ -127,8 +127,10 @@ def bench_fla(B, H, N, D, reps=3):
 
     q, k, v, g, beta = mk(False)
     with torch.no_grad():
-        out["gdn_fwd_ms"] = _timeit(lambda: chunk_gated_delta_rule(q, k, v, g, beta), reps=reps)
-        out["gla_fwd_ms"] = _timeit(lambda: chunk_simple_gla(q, k, v, g), reps=reps)
+        if "gdn" not in skip:
+            out["gdn_fwd_ms"] = _timeit(lambda: chunk_gated_delta_rule(q, k, v, g, beta), reps=reps)
+        if "gla" not in skip:
+            out["gla_fwd_ms"] = _timeit(lambda: chunk_simple_gla(q, k, v, g), reps=reps)
     del q, k, v, g, beta
     _free()
     q, k, v, g, beta = mk(True)
@@ -142,14 +144,16 @@ def bench_fla(B, H, N, D, reps=3):
         o, _ = chunk_simple_gla(q, k, v, g)
         o.backward(do)
 
-    try:
-        out["gdn_fwdbwd_ms"] = _timeit(gdn_fb, reps=reps)
-    except Exception as e:  # noqa: BLE001
-        print(f"gdn backward failed: {e!r}", file=sys.stderr)
-    try:
-        out["gla_fwdbwd_ms"] = _timeit(gla_fb, reps=reps)
-    except Exception as e:  # noqa: BLE001
-        print(f"simple_gla backward failed: {e!r}", file=sys.stderr)
+    if "gdn" not in skip:
+        try:
+            out["gdn_fwdbwd_ms"] = _timeit(gdn_fb, reps=reps)
+        except Exception as e:  # noqa: BLE001
+            print(f"gdn backward failed: {e!r}", file=sys.stderr)
+    if "gla" not in skip:
+        try:
+            out["gla_fwdbwd_ms"] = _timeit(gla_fb, reps=reps)
+        except Exception as e:  # noqa: BLE001
+            print(f"simple_gla backward failed: {e!r}", file=sys.stderr)
     del q, k, v, g, beta, do
     _free()
     return out
@@ -212,7 +216,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--torch-slice", type=int, default=4096, help="tokens for the extrapolated torch reference")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma list of: fla,sdpa,torch,bwd,linear")
+    p.add_argument("--skip", default="", help="comma list of: mlp,linear,torch,fla,gdn,gla,sdpa,bwd")
     p.add_argument("--json", default="")
     p.add_argument("--probe", default="", help="';'-separated kernel configs, each checked and timed in its own "
                    "subprocess (a crash or a wrong result does not stop the run)")
@@ -283,18 +287,19 @@ def main(argv=None):
         ttt_triton.KERNEL_CONFIG.update(base)
 
     t0 = time.time()
-    try:
-        mlp = bench_ttt(ttt_mlp, "mlp", B2, H, N, D, Fh, 64, "triton", reps=a.reps, with_bwd="bwd" not in skip)
-    except Exception as e:  # noqa: BLE001 - report, then time the rest
-        mlp = {"error": repr(e)[:300]}
-    r.update({f"mlp_{k}": v for k, v in mlp.items()})
-    print(f"ttt-mlp triton {mlp} ({time.time() - t0:.0f}s incl. compile)", flush=True)
+    if "mlp" not in skip:
+        try:
+            mlp = bench_ttt(ttt_mlp, "mlp", B2, H, N, D, Fh, 64, "triton", reps=a.reps, with_bwd="bwd" not in skip)
+        except Exception as e:  # noqa: BLE001 - report, then time the rest
+            mlp = {"error": repr(e)[:300]}
+        r.update({f"mlp_{k}": v for k, v in mlp.items()})
+        print(f"ttt-mlp triton {mlp} ({time.time() - t0:.0f}s incl. compile)", flush=True)
     if "linear" not in skip:
         for mb in (16, 64):
             lin = bench_ttt(ttt_linear, "linear", B2, H, N, D, D, mb, "triton", reps=a.reps,
                             with_bwd="bwd" not in skip)
             r.update({f"lin{mb}_{k}": v for k, v in lin.items()})
-            print(f"ttt-linear mb{mb} triton {lin}", flush=True)
+            print(f"ttt-linear mb{mb} triton {lin} ({time.time() - t0:.0f}s since start)", flush=True)
     if "torch" not in skip:
         ns = a.torch_slice
         tr = bench_ttt(ttt_mlp, "mlp", B2, H, ns, D, Fh, 64, "torch", reps=1, with_bwd="bwd" not in skip)
@@ -302,8 +307,9 @@ def main(argv=None):
         print(f"ttt-mlp torch slice {ns}: {tr}", flush=True)
     if "fla" not in skip:
         # one direction at a time (B=2 runs out of memory in fla's fwd+bwd at this length); x2 = both
-        r.update({k: 2 * v for k, v in bench_fla(1, H, N, D, reps=a.reps).items()})
-        print({k: v for k, v in r.items() if k.startswith(("gdn", "gla"))}, flush=True)
+        r.update({k: 2 * v for k, v in bench_fla(1, H, N, D, reps=a.reps, skip=skip).items()})
+        print({k: v for k, v in r.items() if k.startswith(("gdn", "gla"))}, f"({time.time() - t0:.0f}s since start)",
+              flush=True)
     if "sdpa" not in skip:
         r["sdpa_ms"] = bench_sdpa(21, 18_048, H, D, reps=a.reps)
 

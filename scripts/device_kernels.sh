@@ -38,4 +38,20 @@ fi
 if [ -n "${PROBE:-}" ]; then
   timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/probe.log"
 fi
+# fla's Triton autotuner keys exclude the sequence length: keep it from reusing a config tuned on a warm-up
+# shape from its on-disk cache (the compiled binaries are still shared through Triton's cache).
+export FLA_CACHE_RESULTS=0
+if [ -n "${WARM_TOKENS:-}" ]; then
+  # Compile every kernel first, in parallel processes at a small shape (Triton's compile is single-threaded;
+  # fla's first call compiles dozens of autotune configs). WARM_TOKENS must keep the full shape's integer
+  # specialisations (multiple of 16; N/16, N/64 and N/1024 not multiples of 16), e.g. 2112 for 351,168.
+  t0=$(date +%s)
+  for part in "linear,torch,fla,sdpa" "mlp,torch,fla,sdpa" "mlp,linear,torch,sdpa,gla" "mlp,linear,torch,sdpa,gdn"; do
+    timeout "${WARM_TIMEOUT:-240}" python3 benchmarks/bench_ttt.py --tokens "$WARM_TOKENS" --reps 1 --skip "$part" \
+      > "$OUT/warm-${part//,/_}.log" 2>&1 &
+  done
+  wait
+  echo "warm-up (parallel compile) done in $(( $(date +%s) - t0 )) s"
+  tail -n 3 "$OUT"/warm-*.log | grep -iE "error|Traceback|fail" | head -5
+fi
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_ttt.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
