@@ -12,15 +12,15 @@ log = _comfy.log
 
 
 def _parse_segment_seeds(text: str) -> dict[int, int] | None:
-    from ..ttt_core.cli import _segment_seeds
+    from ..ttt_core.sampling import parse_segment_seeds
 
-    return _segment_seeds(text) if text.strip() else None
+    return parse_segment_seeds(text) if text.strip() else None
 
 
 def _parse_segments(text: str) -> list[int]:
-    from ..ttt_core.cli import _segment_list
+    from ..ttt_core.sampling import parse_segment_list
 
-    return _segment_list(text) if text.strip() else []
+    return parse_segment_list(text) if text.strip() else []
 
 
 class TTTOneMinuteSampler:

@@ -340,3 +340,15 @@ def test_auto_cfg_falls_back_to_sequential_when_batched_does_not_fit(tiny_model,
     assert S.read_checkpoint_meta(ckpt)["settings"]["cfg_mode"] == "sequential"
     with pytest.raises(torch.cuda.OutOfMemoryError):  # an explicit "batched" is not second-guessed
         S.sample(SmallGPU(tiny_model), cond, unc, cfg_mode="batched", **kw)
+
+
+def test_segment_list_and_seed_parsing_for_people():
+    assert S.parse_segment_list("3, 5-7") == [2, 4, 5, 6]
+    assert S.parse_segment_seeds("3=123,5=77") == {2: 123, 4: 77}
+    assert S.parse_segment_seeds("11,12,13") == {0: 11, 1: 12, 2: 13}
+    for bad in ("0", "4-2", "x", "1-"):
+        with pytest.raises(ValueError):
+            S.parse_segment_list(bad)
+    for bad in ("3=1,4", "a=1", "0=5"):
+        with pytest.raises(ValueError):
+            S.parse_segment_seeds(bad)

@@ -74,39 +74,23 @@ examples:
 
 
 def _segment_list(text: str) -> list[int]:
-    """'3,5-7' -> [2, 4, 5, 6] (1-based on the command line, 0-based inside)."""
-    out: list[int] = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            lo, hi = int(a), int(b)
-            if lo > hi:
-                raise argparse.ArgumentTypeError(f"bad segment range {part!r}")
-            out.extend(range(lo - 1, hi))
-        else:
-            out.append(int(part) - 1)
-    if any(i < 0 for i in out):
-        raise argparse.ArgumentTypeError("segments are numbered from 1")
-    return out
+    """argparse type for '3,5-7' (see sampling.parse_segment_list)."""
+    from .sampling import parse_segment_list
+
+    try:
+        return parse_segment_list(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _segment_seeds(text: str) -> dict[int, int]:
-    """'3=123,5=77' -> {2: 123, 4: 77}; a plain list '11,12,13' gives segments 1, 2, 3 in order."""
-    parts = [p.strip() for p in text.split(",") if p.strip()]
+    """argparse type for '3=123,5=77' or '11,12,13' (see sampling.parse_segment_seeds)."""
+    from .sampling import parse_segment_seeds
+
     try:
-        if all("=" in p for p in parts):
-            pairs = (p.split("=", 1) for p in parts)
-            seeds = {int(k) - 1: int(v) for k, v in pairs}
-        elif not any("=" in p for p in parts):
-            seeds = {i: int(p) for i, p in enumerate(parts)}
-        else:
-            raise ValueError
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--segment-seeds {text!r}: use SEGMENT=SEED pairs ('3=123,5=77') or one seed per segment ('11,12,13')") from None
-    if any(k < 0 for k in seeds):
-        raise argparse.ArgumentTypeError("segments are numbered from 1")
-    return seeds
+        return parse_segment_seeds(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _nonneg_int(text: str) -> int:

@@ -133,6 +133,45 @@ def derive_seed(*parts: int) -> int:
     return int((int(words[0]) << 31) ^ int(words[1])) & 0x7FFFFFFFFFFFFFFF
 
 
+def parse_segment_list(text: str) -> list[int]:
+    """'3,5-7' -> [2, 4, 5, 6]: segments numbered from 1 by people, from 0 inside. ValueError if malformed."""
+    out: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise ValueError
+                out.extend(range(lo - 1, hi))
+            else:
+                out.append(int(part) - 1)
+        except ValueError:
+            raise ValueError(f"bad segment number or range {part!r} in {text!r} (use e.g. '3,5-7')") from None
+    if any(i < 0 for i in out):
+        raise ValueError("segments are numbered from 1")
+    return out
+
+
+def parse_segment_seeds(text: str) -> dict[int, int]:
+    """'3=123,5=77' -> {2: 123, 4: 77}; a plain list '11,12,13' gives segments 1, 2, 3 in order."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        if all("=" in p for p in parts):
+            seeds = {int(k) - 1: int(v) for k, v in (p.split("=", 1) for p in parts)}
+        elif not any("=" in p for p in parts):
+            seeds = {i: int(p) for i, p in enumerate(parts)}
+        else:
+            raise ValueError
+    except ValueError:
+        raise ValueError(
+            f"segment seeds {text!r}: use SEGMENT=SEED pairs ('3=123,5=77') or one seed per segment ('11,12,13')"
+        ) from None
+    if any(k < 0 for k in seeds):
+        raise ValueError("segments are numbered from 1")
+    return seeds
+
+
 def resolve_segment_seeds(
     num_segments: int,
     seed: int,
