@@ -342,14 +342,11 @@ class TTTDiT(nn.Module):
             grid=(frames, gh, gw),
             window_frames=window_frames,
             frame_counts=frame_counts,
-            # tokens.dtype, not the input's: under FSDP2 mixed precision the blocks compute in the param dtype,
-            # and FSDP casts block inputs in the forward but not in checkpoint recomputation, so everything
-            # handed to a block must already be in that dtype for the recomputed tensors to match
+            # the blocks' compute dtype (the embedded tokens'), not the raw input's
             rotary=self._window_rotary(gh, gw, device, tokens.dtype),
             scan_checkpoint_group=cfg.scan_checkpoint_group_size if training_scan else 0,
         )
 
-        emb = emb.to(tokens.dtype)
         for block in self.transformer_blocks:
             video, text = block(video, text, emb, layout)
 
