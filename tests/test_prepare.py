@@ -7,6 +7,7 @@ Videos are made here with PyAV (uniform grey frames whose level encodes the sour
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,101 @@ def test_prepare_end_to_end_resumable_with_bad_cases(tmp_path, capsys):
     lat2, txt2 = LatentVideoDataset(tmp_path / "p2", 2).load(0, sample_generator(0, 0, 0))
     assert lat2.shape == (25, 4, 8, 12) and txt2.shape == (2, 16, 32)
     assert items2[0].record["texts"] == ["a cat<end_scene>", "<start_scene>a dog"]
+
+
+# --------------------------------------------------------------------------------------------------
+# decoding ahead on threads, batched text encoding
+# --------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    return make_model_root(tmp_path_factory.mktemp("vae"))
+
+
+def test_clip_read_ahead_matches_reading_in_turn(tmp_path):
+    rng = np.random.default_rng()
+    clips = []
+    for i in range(5):
+        offset = int(rng.integers(0, 50))
+        path = make_video(tmp_path / f"c{i}.mp4", 48 + int(rng.integers(0, 30)), fps=16, level=lambda k, o=offset: (o + 5 * k) % 250)
+        clips.append(prep.Clip(path, ["x"], [False], None, f"a:{i}"))
+    (tmp_path / "bad.mp4").write_bytes(b"\x00garbage" * 40)
+    clips.insert(3, prep.Clip(tmp_path / "bad.mp4", ["x"], [False], None, "a:bad"))
+    plan = [(n, c) for n, c in enumerate(clips) if n != 1]  # clip 1 is not planned: read when asked
+    reader = prep.ClipReadAhead(plan, 96, 64, workers=2, max_bytes=1)  # budget of one clip at a time
+    try:
+        assert len(reader._ahead) == 1
+        for n, clip in enumerate(clips):
+            if n == 4:
+                continue  # planned but skipped by the consumer: dropped
+            if clip.video.name == "bad.mp4":
+                with pytest.raises(prep.VideoReadError):
+                    reader.take(n, clip)
+                continue
+            frames, note = reader.take(n, clip)
+            ref, ref_note = prep.fit_clip_length(prep.read_frames_16fps(clip.video, 96, 64, None, None), clip)
+            assert np.array_equal(frames, ref) and note == ref_note
+            assert len(reader._ahead) <= 1
+    finally:
+        reader.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+
+
+def _write_ann(folder: Path, entries) -> Path:
+    (folder / "ann.json").write_text(json.dumps({"videos": entries}))
+    return folder / "ann.json"
+
+
+def test_pipelined_prepare_writes_what_one_clip_at_a_time_writes(tmp_path, model_root, monkeypatch):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    rng = np.random.default_rng()
+    entries = []
+    for i in range(6):
+        segs = 1 + i % 2
+        offset = int(rng.integers(0, 100))
+        make_video(vids / f"v{i}.mp4", 48 * segs, fps=16, level=lambda k, o=offset: (o + 3 * k) % 250)
+        texts = [{"text": f"clip {i} part {j} " + "word " * int(rng.integers(1, 30))} for j in range(segs)]
+        entries.append({"video": f"v{i}.mp4", "segments": texts})
+    entries.insert(2, dict(entries[0]))  # the same clip twice: written once, then already done
+    ann = _write_ann(vids, entries)
+    kw = dict(model_root=model_root, preset_name="tiny", device="cpu", segments_per_item=1, progress=False,
+              store_dtype="fp32")  # fmt: skip
+
+    monkeypatch.setattr(prep, "TEXT_BATCH", 1)  # one item at a time, decoding in turn
+    one = prep.prepare_dataset(annotations=ann, out=tmp_path / "one", decode_workers=1, **kw)
+    monkeypatch.setattr(prep, "TEXT_BATCH", 4)  # texts of several items per T5 call, 3 decode threads
+    many = prep.prepare_dataset(annotations=ann, out=tmp_path / "many", decode_workers=3, **kw)
+    assert one.written == many.written == 9 and one.already_done == many.already_done == 1
+    assert one.notes == many.notes and one.skipped == many.skipped
+    a = (tmp_path / "one" / "manifest.jsonl").read_text().splitlines()
+    b = (tmp_path / "many" / "manifest.jsonl").read_text().splitlines()
+    assert a == b and len(a) == 9
+    from safetensors.torch import load_file
+
+    for rec in map(json.loads, a):
+        la, lb = load_file(tmp_path / "one" / rec["vid_emb"]), load_file(tmp_path / "many" / rec["vid_emb"])
+        assert torch.equal(la["latent_dist"], lb["latent_dist"])
+        for rel in rec["text_chunk_emb"]:
+            ta, tb = load_file(tmp_path / "one" / rel)["text_emb"], load_file(tmp_path / "many" / rel)["text_emb"]
+            assert torch.allclose(ta, tb, rtol=1e-5, atol=1e-6)  # a row's embedding does not depend on its batch
+
+
+def test_decode_thread_failure_stops_prepare(tmp_path, model_root, monkeypatch):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    for i in range(4):
+        make_video(vids / f"v{i}.mp4", 48, fps=16)
+    ann = _write_ann(vids, [{"video": f"v{i}.mp4", "segments": [{"text": "a"}]} for i in range(4)])
+    real = prep.read_frames_16fps
+
+    def failing(path, *a, **k):
+        if path.name == "v2.mp4":
+            raise KeyError("decoder bug")  # not a per-clip skip reason: must stop the run
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(prep, "read_frames_16fps", failing)
+    with pytest.raises(KeyError, match="decoder bug"):
+        prep.prepare_dataset(annotations=ann, out=tmp_path / "out", model_root=model_root, preset_name="tiny",
+                             device="cpu", segments_per_item=1, progress=False, decode_workers=2)  # fmt: skip
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
+

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,17 @@ from ttt_video.ttt_core.dit import TTTDiT
 from ttt_video.ttt_core.training import objective, optim
 from ttt_video.ttt_core.training.checkpoint import latest_checkpoint
 from ttt_video.ttt_core.training.config import load_config
-from ttt_video.ttt_core.training.data import sample_generator, write_dataset_info, write_item, write_manifest
+from ttt_video.ttt_core.training.data import (
+    BatchPrefetcher,
+    LatentVideoDataset,
+    StepBatches,
+    epoch_permutation,
+    host_threads_for_gpu_process,
+    sample_generator,
+    write_dataset_info,
+    write_item,
+    write_manifest,
+)
 from ttt_video.ttt_core.training.trainer import METRICS_NAME, drop_text, previous_changed, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,3 +351,104 @@ def test_device_script_runs_on_cpu_with_tiny_preset(tmp_path):
     assert summary["trainable_params"] < summary["total_params"]
     assert "| mean step time" in proc.stdout and "| tokens/s (mean)" in proc.stdout
     assert not (tmp_path / "work" / "run" / "latest").exists()  # timing run: no checkpoint written
+
+
+# --------------------------------------------------------------------------------------------------
+# batches built ahead of the step (background thread)
+# --------------------------------------------------------------------------------------------------
+def _inline_reference(ds, seed, step, rank, B, A, world, p_drop, null):
+    """The step's inputs as the trainer's loop built them inline: sample (seed, step, j), epoch permutations."""
+    n, global_batch = len(ds), B * A * world
+    out = []
+    for m in range(A):
+        parts = []
+        for b in range(B):
+            j = rank * B * A + m * B + b
+            pos = step * global_batch + j
+            gen = sample_generator(seed, step, j)
+            lat, txt = ds.load(epoch_permutation(n, seed, pos // n)[pos % n], gen)
+            t = torch.randint(0, objective.NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
+            noise = torch.randn(lat.shape, generator=gen)
+            parts.append((lat, drop_text(txt, gen, p_drop, null), noise, t))
+        out.append([torch.stack([q[i] for q in parts]) if i < 3 else torch.cat([q[3] for q in parts]) for i in range(4)])
+    return out
+
+
+def test_prefetched_batches_are_the_inline_samples(data):
+    ds = LatentVideoDataset(data["d1"], 1, expect_channels=4, expect_text=(16, 32))
+    null = torch.randn(16, 32)
+    seed = int(torch.randint(0, 1000, ()))
+    # rank 1 of 2, 2 x 2 accumulation: global batch 8 over 4 items, so every step spans two epochs
+    make = StepBatches(ds, seed, 1, 2, 2, 2, 0.5, null, objective.NUM_TRAIN_TIMESTEPS)
+    with BatchPrefetcher(make, range(3, 9), depth=2) as pf:
+        for step in range(3, 9):
+            got = pf.get(step)
+            ref = _inline_reference(ds, seed, step, 1, 2, 2, 2, 0.5, null)
+            assert len(got) == 2
+            for mb, (lat, txt, noise, t) in zip(got, ref):
+                assert torch.equal(mb.latents, lat) and torch.equal(mb.text, txt)
+                assert torch.equal(mb.noise, noise) and torch.equal(mb.timesteps, t)
+    assert not pf._thread.is_alive()
+
+
+def _finishes(fn, seconds=20.0):
+    """Run fn on a watchdog thread: (finished in time, exception or None)."""
+    box = {}
+
+    def run():
+        try:
+            fn()
+        except BaseException as err:  # noqa: BLE001
+            box["err"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return not t.is_alive(), box.get("err")
+
+
+def test_prefetcher_error_surfaces_in_the_consumer_and_close_stops_it(data, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(data["d1"].parent, root)
+    ds = LatentVideoDataset(root / "manifest.jsonl", 1)
+    (ds.items[2].vid_emb).write_bytes(b"not safetensors" * 10)  # every step of global batch 4 reads all 4 items
+    make = StepBatches(ds, 0, 0, 4, 1, 1, 0.0, None, objective.NUM_TRAIN_TIMESTEPS)
+    pf = BatchPrefetcher(make, range(5), depth=2)
+    ok, err = _finishes(lambda: pf.get(0))
+    assert ok, "get() hung on a failed loader thread"
+    assert isinstance(err, ValueError) and "not a readable safetensors file" in str(err)
+    assert any("data-loading thread" in n for n in getattr(err, "__notes__", []))
+    assert _finishes(lambda: pf._thread.join(5))[0] and not pf._thread.is_alive()
+
+    # a producer far ahead of its consumer, blocked on the full queue: close() ends it promptly
+    pf = BatchPrefetcher(lambda step: torch.full((3,), float(step)), range(10**6), depth=2)
+    assert torch.equal(pf.get(0), torch.zeros(3)) and torch.equal(pf.get(1), torch.ones(3))
+    with pytest.raises(RuntimeError, match="out of order"):
+        pf.get(5)
+    pf.close()
+    assert not pf._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        pf.get(3)
+
+
+def test_loader_error_stops_training_with_the_error(data, tmp_path):
+    root = tmp_path / "d"
+    shutil.copytree(data["d1"].parent, root)
+    for item in LatentVideoDataset(root / "manifest.jsonl", 1).items:
+        item.vid_emb.write_bytes(b"\0" * 64)
+    before = {t.ident for t in threading.enumerate()}
+    cfg = load_config(TINY / "3s.toml", overrides(root / "manifest.jsonl", tmp_path / "run", **{"data.batch_size": 2}))
+    with pytest.raises(ValueError, match="not a readable safetensors file"):  # (SIGTERM handler: main thread)
+        train_stage(cfg)
+    assert latest_checkpoint(tmp_path / "run") is None
+    left = [t for t in threading.enumerate() if t.ident not in before and t.name == "batch-prefetch"]
+    assert not left, "the loader thread outlived the failed run"
+
+
+def test_host_thread_count_for_gpu_processes():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert host_threads_for_gpu_process({"OMP_NUM_THREADS": "3"}) is None  # the user's (or torchrun's) choice
+    assert host_threads_for_gpu_process({}) == max(1, min(8, cores))
+    assert host_threads_for_gpu_process({"LOCAL_WORLD_SIZE": "64"}) == max(1, min(8, cores // 64))
+    assert 1 <= host_threads_for_gpu_process({"LOCAL_WORLD_SIZE": "2"}) <= 8
+

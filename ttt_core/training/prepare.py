@@ -15,7 +15,13 @@ For each annotated clip (a video file, optionally from ``start_s``, with one tex
    item once (the posterior mean + log-variance are stored, as the official pipeline does, and the trainer
    samples from it) and T5-encode each segment's text once (scene tokens inserted as at inference);
 4. write ``latents/<id>.safetensors`` and ``text/<id>.<i>.safetensors`` atomically and rewrite
-   ``manifest.jsonl`` atomically after every clip. A re-run skips items already in the manifest.
+   ``manifest.jsonl`` atomically every few seconds and at the end. A re-run skips items already in the
+   manifest.
+
+Throughput: a thread pool decodes the next clips (PyAV releases the GIL) while the VAE encodes the current
+one, and the texts of several items go through T5 in one batch (no attention mask and fixed-length padding,
+so each text's embedding does not depend on its batch); the files and the manifest are the same as when
+everything ran one clip at a time.
 
 Annotation formats (see docs/training.md for examples):
 - ours: ``{"videos": [{"video": "a.mp4", "start_s": 12.0, "segments": [{"text": ...,
@@ -31,7 +37,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,7 @@ from .data import (
     TEXT_KEY,
     atomic_save_safetensors,
     atomic_write_text,
+    host_threads_for_gpu_process,
     read_manifest_records,
     write_item,
     write_manifest,
@@ -283,15 +293,84 @@ def fit_clip_length(frames: np.ndarray, clip: Clip) -> tuple[np.ndarray, str | N
     )
 
 
+def read_clip(clip: Clip, width: int, height: int) -> tuple[np.ndarray, str | None]:
+    """The clip's frames at 16 fps, fitted to 48 K + 1 frames (raises VideoReadError / AnnotationError)."""
+    need = pixel_frames_for_latent_frames(latent_frames_for_segments(len(clip.texts)))
+    max_frames = need if clip.start_s is not None else None
+    frames = read_frames_16fps(clip.video, width, height, clip.start_s, max_frames)
+    return fit_clip_length(frames, clip)
+
+
+def default_decode_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+class ClipReadAhead:
+    """``read_clip`` for the clips of ``plan`` (in that order) on a thread pool, ahead of the consumer.
+
+    At most ``max_ahead`` clips, and ``max_bytes`` of frames (but always one clip), are decoded or being
+    decoded and not yet taken. ``take(i)`` returns plan entry i's ``read_clip`` result or raises its error;
+    entries before i that were not taken are dropped (the consumer found them done after all). An index
+    not in the plan is read on the spot.
+    """
+
+    def __init__(self, plan: list[tuple[int, Clip]], width: int, height: int, *, workers: int,
+                 max_ahead: int | None = None, max_bytes: int = 2 << 30):  # fmt: skip
+        self._todo = deque(plan)
+        self._width, self._height = width, height
+        self._max_ahead = max_ahead or 2 * workers
+        self._max_bytes = max_bytes
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode")
+        self._ahead: deque[tuple[int, int, Future]] = deque()  # (index, bytes, future)
+        self._bytes = 0
+        self._fill()
+
+    def _clip_bytes(self, clip: Clip) -> int:
+        frames = pixel_frames_for_latent_frames(latent_frames_for_segments(len(clip.texts)))
+        if clip.start_s is None:
+            frames += FRAMES_PER_SEGMENT  # a whole file may run up to one segment longer before the crop
+        return frames * self._width * self._height * 3
+
+    def _fill(self) -> None:
+        while self._todo and len(self._ahead) < self._max_ahead:
+            index, clip = self._todo[0]
+            size = self._clip_bytes(clip)
+            if self._ahead and self._bytes + size > self._max_bytes:
+                break
+            self._todo.popleft()
+            self._ahead.append((index, size, self._pool.submit(read_clip, clip, self._width, self._height)))
+            self._bytes += size
+
+    def take(self, index: int, clip: Clip) -> tuple[np.ndarray, str | None]:
+        while self._ahead and self._ahead[0][0] < index:  # read ahead but not needed after all
+            _, size, fut = self._ahead.popleft()
+            fut.cancel()
+            self._bytes -= size
+        while self._todo and self._todo[0][0] < index:
+            self._todo.popleft()
+        self._fill()
+        if not self._ahead or self._ahead[0][0] != index:  # not in the plan
+            return read_clip(clip, self._width, self._height)
+        _, size, fut = self._ahead.popleft()
+        self._bytes -= size
+        self._fill()  # the next clip starts decoding before this one is waited for
+        return fut.result()
+
+    def close(self) -> None:
+        self._todo.clear()
+        for _, _, fut in self._ahead:
+            fut.cancel()
+        self._ahead.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # encoders
 # --------------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_vae(model_root: Path, device: torch.device):
     from diffusers import AutoencoderKLCogVideoX
 
@@ -326,6 +405,10 @@ def load_text_encoder(model_root: Path, device: torch.device):
 # --------------------------------------------------------------------------------------------------
 # the command
 # --------------------------------------------------------------------------------------------------
+MANIFEST_WRITE_INTERVAL_S = 5.0
+TEXT_BATCH = 32  # texts per T5 call (items are written once their texts are encoded)
+
+
 def _default_model_root() -> Path:
     return Path(__file__).resolve().parents[2] / "models" / "embedded-default"
 
@@ -337,13 +420,15 @@ def _item_id(clip: Clip, window: int, n_seg: int) -> str:
 
 def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, preset_name=None,
                     segments_per_item: int = 0, device: str = "auto", store_dtype: str = "bf16",
-                    limit: int = 0, progress: bool = True) -> PrepareSummary:  # fmt: skip
+                    limit: int = 0, progress: bool = True, decode_workers: int | None = None) -> PrepareSummary:  # fmt: skip
+    """``decode_workers``: threads decoding the next clips while the current one is encoded (default
+    min(4, cores))."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     out = Path(out)
     model_root = Path(model_root) if model_root else _default_model_root()
-    preset_name = preset_name or ("tiny" if model_root == _default_model_root() else "cogvideox-5b")
+    preset_name = preset_name or ("toyworld" if model_root == _default_model_root() else "cogvideox-5b")
     mcfg = preset(preset_name)
     width, height = mcfg.sample_width * 8, mcfg.sample_height * 8
     text_len = mcfg.max_text_seq_length
@@ -376,80 +461,131 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
     records = read_manifest_records(out / MANIFEST_NAME) if (out / MANIFEST_NAME).is_file() else []
     done = {r["id"]: r for r in records if "id" in r}
 
-    dev = _resolve_device(device)
+    from ..pipeline import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":  # the host decodes and feeds the GPU: bounded torch threads (see the helper)
+        threads = host_threads_for_gpu_process()
+        if threads is not None:
+            torch.set_num_threads(threads)
     vae = text_encoder = None
-    bar = tqdm(clips, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
-    for clip in bar:
-        K = len(clip.texts)
-        n_seg = segments_per_item or K
-        windows = K // n_seg
-        if windows == 0:
-            summary.skipped.append((clip.label, f"{K} segment(s) is shorter than --segments {n_seg}"))
-            continue
-        ids = [_item_id(clip, w, n_seg) for w in range(windows)]
-        if all(i in done and all((out / p).is_file() for p in [done[i]["vid_emb"], *done[i]["text_chunk_emb"]]) for i in ids):
-            summary.already_done += windows
-            continue
-        if not clip.video.is_file():
-            summary.skipped.append((clip.label, f"video not found: {clip.video}"))
-            continue
-        try:
-            need = pixel_frames_for_latent_frames(latent_frames_for_segments(K))
-            max_frames = need if clip.start_s is not None else None
-            frames = read_frames_16fps(clip.video, width, height, clip.start_s, max_frames)
-            frames, note = fit_clip_length(frames, clip)
-        except VideoReadError as err:
-            summary.skipped.append((clip.label, f"unreadable video {clip.video.name}: {err}"))
-            continue
-        except AnnotationError as err:
-            summary.skipped.append((clip.label, f"length mismatch ({clip.video.name}): {err}"))
-            continue
-        if note:
-            summary.notes.append(f"{clip.label}: {note}")
-        if K % n_seg:
-            summary.notes.append(f"{clip.label}: last {K % n_seg} segment(s) unused (items of {n_seg} segments)")
-        if vae is None:
-            vae = load_vae(model_root, dev)
-            text_encoder = load_text_encoder(model_root, dev)
-            info["scaling_factor"] = float(vae.config.scaling_factor)
-            info["latent_channels"] = int(vae.config.latent_channels)
-            null = text_encoder.encode([""], max_length=text_len)[0].float().cpu()
-            if not (out / NULL_TEXT_NAME).is_file():
-                atomic_save_safetensors({TEXT_KEY: null.to(sdtype)}, out / NULL_TEXT_NAME)
-            info["text_dim"] = int(null.shape[-1])
-            atomic_write_text(info_path, json.dumps(info, indent=1, sort_keys=True))
-        for w, item_id in enumerate(ids):
-            if item_id in done:
-                summary.already_done += 1
-                continue
-            seg_lo, seg_hi = w * n_seg, (w + 1) * n_seg
-            f_lo = seg_lo * FRAMES_PER_SEGMENT
-            f_hi = seg_hi * FRAMES_PER_SEGMENT + 1
-            try:
-                latent = encode_video(vae, frames[f_lo:f_hi])
-            except RuntimeError as err:
-                raise RuntimeError(
-                    f"{clip.label}: the VAE in {model_root / 'vae'} failed to encode {f_hi - f_lo} frames of "
-                    f"{width}x{height} ({err})"
-                ) from err
-            expected_f = latent_frames_for_segments(n_seg)
-            if latent.shape[0] != expected_f:
-                raise RuntimeError(f"VAE gave {latent.shape[0]} latent frames for {f_hi - f_lo} frames, expected {expected_f}")
-            board = Storyboard([Segment(text=t, requires_scene_transition=tr)
-                                for t, tr in zip(clip.texts[seg_lo:seg_hi], clip.transitions[seg_lo:seg_hi])])  # fmt: skip
-            prompts = board.prompts()
-            text = text_encoder.encode(prompts, max_length=text_len, on_overflow="ignore").float().cpu()
-            for i, n in getattr(text_encoder, "last_truncated", []):
-                summary.notes.append(f"{clip.label}: segment {seg_lo + i + 1} text has {n} tokens, cut to {text_len}")
-            start_s = (clip.start_s or 0.0) + seg_lo * SECONDS_PER_SEGMENT
-            record = write_item(out, item_id, latent, text, store_dtype=sdtype, extra={
-                "texts": prompts, "source": str(clip.video), "start_s": start_s, "annotation": clip.label})  # fmt: skip
-            done[item_id] = record
+
+    def item_layout(clip: Clip) -> tuple[int, int, list[str]]:
+        n_seg = segments_per_item or len(clip.texts)
+        windows = len(clip.texts) // n_seg
+        return n_seg, windows, [_item_id(clip, w, n_seg) for w in range(windows)]
+
+    def all_done(ids: list[str]) -> bool:
+        return all(i in done and all((out / p).is_file() for p in [done[i]["vid_emb"], *done[i]["text_chunk_emb"]]) for i in ids)
+
+    layouts = [item_layout(clip) for clip in clips]
+    # clips that will need decoding (as far as is known now): read ahead on the decode threads
+    plan = [(n, clip) for n, (clip, (_, windows, ids)) in enumerate(zip(clips, layouts))
+            if windows and not all_done(ids) and clip.video.is_file()]  # fmt: skip
+    reader = ClipReadAhead(plan, width, height, workers=decode_workers or default_decode_workers())
+    pending: list[dict[str, Any]] = []  # VAE-encoded items waiting for the batched text encoding
+    pending_ids: set[str] = set()
+
+    def flush_pending() -> None:
+        """T5-encode the pending items' texts in one batch, then write the items (in their order)."""
+        if not pending:
+            return
+        prompts = [t for it in pending for t in it["prompts"]]
+        text = text_encoder.encode(prompts, max_length=text_len, on_overflow="ignore", batch_size=TEXT_BATCH)
+        text = text.float().cpu()
+        offset = 0
+        for it in pending:
+            emb = text[offset : offset + len(it["prompts"])]
+            offset += len(it["prompts"])
+            record = write_item(out, it["id"], it["latent"], emb, store_dtype=sdtype, extra=it["extra"])
+            done[it["id"]] = record
             records.append(record)
             summary.written += 1
-        write_manifest(out / MANIFEST_NAME, records)  # after every clip: a crash loses at most one clip
-        bar.set_postfix(items=summary.written + summary.already_done, skipped=len(summary.skipped))
+        pending.clear()
+        pending_ids.clear()
+
+    last_manifest_write = time.perf_counter()
+    bar = tqdm(clips, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
+    try:
+        for index, clip in enumerate(bar):
+            K = len(clip.texts)
+            n_seg, windows, ids = layouts[index]
+            if windows == 0:
+                summary.skipped.append((clip.label, f"{K} segment(s) is shorter than --segments {n_seg}"))
+                continue
+            if pending_ids.intersection(ids):  # the same item twice in the annotations: write the first one
+                flush_pending()
+            if all_done(ids):
+                summary.already_done += windows
+                continue
+            if not clip.video.is_file():
+                summary.skipped.append((clip.label, f"video not found: {clip.video}"))
+                continue
+            try:
+                frames, note = reader.take(index, clip)
+            except VideoReadError as err:
+                summary.skipped.append((clip.label, f"unreadable video {clip.video.name}: {err}"))
+                continue
+            except AnnotationError as err:
+                summary.skipped.append((clip.label, f"length mismatch ({clip.video.name}): {err}"))
+                continue
+            if note:
+                summary.notes.append(f"{clip.label}: {note}")
+            if K % n_seg:
+                summary.notes.append(f"{clip.label}: last {K % n_seg} segment(s) unused (items of {n_seg} segments)")
+            if vae is None:
+                vae = load_vae(model_root, dev)
+                text_encoder = load_text_encoder(model_root, dev)
+                info["scaling_factor"] = float(vae.config.scaling_factor)
+                info["latent_channels"] = int(vae.config.latent_channels)
+                null = text_encoder.encode([""], max_length=text_len)[0].float().cpu()
+                if not (out / NULL_TEXT_NAME).is_file():
+                    atomic_save_safetensors({TEXT_KEY: null.to(sdtype)}, out / NULL_TEXT_NAME)
+                info["text_dim"] = int(null.shape[-1])
+                atomic_write_text(info_path, json.dumps(info, indent=1, sort_keys=True))
+            for w, item_id in enumerate(ids):
+                if item_id in done:
+                    summary.already_done += 1
+                    continue
+                seg_lo, seg_hi = w * n_seg, (w + 1) * n_seg
+                f_lo = seg_lo * FRAMES_PER_SEGMENT
+                f_hi = seg_hi * FRAMES_PER_SEGMENT + 1
+                try:
+                    latent = encode_video(vae, frames[f_lo:f_hi])
+                except RuntimeError as err:
+                    raise RuntimeError(
+                        f"{clip.label}: the VAE in {model_root / 'vae'} failed to encode {f_hi - f_lo} frames of "
+                        f"{width}x{height} ({err})"
+                    ) from err
+                expected_f = latent_frames_for_segments(n_seg)
+                if latent.shape[0] != expected_f:
+                    raise RuntimeError(f"VAE gave {latent.shape[0]} latent frames for {f_hi - f_lo} frames, expected {expected_f}")
+                board = Storyboard([Segment(text=t, requires_scene_transition=tr)
+                                    for t, tr in zip(clip.texts[seg_lo:seg_hi], clip.transitions[seg_lo:seg_hi])])  # fmt: skip
+                prompts = board.prompts()
+                for i, prompt in enumerate(prompts):  # the encoder's own overflow rule, noted in clip order
+                    n = text_encoder.count_tokens(prompt)
+                    if n > text_len:
+                        summary.notes.append(f"{clip.label}: segment {seg_lo + i + 1} text has {n} tokens, cut to {text_len}")
+                start_s = (clip.start_s or 0.0) + seg_lo * SECONDS_PER_SEGMENT
+                pending.append({"id": item_id, "latent": latent.to(sdtype), "prompts": prompts, "extra": {
+                    "texts": prompts, "source": str(clip.video), "start_s": start_s, "annotation": clip.label}})  # fmt: skip
+                pending_ids.add(item_id)
+                if sum(len(it["prompts"]) for it in pending) >= TEXT_BATCH:
+                    flush_pending()
+            # Rewriting the whole manifest after every clip is quadratic in the dataset size (thousands of short
+            # toy clips); every few seconds bounds what a crash loses, and the item files themselves are kept.
+            if time.perf_counter() - last_manifest_write > MANIFEST_WRITE_INTERVAL_S:
+                flush_pending()
+                write_manifest(out / MANIFEST_NAME, records)
+                last_manifest_write = time.perf_counter()
+            bar.set_postfix(items=summary.written + len(pending) + summary.already_done, skipped=len(summary.skipped))
+        flush_pending()
+    finally:
+        reader.close()
     bar.close()
+    if summary.written:
+        write_manifest(out / MANIFEST_NAME, records)
     if not info_path.is_file() and (summary.written or summary.already_done):
         atomic_write_text(info_path, json.dumps(info, indent=1, sort_keys=True))
     summary.seconds = time.perf_counter() - t0

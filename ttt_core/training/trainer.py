@@ -9,6 +9,7 @@ shards from rank 0 -> AdamW with per-group schedules -> the step loop. See docs/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,11 +36,20 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import LatentVideoDataset, SampleStream, read_manifest_records, sample_generator, write_manifest
+from .data import (
+    BatchPrefetcher,
+    LatentVideoDataset,
+    StepBatches,
+    drop_text,  # noqa: F401 -- part of this module's interface (tests, callers)
+    host_threads_for_gpu_process,
+    read_manifest_records,
+    write_manifest,
+)
 from .objective import NUM_TRAIN_TIMESTEPS, v_prediction_loss
 from .optim import apply_trainable, build_optimizer
 
 METRICS_NAME = "metrics.jsonl"
+PREFETCH_STEPS = 2  # step batches built ahead of the running step (one step's inputs each: a few MB)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,6 +74,10 @@ def setup_distributed(device_pref: str):
         created = True
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    if use_cuda:  # the host only feeds the GPU: a bounded thread count (see host_threads_for_gpu_process)
+        threads = host_threads_for_gpu_process()
+        if threads is not None:
+            torch.set_num_threads(threads)
     return rank, world, device, created
 
 
@@ -228,14 +242,6 @@ def memory_gb(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------------
-def drop_text(text: torch.Tensor, gen: torch.Generator, p: float, null_text: torch.Tensor | None) -> torch.Tensor:
-    """With probability p, the whole video's text [S, L, D] becomes zeros (official ``dropout_txt``) or,
-    given ``null_text`` [L, D], the empty prompt's embedding in every segment (classifier-free guidance)."""
-    if torch.rand((), generator=gen).item() >= p:
-        return text
-    return null_text.expand_as(text).clone() if null_text is not None else torch.zeros_like(text)
-
-
 class _StopFlag:
     def __init__(self):
         self.stop = False
@@ -259,14 +265,15 @@ def train_stage(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None
     stop = _StopFlag()
     stop.install()
     try:
-        return _train(cfg, rank, world, device, stop, resume, max_steps, save_final)
+        with contextlib.ExitStack() as resources:  # the batch prefetcher's thread, closed however _train ends
+            return _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resources)
     finally:
         stop.restore()
         if created_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
+def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resources):
     # TTTDiT returns a reshaped view; the loss only reads it (no in-place op), so FSDP2's warning about
     # in-place ops on views does not apply.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -318,7 +325,6 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
     )
 
     metrics = MetricsLog(ckpt_root, rank == 0, cfg.logging.tensorboard, start_step if resume_from else None)
-    stream = SampleStream(len(dataset), cfg.run.seed)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
     end_step = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start_step + max_steps)
     step = start_step
@@ -344,26 +350,26 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
         log0(f"checkpoint: {path}")
         return path
 
+    # A step's batch is a pure function of (seed, step, rank): a background thread builds the next ones (file
+    # reads, posterior draws, noise; pinned for an asynchronous copy on GPUs) while the current step runs.
+    make_batches = StepBatches(dataset, cfg.run.seed, rank, B, A, world, cfg.data.text_dropout, null_text,
+                               NUM_TRAIN_TIMESTEPS)  # fmt: skip
+    on_gpu = device.type == "cuda"
+    prefetcher = resources.enter_context(BatchPrefetcher(
+        make_batches, range(start_step, end_step), depth=PREFETCH_STEPS, pin=on_gpu, cuda_device=device if on_gpu else None))  # fmt: skip
+    data_waits: list[float] = []
+
     stopped_by_signal = False
     while step < end_step:
         ts = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         tokens = 0
-        for m in range(A):
-            lat, txt, noi, tt = [], [], [], []
-            for b in range(B):
-                j = rank * B * A + m * B + b  # index of this sample inside the global batch
-                gen = sample_generator(cfg.run.seed, step, j)
-                latents, text = dataset.load(stream.item(step * global_batch + j), gen)
-                t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (1,), generator=gen)
-                noise = torch.randn(latents.shape, generator=gen)
-                text = drop_text(text, gen, cfg.data.text_dropout, null_text)
-                lat.append(latents), txt.append(text), noi.append(noise), tt.append(t)
-            latents = torch.stack(lat).to(device)
-            text = torch.stack(txt).to(device)
-            noise = torch.stack(noi).to(device)
-            timesteps = torch.cat(tt).to(device)
+        micro_batches = prefetcher.get(step)
+        data_waits.append(time.perf_counter() - ts)
+        for m, host_batch in enumerate(micro_batches):
+            batch = host_batch.to(device)
+            latents, text, noise, timesteps = batch.latents, batch.text, batch.noise, batch.timesteps
             _, F_, _, h, w = latents.shape
             tokens += B * VideoGeometry(text.shape[1], h, w, model_cfg.patch_size, text.shape[2]).total_tokens
             if A > 1:
@@ -389,6 +395,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
             "loss": loss_value,
             "grad_norm": float(grad_norm),
             "step_time_s": dt,
+            "data_wait_s": data_waits[-1],
             "tokens_per_s": tokens * world / dt,
             "memory_gb": memory_gb(device),
             **{f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)},
@@ -399,7 +406,8 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
         if step % cfg.logging.log_every == 0 or step == end_step:
             log0(
                 f"step {step}/{cfg.stage.steps} loss {loss_value:.5f} grad_norm {float(grad_norm):.4f} "
-                f"lr {max(lrs):.2e} {dt:.2f} s/step {last['tokens_per_s']:.0f} tok/s mem {last['memory_gb']:.1f} GB"
+                f"lr {max(lrs):.2e} {dt:.2f} s/step {last['tokens_per_s']:.0f} tok/s mem {last['memory_gb']:.1f} GB "
+                f"data wait {data_waits[-1] * 1000:.0f} ms"
             )
         # every rank must agree on stopping (SIGTERM reaches them at slightly different times)
         flag = torch.tensor([1.0 if stop.stop else 0.0], device=device)
@@ -429,6 +437,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final):
         "stopped_by_signal": stopped_by_signal,
         "last": last,
         "mean_step_time_s": sum(steady) / len(steady) if steady else float("nan"),
+        "mean_data_wait_s": sum(data_waits[1:]) / len(data_waits[1:]) if len(data_waits) > 1 else float("nan"),
         "peak_memory_gb": memory_gb(device),
         "build_s": build_s,
         "checkpoint": str(ckpt_path) if ckpt_path else None,
