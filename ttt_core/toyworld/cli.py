@@ -32,6 +32,8 @@ The procedural cat-and-mouse world (docs/toyworld.md):
   render      one video from a seed: VIDEO.mp4 + VIDEO.txt (storyboard) + VIDEO.events.json (ground truth)
   storyboard  print (or write) the storyboard of a seed
   dataset     training + held-out videos with annotations for `ttt-video prepare`
+  eval        generate + score held-out storyboards per model: the results table (results.md / .json)
+  train-vae   train the toy world's CogVideoX VAE on clips rendered on the fly (a diffusers folder)
 """
 
 
@@ -161,10 +163,28 @@ def configure_toyworld(p: argparse.ArgumentParser) -> None:
                    help="segments per video: a count (6) or a range drawn per video (1-21, the default)")
     d.add_argument("--size", type=_size, default=(64, 96), help="frame size HxW, 2:3 (default 64x96)")
     d.add_argument("--crf", type=int, default=None, help="h264 quality (default 10)")
+    d.add_argument("--workers", type=int, default=0, help="render in this many processes (default 0: in this one)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    from .evaluate import configure_eval
+
+    configure_eval(sub)
+
+    from .vae_train import TRAIN_VAE_DESCRIPTION, add_train_vae_arguments
+
+    add_train_vae_arguments(sub.add_parser("train-vae", help="train the toy world's video VAE on rendered clips",
+                                           description=TRAIN_VAE_DESCRIPTION))
 
 
 def run_toyworld(args: argparse.Namespace) -> int:
+    if args.toyworld_command == "eval":
+        from .evaluate import run_eval
+
+        return run_eval(args)
+    if args.toyworld_command == "train-vae":
+        from .vae_train import run_train_vae
+
+        return run_train_vae(args)
     from .dataset import make_dataset, render_video
     from .video_io import DEFAULT_CRF
     from .world import generate_story, storyboard_text
@@ -183,7 +203,7 @@ def run_toyworld(args: argparse.Namespace) -> int:
         else:
             info = make_dataset(args.out, args.num, seed=args.seed, num_segments=args.segments, size=args.size,
                                 heldout_videos=args.heldout, crf=DEFAULT_CRF if args.crf is None else args.crf,
-                                progress=not args.quiet)
+                                progress=not args.quiet, workers=args.workers)
             for split, s in info["splits"].items():
                 print(f"{split}: {s['videos']} video(s), {s['segments']} segment(s), seeds {s['seeds'][0]}.."
                       f"{s['seeds'][-1]} -> {os.path.join(args.out, s['annotations'])}")

@@ -86,39 +86,60 @@ def render_video(world_seed: int, num_segments: int, out_mp4, size=DEFAULT_SIZE,
     return story
 
 
-def _write_split(root: Path, split: str, seeds: list[int], num_segments, size, crf: int, progress: bool) -> list[dict]:
-    entries = []
-    iterator = seeds
+def _render_entry(job: tuple) -> dict:
+    """Render one dataset video (and its storyboard and events) unless an identical one exists; return its
+    annotation entry. A module-level function so worker processes can run it."""
+    root, ws, num_segments, size, crf = job
+    vid = video_id(ws)
+    k = segments_for_seed(ws, num_segments)
+    story = generate_story(ws, k)
+    story["height"], story["width"] = size
+    mp4 = root / "videos" / f"{vid}.mp4"
+    events = root / "events" / f"{vid}.events.json"
+    board = root / "storyboards" / f"{vid}.txt"
+    done = mp4.is_file() and events.is_file() and board.is_file()
+    if done:
+        try:
+            done = json.loads(events.read_text(encoding="utf-8")) == story
+        except (OSError, json.JSONDecodeError):
+            done = False
+    if not done:  # (re)render: files of an interrupted or older run are replaced
+        write_mp4(mp4, iter_segment_frames(story, size), crf=crf, overwrite=True)
+        _atomic_write_text(board, storyboard_text(story))
+        _atomic_write_text(events, json.dumps(story, indent=1))
+    return {
+        "video": f"videos/{vid}.mp4",
+        "seed": ws,
+        "segments": [{"text": s["text"], "requires_scene_transition": bool(s["scene_start"] and s["index"] > 0)}
+                     for s in story["segments"]],
+    }
+
+
+def _write_split(root: Path, split: str, seeds: list[int], num_segments, size, crf: int, progress: bool,
+                 workers: int = 0) -> list[dict]:
+    jobs = [(root, ws, num_segments, size, crf) for ws in seeds]
+    for sub in ("videos", "events", "storyboards"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(seeds, desc=f"toyworld {split}", unit="video", dynamic_ncols=True)
-        iterator = bar
-    for ws in iterator:
-        vid = video_id(ws)
-        k = segments_for_seed(ws, num_segments)
-        story = generate_story(ws, k)
-        story["height"], story["width"] = size
-        mp4 = root / "videos" / f"{vid}.mp4"
-        events = root / "events" / f"{vid}.events.json"
-        board = root / "storyboards" / f"{vid}.txt"
-        done = mp4.is_file() and events.is_file() and board.is_file()
-        if done:
-            try:
-                done = json.loads(events.read_text(encoding="utf-8")) == story
-            except (OSError, json.JSONDecodeError):
-                done = False
-        if not done:  # (re)render: files of an interrupted or older run are replaced
-            write_mp4(mp4, iter_segment_frames(story, size), crf=crf, overwrite=True)
-            _atomic_write_text(board, storyboard_text(story))
-            _atomic_write_text(events, json.dumps(story, indent=1))
-        entries.append({
-            "video": f"videos/{vid}.mp4",
-            "seed": ws,
-            "segments": [{"text": s["text"], "requires_scene_transition": bool(s["scene_start"] and s["index"] > 0)}
-                         for s in story["segments"]],
-        })
+        bar = tqdm(total=len(jobs), desc=f"toyworld {split}", unit="video", dynamic_ncols=True)
+    entries = []
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        # spawn, not fork: the caller may hold threads (torch) that fork would copy half-initialised
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for entry in pool.imap(_render_entry, jobs, chunksize=max(1, min(16, len(jobs) // (4 * workers)))):
+                entries.append(entry)
+                if bar is not None:
+                    bar.update()
+    else:
+        for job in jobs:
+            entries.append(_render_entry(job))
+            if bar is not None:
+                bar.update()
     if bar is not None:
         bar.close()
     _atomic_write_text(root / "annotations.json", json.dumps({"videos": entries}, indent=1))
@@ -126,11 +147,12 @@ def _write_split(root: Path, split: str, seeds: list[int], num_segments, size, c
 
 
 def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), size=DEFAULT_SIZE,
-                 heldout_videos: int = 0, crf: int = DEFAULT_CRF, progress: bool = True) -> dict:
+                 heldout_videos: int = 0, crf: int = DEFAULT_CRF, progress: bool = True, workers: int = 0) -> dict:
     """Write ``num_videos`` training videos (world seeds ``seed``, ``seed + 1``, ... of TRAIN_SEEDS) and
     ``heldout_videos`` held-out ones (the same offsets into HELDOUT_SEEDS), each with ``num_segments``
     segments (an int, or an inclusive (lo, hi) range drawn per video). Re-running continues an interrupted
-    run; a folder made with other settings is refused. Returns the dataset info (also written to
+    run; a folder made with other settings is refused. ``workers`` > 1 renders in that many processes (the
+    same stories and frames; h264 files are not byte-reproducible either way). Returns the dataset info (also written to
     ``toyworld_dataset.json``)."""
     t0 = time.perf_counter()
     size = check_size(size)
@@ -162,7 +184,7 @@ def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), 
         raise FileExistsError(f"{out} exists and is not a toy-world dataset folder (no {INFO_NAME}); use a new folder")
     out.mkdir(parents=True, exist_ok=True)
     for split, seeds in splits.items():
-        entries = _write_split(out / split, split, seeds, seg_range, size, crf, progress)
+        entries = _write_split(out / split, split, seeds, seg_range, size, crf, progress, workers)
         info["splits"][split] = {
             "videos": len(entries),
             "seeds": [seeds[0], seeds[-1]] if seeds else [],
