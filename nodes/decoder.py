@@ -110,6 +110,6 @@ class TTTSegmentDecoder:
         info = (f"{path.name}: {n} frames = 1 + 4 x ({f_lat} - 1) latent frames, {w}x{h}, {FPS} fps, "
                 f"{n / FPS:.2f} s ({latents['num_segments']} segments)")
         if getattr(model, "is_embedded_default", False):
-            info += " -- embedded default model: UNTRAINED, the video is noise"
+            info += " -- embedded default model: the toy cat-and-mouse world only (docs/toyworld.md)"
         log.info("wrote %s (%s)", path, info)
         return {"ui": {"text": [info]}, "result": (str(path), images, n, info)}

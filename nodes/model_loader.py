@@ -61,8 +61,9 @@ class TTTModelLoader:
     RETURN_TYPES = ("TTT_MODEL", "STRING")
     RETURN_NAMES = ("model", "description")
     OUTPUT_TOOLTIPS = ("the model bundle for the One-Minute Sampler and the Segment Decoder", "what was loaded")
-    DESCRIPTION = ("Load a TTT-DiT. 'embedded default' is a bundled tiny model that runs on a CPU but is UNTRAINED: "
-                   "it makes noise. Put CogVideoX folders and TTT weights in ComfyUI/models/ttt_video/.")
+    DESCRIPTION = ("Load a TTT-DiT. 'embedded default' is a bundled small model trained on the toy cat-and-mouse world "
+                   "(runs on a CPU; draws only that world). Put CogVideoX folders and TTT weights in "
+                   "ComfyUI/models/ttt_video/.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -72,7 +73,7 @@ class TTTModelLoader:
                     "default": EMBEDDED,
                     "tooltip": "a CogVideoX-style folder (transformer/, text_encoder/, tokenizer/, vae/, scheduler/) or a "
                                "transformer .safetensors from models/ttt_video, diffusion_models or diffusers. "
-                               "'embedded default' = bundled UNTRAINED tiny model (noise).",
+                               "'embedded default' = bundled small toy-world model.",
                 }),
                 "ttt_weights": ([NONE, *ttt_weight_choices()], {
                     "default": NONE,

@@ -1,19 +1,18 @@
 #!/usr/bin/env python
-"""Build the tokenizer, text encoder and VAE of the embedded default model (no downloads, fixed seed).
+"""Build the tokenizer and text encoder of the embedded default model (no downloads, fixed seed).
 
 Writes, in the layout of a diffusers CogVideoX folder:
 
     models/embedded-default/tokenizer/      tokenizer.json + tokenizer_config.json (T5-style Unigram)
     models/embedded-default/text_encoder/   config.json + model.safetensors (tiny T5EncoderModel)
-    models/embedded-default/vae/            config.json + diffusion_pytorch_model.safetensors
-                                            (tiny AutoencoderKLCogVideoX)
 
-The sampler side adds transformer/ and scheduler/. Everything here is UNTRAINED (seeded random weights):
-the embedded default makes noise until a later issue trains these pieces.
+Both are frozen at their seeded initialisation (never trained; the DiT learns to read them). The VAE and the
+transformer are trained (`ttt-video toyworld train-vae`, `ttt-video train`; docs/toyworld.md) and put in
+place with scripts/make_embedded_default.py.
 
 - Tokenizer: built with the ``tokenizers`` library, the same kind of model as T5's SentencePiece
   tokenizer (Unigram, Metaspace "▁" word prefixes, "</s>" appended), with a small English vocabulary:
-  every word of the bundled storyboards plus the word list below as whole-word pieces (scored by
+  every word of the storyboards in scripts/tokenizer_corpus/ plus the word list below as whole-word pieces (scored by
   log-frequency, so whole words win; each also lower-case and Capitalised, as the tokenizer is
   case-sensitive like T5's), and single characters as a fallback so any English text tokenizes. Ids:
   <pad> 0, </s> 1, <unk> 2 (as T5), then the pieces, then <end_scene>, <start_scene> (added in the
@@ -21,9 +20,6 @@ the embedded default makes noise until a later issue trains these pieces.
   transformers' AutoTokenizer / T5Tokenizer(Fast) load it from the folder.
 - Text encoder: T5 v1.1 layout (gated-GELU, relative position buckets), d_model 32 (= preset("tiny")
   text_embed_dim), 2 layers, 4 heads of 8, d_ff 64; its embedding already has the scene-token rows.
-- VAE: CogVideoX geometry (8x spatial via 4 blocks, 4x temporal, causal temporal convs), latent channels
-  4 (= preset("tiny").in_channels), channels (4, 8, 8, 16), one resnet per decoder block, scaling factor 0.7 as
-  CogVideoX-5B, sample size 64x96 pixels (the tiny preset's 8x12 latent).
 
 Run: ``python scripts/build_embedded_assets.py [--out models/embedded-default] [--check]``.
 ``--check`` rebuilds into a temporary folder and verifies that the committed files are identical.
@@ -50,21 +46,6 @@ SCENE_END_TOKEN = "<end_scene>"
 SCENE_START_TOKEN = "<start_scene>"
 
 TEXT_ENCODER = dict(d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2)
-VAE = dict(
-    # Decoding cost is dominated by the full-resolution level (block_out_channels[0]); torch's CPU conv3d
-    # is slow (no oneDNN path), so keep it at 4. Measured single-thread CPU time for 253 latent frames:
-    # (8, 8, 16, 16) x 1 layer 22 s; (4, 8, 8, 16) x 0 layers 6.5 s. layers_per_block must be >= 1:
-    # with 0 the encoder has no resnet to change width between levels and cannot encode (the trainer's
-    # `prepare` needs the encoder); (4, 8, 8, 16) x 1 layer decodes 61 latent frames in ~2 s on one thread.
-    block_out_channels=(4, 8, 8, 16),
-    latent_channels=4,
-    layers_per_block=1,
-    norm_num_groups=2,
-    temporal_compression_ratio=4,
-    sample_height=64,
-    sample_width=96,
-    scaling_factor=0.7,
-)
 
 # Words a storyboard for a cartoon short is likely to use, beyond those in storyboards/.
 WORD_LIST = """
@@ -119,7 +100,9 @@ quality low high noise noisy artifacts ugly bad poor missing incorrect unrealist
 def _corpus_words() -> Counter:
     words: Counter = Counter()
     texts = [WORD_LIST]
-    for p in sorted((ROOT / "storyboards").glob("*")):
+    # The storyboards the vocabulary was first built from, frozen here: the trained embedded default reads
+    # this tokenizer's ids, so its corpus must not move when storyboards/ changes.
+    for p in sorted((ROOT / "scripts" / "tokenizer_corpus").glob("*")):
         if p.suffix in (".txt", ".json", ".jsonl"):
             texts.append(p.read_text(encoding="utf-8"))
     for t in texts:
@@ -218,26 +201,6 @@ def build_text_encoder(out_dir: Path, vocab_size: int) -> None:
     model.save_pretrained(str(out_dir), safe_serialization=True)
 
 
-def build_vae(out_dir: Path) -> None:
-    import torch
-    from diffusers import AutoencoderKLCogVideoX
-
-    torch.manual_seed(SEED + 2)
-    vae = AutoencoderKLCogVideoX(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=VAE["block_out_channels"],
-        latent_channels=VAE["latent_channels"],
-        layers_per_block=VAE["layers_per_block"],
-        norm_num_groups=VAE["norm_num_groups"],
-        temporal_compression_ratio=VAE["temporal_compression_ratio"],
-        sample_height=VAE["sample_height"],
-        sample_width=VAE["sample_width"],
-        scaling_factor=VAE["scaling_factor"],
-    ).eval()
-    vae.save_pretrained(str(out_dir), safe_serialization=True)
-
-
 def build(out: Path) -> dict[str, str]:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -246,10 +209,9 @@ def build(out: Path) -> dict[str, str]:
     try:
         vocab_size = build_tokenizer(staging / "tokenizer")
         build_text_encoder(staging / "text_encoder", vocab_size)
-        build_vae(staging / "vae")
         digests = _digests(staging)
         out.mkdir(parents=True, exist_ok=True)
-        for sub in ("tokenizer", "text_encoder", "vae"):
+        for sub in ("tokenizer", "text_encoder"):
             target = out / sub
             if target.exists():
                 shutil.rmtree(target)
@@ -275,7 +237,7 @@ def main(argv=None) -> int:
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = build(Path(tmp) / "m")
-        existing = {k: v for k, v in _digests(args.out).items() if k.split("/")[0] in ("tokenizer", "text_encoder", "vae")}
+        existing = {k: v for k, v in _digests(args.out).items() if k.split("/")[0] in ("tokenizer", "text_encoder")}
         if fresh != existing:
             diff = sorted(set(fresh.items()) ^ set(existing.items()))
             print("embedded assets differ from a fresh build:", *diff, sep="\n  ")

@@ -36,7 +36,7 @@ def test_help_documents_every_option(capsys):
                  "--guidance", "--guidance-mode", "--segment-seeds", "--regenerate", "--resume", "--overwrite",
                  "--offload", "--cfg", "--checkpoint-every", "--text-encoder", "--vae", "--device", "--dtype"):
         assert flag in text, flag
-    assert "UNTRAINED" in text and "dpmpp_2m" in text and "ddim" in text
+    assert "toy" in text and "dpmpp_2m" in text and "ddim" in text
     # every option has a help text
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["generate"]
@@ -67,7 +67,7 @@ def test_generate_one_segment_and_refuse_overwrite(tmp_path, capsys):
     assert rc == 0
     assert frames_of(out) == (49, 96, 64, 16)
     printed = capsys.readouterr()
-    assert "49 frames" in printed.out and "UNTRAINED" in printed.err
+    assert "49 frames" in printed.out and "cat-and-mouse" in printed.err
     before = out.read_bytes()
     rc = cli.main(["generate", "--storyboard", str(story), "--out", str(out), "--steps", "1", "--quiet"])
     assert rc == cli.EXIT_ERROR

@@ -1,5 +1,6 @@
 """Segment Decoder: streamed decode == whole-video diffusers decode, mp4 read back with PyAV, file safety."""
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ttt_video.ttt_core.geometry import VideoGeometry, latent_frames_for_segment
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_VAE = ROOT / "models" / "embedded-default" / "vae"
+C = json.loads((EMBEDDED_VAE / "config.json").read_text())["latent_channels"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def vae():
     return AutoencoderKLCogVideoX.from_pretrained(str(EMBEDDED_VAE)).eval()
 
 
-def _latents(num_segments, h=8, w=12, c=4):
+def _latents(num_segments, h=8, w=12, c=C):
     return torch.randn(1, latent_frames_for_segments(num_segments), c, h, w)
 
 
@@ -132,7 +134,7 @@ def test_interrupt_leaves_no_file(vae, tmp_path):
 
 @pytest.mark.parametrize("f_lat", [1, 3, 5, 15])
 def test_frame_count_any_odd_latent_length(vae, f_lat):
-    info = decode_to_mp4(vae, torch.randn(1, f_lat, 4, 8, 12), None, return_frames=True)
+    info = decode_to_mp4(vae, torch.randn(1, f_lat, C, 8, 12), None, return_frames=True)
     assert info.num_frames == info.frames.shape[0] == 1 + 4 * (f_lat - 1)
 
 
@@ -145,11 +147,11 @@ def test_scaling_convention(vae):
 
 def test_bad_latents(vae, tmp_path):
     with pytest.raises(ValueError, match="odd"):
-        decode_to_mp4(vae, torch.randn(1, 12, 4, 8, 12), tmp_path / "a.mp4")
+        decode_to_mp4(vae, torch.randn(1, 12, C, 8, 12), tmp_path / "a.mp4")
     with pytest.raises(ValueError, match="channels"):
-        decode_to_mp4(vae, torch.randn(1, 13, 16, 8, 12), tmp_path / "a.mp4")
+        decode_to_mp4(vae, torch.randn(1, 13, C + 1, 8, 12), tmp_path / "a.mp4")
     with pytest.raises(ValueError, match=r"\[1, F_lat, C, h, w\]"):
-        decode_to_mp4(vae, torch.randn(13, 4, 8, 12), tmp_path / "a.mp4")
+        decode_to_mp4(vae, torch.randn(13, C, 8, 12), tmp_path / "a.mp4")
     with pytest.raises(ValueError, match="batch"):
-        decode_to_mp4(vae, torch.randn(2, 13, 4, 8, 12), tmp_path / "a.mp4")
+        decode_to_mp4(vae, torch.randn(2, 13, C, 8, 12), tmp_path / "a.mp4")
     assert list(tmp_path.iterdir()) == []

@@ -61,7 +61,7 @@ def test_pack_imports_without_comfyui_and_registers_four_nodes():
             for inp, spec in section.items():
                 assert spec[1].get("tooltip"), f"{name}.{inp} has no tooltip"
     m = NODE_CLASS_MAPPINGS["TTTModelLoader"].INPUT_TYPES()["required"]["model"]
-    assert m[0][0] == "embedded default" and "UNTRAINED" in NODE_CLASS_MAPPINGS["TTTModelLoader"].DESCRIPTION
+    assert m[0][0] == "embedded default" and "cat-and-mouse" in NODE_CLASS_MAPPINGS["TTTModelLoader"].DESCRIPTION
 
 
 @pytest.mark.parametrize("text,segments", [(ONE, 1), (THREE, 3)])
@@ -77,10 +77,10 @@ def test_end_to_end_through_the_nodes(dirs, text, segments):
     assert n_seg == segments and duration == pytest.approx(frames / 16) and f"{segments} segment" in summary
     model, desc = call("TTTModelLoader", model="embedded default", ttt_weights="none", device="cpu", dtype="auto",
                        offload=False)
-    assert "UNTRAINED" in desc
+    assert "cat-and-mouse" in desc
     latents, info = call("TTTOneMinuteSampler", model=model, storyboard=sb, seed=4, steps=2, guidance=6.0,
                          guidance_mode="dynamic", scheduler="dpmpp_2m", use_negative=True)
-    assert latents["latents"].shape == (1, 13 + 12 * (segments - 1), 4, 8, 12)
+    assert latents["latents"].shape == (1, 13 + 12 * (segments - 1), model.config.in_channels, 8, 12)
     path, images, count, dinfo = call("TTTSegmentDecoder", model=model, latents=latents,
                                       filename_prefix="ttt/boat", return_images=True, vae_tiling=False)
     assert count == frames and f"1 + 4 x ({13 + 12 * (segments - 1)} - 1)" in dinfo
@@ -165,7 +165,7 @@ def test_model_discovery_through_folder_paths(dirs, fake_comfy):
     assert "ttt_video/TinyCog" in req["optional"]["vae"][0] and "ttt_video/TinyCog" in req["optional"]["text_encoder"][0]
     bundle, desc = call("TTTModelLoader", model="ttt_video/TinyCog", ttt_weights="none", device="cpu", dtype="float32",
                         offload=False)
-    assert bundle.name == "TinyCog" and not bundle.is_embedded_default and "UNTRAINED" not in desc
+    assert bundle.name == "TinyCog" and not bundle.is_embedded_default and "cat-and-mouse" not in desc
 
 
 def test_progress_preview_cancel_and_requeue_resume(dirs, fake_comfy):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ttt_video.ttt_core import pipeline, sampling
+from ttt_video.ttt_core.config import preset
 from ttt_video.ttt_core.storyboard import StoryboardError, parse_storyboard
 
 av = pytest.importorskip("av")
@@ -50,10 +51,10 @@ def decoded_frames(path):
 
 
 def test_embedded_default_bundle(bundle):
-    assert bundle.is_embedded_default and "UNTRAINED" in bundle.describe()
+    assert bundle.is_embedded_default and "cat-and-mouse" in bundle.describe()
     assert bundle.scheduler_config["rescale_betas_zero_snr"] is True
     assert bundle.scheduler_config["prediction_type"] == "v_prediction"
-    assert bundle.config.num_layers == 2
+    assert bundle.config.to_dict() == {**preset("toyworld").to_dict(), "scan_checkpoint_group_size": bundle.config.scan_checkpoint_group_size}
 
 
 def test_generate_three_segments(bundle, tmp_path):
@@ -64,7 +65,7 @@ def test_generate_three_segments(bundle, tmp_path):
     assert res.num_segments == 3 and res.latent_frames == 37 and res.frames == 145
     assert read_video(out) == (145, 96, 64, 16)
     assert ("sample", 2, 2) in events and any(e[0] == "decode" for e in events) and ("encode", 1, 1) in events
-    assert any("UNTRAINED" in w for w in res.warnings)
+    assert any("cat-and-mouse" in w for w in res.warnings)
     assert not os.path.exists(pipeline.default_checkpoint_path(out))
 
 

@@ -126,13 +126,16 @@ def test_duration_uses_geometry():
 def test_bundled_storyboards():
     one = load_storyboard(BUNDLED / "one_minute.txt")
     assert one.num_segments == 21 and one.latent_frames == 253 and one.pixel_frames == 1009
-    assert one.num_scenes >= 3 and one.negative_prompt
-    assert any(s.neg_text for s in one.segments)
+    # the toy-world default: no negative prompts (the model's unconditional branch is the empty prompt)
+    assert one.num_scenes >= 3 and not one.negative_prompt and not any(s.neg_text for s in one.segments)
     prev = load_storyboard(BUNDLED / "preview_9s.txt")
     assert prev.num_segments == 3 and prev.num_scenes == 2
+    features = load_storyboard(BUNDLED / "example_features.txt")
+    assert features.num_segments == 21 and features.num_scenes >= 3 and features.negative_prompt
+    assert any(s.neg_text for s in features.segments)
     official = load_storyboard(BUNDLED / "example_official.json")
     assert official.num_videos >= 2 and official.format == "json"
-    for sb in (one, prev, official):
+    for sb in (one, prev, features, official):
         for p in sb.prompts():
             assert p.count(SCENE_START_TOKEN) <= 1 and p.count(SCENE_END_TOKEN) <= 1
 

@@ -201,7 +201,7 @@ def test_refuses_pickled_weights_and_missing_folders(tmp_path):
 def test_bundled_storyboards_fit_a_64_token_budget(encoder):
     from ttt_video.ttt_core.storyboard import load_storyboard, validate
 
-    for name in ("one_minute.txt", "preview_9s.txt", "example_official.json"):
+    for name in ("one_minute.txt", "preview_9s.txt", "example_features.txt", "example_official.json"):
         sb = load_storyboard(ROOT / "storyboards" / name)
         assert validate(sb, encoder.count_tokens, max_tokens=64) == []
         unk = encoder.tokenizer.unk_token_id
@@ -217,7 +217,7 @@ def test_cogvideox_style_folder_uses_existing_rows(tmp_path):
     import sentencepiece as spm
     from transformers import T5Config, T5EncoderModel
 
-    text = (ROOT / "storyboards" / "one_minute.txt").read_text()
+    text = (ROOT / "storyboards" / "example_features.txt").read_text()
     sentences = [s.strip() for s in text.replace("\n", " ").split(".") if s.strip() and not s.startswith("#")]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -268,7 +268,6 @@ def test_embedded_assets_are_reproducible(tmp_path):
     assert set(digests) == {
         "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "tokenizer/special_tokens_map.json",
         "text_encoder/config.json", "text_encoder/model.safetensors",
-        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
     }  # fmt: skip
     total = 0
     for rel in digests:

@@ -53,9 +53,10 @@ GENERATE_DESCRIPTION = """\
 Render a storyboard into a video: one 3-second segment per paragraph (Format 3 text) or per segment
 object (official JSON / JSONL), 16 fps. 21 segments = 1,009 frames = 63 s.
 
-With no --model the embedded default model is used: a fixed-seed, UNTRAINED tiny TTT-DiT that runs on
-a CPU in minutes but makes noise, not a cartoon. Bring a fine-tuned CogVideoX / TTT model for real
-videos (--model FOLDER, optionally --ttt-weights FILE).
+With no --model the embedded default model is used: a small TTT-DiT trained on the toy cat-and-mouse
+world (docs/toyworld.md) that runs on a CPU in minutes; it draws only that world, from storyboards in its
+vocabulary (storyboards/one_minute.txt), and is still an early, weak model (docs/results.md). Bring a
+fine-tuned CogVideoX / TTT model for real videos (--model FOLDER, optionally --ttt-weights FILE).
 
 Ctrl-C stops within one sampling step and leaves a resumable checkpoint (<out>.resume.safetensors); the
 command to continue is printed. A resumed run gives the same video as an uninterrupted one.
@@ -122,7 +123,7 @@ def configure_generate(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model")
     m.add_argument("--model", metavar="DIR_OR_FILE", help="CogVideoX-style folder (transformer/, text_encoder/, "
                    "tokenizer/, vae/, scheduler/) or a single transformer .safetensors; default: the embedded "
-                   "default (UNTRAINED tiny model: noise)")
+                   "default (small toy-world model)")
     m.add_argument("--ttt-weights", metavar="FILE", help="TTT layer weights (.safetensors) loaded on top of --model")
     m.add_argument("--text-encoder", metavar="DIR", help="folder with tokenizer/ + text_encoder/ (default: --model's)")
     m.add_argument("--vae", metavar="DIR", help="folder with the CogVideoX VAE (default: --model's vae/)")

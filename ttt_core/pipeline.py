@@ -4,8 +4,8 @@
     the encoder is freed afterwards) -> One-Minute Sampler (sampling.py) -> VAE, segment by segment -> mp4
 
 Models come as a :class:`ModelBundle`: the TTT-DiT plus where its text encoder, VAE and scheduler config
-live. ``load_model_bundle(None)`` is the embedded default in ``models/embedded-default/`` (a fixed-seed
-tiny model that makes noise until the toy-world issue trains it).
+live. ``load_model_bundle(None)`` is the embedded default in ``models/embedded-default/``: a small TTT-DiT
+trained on the procedural cat-and-mouse toy world (docs/toyworld.md); it draws that world only.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_DEFAULT_DIR = PACKAGE_ROOT / "models" / "embedded-default"
 EMBEDDED_DEFAULT_NAME = "embedded default"
 EMBEDDED_DEFAULT_NOTE = (
-    "the embedded default model is a fixed-seed, UNTRAINED tiny TTT-DiT: it makes noise, not a cartoon. "
-    "Bring a fine-tuned CogVideoX/TTT model for real videos."
+    "the embedded default model is a small TTT-DiT trained briefly on the toy cat-and-mouse world "
+    "(docs/toyworld.md, docs/results.md): it draws that world only, from storyboards in its vocabulary "
+    "(storyboards/one_minute.txt), and is still weak. Bring a fine-tuned CogVideoX/TTT model for real videos."
 )
 
 ProgressFn = Callable[[str, int, int, Any], None]  # (stage, done, total, detail)
@@ -41,9 +42,17 @@ class PipelineError(RuntimeError):
 # device / dtype
 # --------------------------------------------------------------------------------------------------
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" (or None) -> cuda if available, else cpu; otherwise the named device, checked (the one place
+    for this rule: generate, prepare and train-vae all take --device)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch sees no CUDA device")
+    return dev
 
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

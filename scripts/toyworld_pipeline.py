@@ -1,0 +1,307 @@
+"""Make the toy-world embedded default end to end on one GPU (issue 6), as one restartable job.
+
+    VAE (train-vae)  ||  datasets (3 / 9 / 18 / 63 s + held-out)      render on CPU while the VAE trains
+    -> prepare (latents + T5, one process per stage length)
+    -> TTT-MLP and local-attention DiTs, each 3 -> 9 -> 18 -> 63 s (the two chains run side by side)
+    -> model folders -> held-out eval (ttt-video toyworld eval) -> export
+
+    python scripts/toyworld_pipeline.py --work DIR --export DIR --smoke          # every phase, a few steps;
+                                                                                # writes DIR/timings.json
+    python scripts/toyworld_pipeline.py --work DIR --export DIR --timings T.json # the real run, sized from T
+
+The real run sizes every training phase from the smoke run's measured step times and a per-phase time
+budget (--budget), so it fits the device lease; the two variants get the same number of steps. Each phase
+leaves a marker (WORK/done/<phase>) and a re-run skips finished phases, so a job that dies can continue.
+Runs on a CPU too (slowly): the smoke run is how this script is tested. Commands run through
+`python -m ttt_video.ttt_core.cli`, so the repo must be importable as `ttt_video` (installed, or a shim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "ttt_video.ttt_core.cli"]
+STAGES = [("3s", 1), ("9s", 3), ("18s", 6), ("63s", 21)]
+VARIANTS = {"ttt": "ttt_mlp", "local": "none"}
+DATASET_SEEDS = {"3s": 100_000, "9s": 200_000, "18s": 300_000, "63s": 0}  # distinct training stories per length
+HELDOUT = 24
+
+# (videos per stage length, training steps per stage, VAE steps, eval storyboards, eval steps)
+SMOKE = dict(videos={"3s": 16, "9s": 8, "18s": 4, "63s": 2}, heldout=2, steps={s: 3 for s, _ in STAGES},
+             vae_steps=12, eval_num=2, eval_steps=3)
+# 2026-11-23 run: prepare managed 7.8 / 2.6 / 1.4 / 0.5 clips/s (3 / 9 / 18 / 63 s) side by side and had to be
+# cut short at 2,859 / 1,012 / 500 / 163 items; these counts are what such a prepare finishes in ~6 minutes.
+FULL = dict(videos={"3s": 3000, "9s": 1000, "18s": 400, "63s": 160}, heldout=HELDOUT,
+            steps={"3s": 3000, "9s": 600, "18s": 300, "63s": 200},  # caps; the time budget usually decides
+            vae_steps=20000, eval_num=HELDOUT, eval_steps=50)
+# seconds of wall time per phase in the real run (the TTT chain is the slower one and sets the pace). The
+# 2026-11-23 run had 150 s for a VAE at batch 16 (foreground palette accuracy only 0.44): CPU experiments
+# (docs/toyworld.md, "Training the VAE") show batch matters far more than learning rate, hence 48 and 240 s.
+BUDGET = {"vae": 240, "3s": 300, "9s": 100, "18s": 70, "63s": 70}
+VAE_BATCH = 48
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Job:
+    def __init__(self, work: Path, export: Path, smoke: bool, device: str):
+        self.work, self.export, self.smoke, self.device = work, export, smoke, device
+        self.size = SMOKE if smoke else FULL
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+        (work / "done").mkdir(exist_ok=True)
+        export.mkdir(parents=True, exist_ok=True)
+        self.timings: dict = {}
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self, name: str, args: list[str], *, deadline_s: float | None = None) -> float:
+        """Run one command with its output in logs/<name>.log; SIGTERM it at the deadline (the trainer then
+        checkpoints and stops). Returns its wall time; raises on a non-zero exit."""
+        path = self.work / "logs" / f"{name}.log"
+        t0 = time.perf_counter()
+        with open(path, "a") as f:
+            f.write(f"$ {' '.join(map(str, args))}\n")
+            f.flush()
+            proc = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, cwd=self.work,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            stopped = False
+            while proc.poll() is None:
+                time.sleep(1.0)
+                if deadline_s is not None and not stopped and time.perf_counter() - t0 > deadline_s:
+                    log(f"{name}: over its {deadline_s:.0f} s budget, stopping it (it checkpoints)")
+                    proc.send_signal(signal.SIGTERM)
+                    stopped = True
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = path.read_text(errors="replace").splitlines()[-25:]
+            raise RuntimeError(f"{name} failed (exit {proc.returncode}) after {dt:.0f} s:\n" + "\n".join(tail))
+        log(f"{name}: done in {dt:.1f} s")
+        return dt
+
+    def run_parallel(self, commands: dict[str, list], deadline_s: float | None = None) -> dict[str, float]:
+        """Run the named commands side by side; wall time per name. The first failure is raised once all ended."""
+        walls, errors = {}, []
+
+        def go(name):
+            try:
+                walls[name] = self.run(name, commands[name], deadline_s=deadline_s)
+            except Exception as err:  # noqa: BLE001 -- raised below, after the other commands end
+                errors.append(err)
+
+        threads = [threading.Thread(target=go, args=(name,)) for name in commands]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return walls
+
+    def phase_done(self, phase: str) -> bool:
+        return (self.work / "done" / phase).is_file()
+
+    def mark(self, phase: str, info: dict | None = None) -> None:
+        (self.work / "done" / phase).write_text(json.dumps(info or {}))
+
+    # ---------------------------------------------------------------------------------------------
+    def vae_and_data(self, vae_steps: int) -> None:
+        if self.phase_done("vae_data"):
+            return
+        batch = 4 if (self.smoke and self.device == "cpu") else VAE_BATCH  # a CPU smoke run checks the flow only
+        vae_args = [*CLI, "toyworld", "train-vae", "--out", "vae", "--steps", vae_steps, "--batch-size", batch,
+                    "--workers", 2 if self.smoke else 6, "--device", self.device, "--force"]
+        if not self.smoke:  # a time budget: the VAE trainer ends its schedule on time
+            vae_args += ["--max-minutes", f"{BUDGET['vae'] / 60:.2f}", "--log-every", 100]
+        commands = {"train-vae": vae_args}
+        for stage, k in STAGES:
+            args = [*CLI, "toyworld", "dataset", "--out", f"data/ds{stage}", "--num", self.size["videos"][stage],
+                    "--segments", k, "--seed", DATASET_SEEDS[stage], "--workers", 2 if self.smoke else 3, "--quiet"]
+            if stage == "63s":
+                args += ["--heldout", self.size["heldout"]]
+            commands[f"dataset-{stage}"] = args
+        self.timings.update(self.run_parallel(commands))
+        self.assemble("toymodel", None)
+        self.mark("vae_data")
+
+    def assemble(self, name: str, transformer: str | None) -> Path:
+        args = [sys.executable, REPO / "scripts" / "make_embedded_default.py", "--out", f"models/{name}", "--vae", "vae",
+                "--force"]
+        if transformer:
+            args += ["--transformer", transformer]
+        self.run(f"assemble-{name}", args)
+        return self.work / "models" / name
+
+    def prepare(self) -> None:
+        if self.phase_done("prepare"):
+            return
+        self.timings.update(self.run_parallel({f"prepare-{stage}": [
+            *CLI, "prepare", "--annotations", f"data/ds{stage}/train/annotations.json", "--segments", k,
+            "--preset", "toyworld", "--model", "models/toymodel", "--out", f"data/p{stage}", "--device", self.device]
+            for stage, k in STAGES}))
+        self.mark("prepare")
+
+    def train_args(self, variant: str, stage: str, steps: int) -> list:
+        prev = {"9s": "3s", "18s": "9s", "63s": "18s"}.get(stage)
+        args = [*CLI, "train", "--config", REPO / "configs" / "toyworld" / f"{stage}.toml",
+                "--set", f'data.manifest="data/p{stage}/manifest.jsonl"',
+                "--set", f'checkpoint.dir="runs/{variant}/{stage}"',
+                "--set", f'model.init_from=[{json.dumps(f"runs/{variant}/{prev}") if prev else ""}]',
+                "--set", f'model.overrides={{global_layer="{VARIANTS[variant]}"}}',
+                "--set", f"stage.steps={steps}", "--set", f'run.device="{self.device}"',
+                "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
+        if self.smoke:
+            args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
+            if self.device == "cpu":  # checks the flow only; the GPU smoke run keeps the real batch (it is timed)
+                args += ["--set", "data.batch_size=1"]
+        return args
+
+    def train(self, steps_for: dict[str, int]) -> None:
+        for stage, _ in STAGES:
+            if self.phase_done(f"train-{stage}"):
+                continue
+            steps = steps_for[stage]
+            deadline = None if self.smoke else BUDGET[stage] * 1.25 + 30  # SIGTERM only if well off the plan
+            walls = self.run_parallel({f"train-{v}-{stage}": self.train_args(v, stage, steps) for v in VARIANTS},
+                                      deadline_s=deadline)
+            info = {"steps": steps, "wall_s": walls}
+            for v in VARIANTS:
+                info[v] = step_times(self.work / "runs" / v / stage / "metrics.jsonl")
+            self.timings[f"train-{stage}"] = info
+            self.mark(f"train-{stage}", info)
+
+    def evaluate(self) -> None:
+        if self.phase_done("eval"):
+            return
+        for v in VARIANTS:
+            self.assemble(v, f"runs/{v}/63s")
+        common = ["--heldout", "data/ds63s/heldout", "--num", self.size["eval_num"], "--steps",
+                  self.size["eval_steps"], "--device", self.device, "--out", "eval", "--quiet"]
+        # one process per model side by side (each resumes the shared folder), then one pass that only
+        # scores what exists and writes the combined table
+        self.run_parallel({f"eval-{v}": [*CLI, "toyworld", "eval", "--model", f"{v}=models/{v}", *common]
+                           for v in VARIANTS})
+        self.timings["eval"] = self.run("eval-table", [*CLI, "toyworld", "eval", *sum(
+            (["--model", f"{v}=models/{v}"] for v in VARIANTS), []), *common])
+        self.mark("eval")
+
+    def pack(self) -> None:
+        """What comes back: the two transformers + the VAE (weights) and one archive of logs and results."""
+        (self.work / "timings.json").write_text(json.dumps(self.timings, indent=1))
+        for v in VARIANTS:
+            src = self.work / "models" / v / "transformer" / "diffusion_pytorch_model.safetensors"
+            if src.is_file():
+                shutil.copy2(src, self.export / f"transformer-{v}.safetensors")
+                shutil.copy2(src.with_name("config.json"), self.export / f"transformer-{v}.config.json")
+                continue
+            # no model folder yet (the job is still running or died): the newest stage checkpoint instead
+            for stage, _ in reversed(STAGES):
+                shards = sorted((self.work / "runs" / v / stage).glob("step_*/model/*.safetensors"))
+                if shards:
+                    shutil.copy2(shards[-1], self.export / f"transformer-{v}-{stage}-partial.safetensors")
+                    shutil.copy2(shards[-1].with_name("config.json"), self.export / f"transformer-{v}-{stage}-partial.config.json")
+                    break
+        with tarfile.open(self.export / "vae.tar", "w") as tar:
+            if (self.work / "vae").is_dir():
+                tar.add(self.work / "vae", arcname="vae")
+        with tarfile.open(self.export / "reports.tar.gz", "w:gz") as tar:
+            for sub in ["logs", "timings.json", "vae/metrics.jsonl"]:
+                if (self.work / sub).exists():
+                    tar.add(self.work / sub, arcname=sub)
+            for v in VARIANTS:
+                for stage, _ in STAGES:
+                    m = self.work / "runs" / v / stage / "metrics.jsonl"
+                    if m.is_file():
+                        tar.add(m, arcname=f"metrics/{v}-{stage}.jsonl")
+            ev = self.work / "eval"
+            if ev.is_dir():
+                for p in sorted(ev.rglob("*")):
+                    if p.is_file() and (p.suffix in (".json", ".md") or p.stem in self._sample_videos()):
+                        tar.add(p, arcname=f"eval/{p.relative_to(ev)}")
+        log(f"packed {sorted(p.name for p in self.export.iterdir())}")
+
+    def _sample_videos(self) -> set[str]:
+        """The first three held-out videos of each model travel back (for looking at, not only numbers)."""
+        ids = sorted(p.stem for p in (self.work / "data" / "ds63s" / "heldout" / "videos").glob("*.mp4"))
+        return set(ids[:3])
+
+
+def step_times(metrics: Path) -> dict:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    times = sorted(r["step_time_s"] for r in rows[1:] if "step_time_s" in r)  # the first step compiles
+    last = rows[-1] if rows else {}
+    return {"steps": last.get("step", 0), "median_step_s": times[len(times) // 2] if times else None,
+            "last_loss": last.get("loss")}
+
+
+def plan_steps(timings: dict) -> tuple[int, dict[str, int]]:
+    """Steps per phase from the smoke run's step times (same batch sizes) and BUDGET."""
+    vae_s = timings.get("vae_step_s") or 0.02
+    vae_steps = int(min(FULL["vae_steps"], 2 * BUDGET["vae"] / vae_s))  # --max-minutes decides; a generous cap
+    steps = {}
+    for stage, _ in STAGES:
+        per = [timings[f"train-{stage}"][v]["median_step_s"] for v in VARIANTS]
+        slowest = max(p for p in per if p) if any(per) else 1.0
+        steps[stage] = int(max(10, min(FULL["steps"][stage], BUDGET[stage] / slowest)))
+    return vae_steps, steps
+
+
+def vae_step_time(work: Path) -> float | None:
+    m = work / "vae" / "metrics.jsonl"
+    if not m.is_file():
+        return None
+    rows = [json.loads(line) for line in m.read_text().splitlines() if line.strip()]
+    vals = [r.get("s_per_step") or r.get("step_time_s") for r in rows[1:]]
+    vals = sorted(v for v in vals if v)
+    return vals[len(vals) // 2] if vals else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="working folder (datasets, runs, models, eval)")
+    ap.add_argument("--export", type=Path, required=True, help="where the weights and reports are packed")
+    ap.add_argument("--smoke", action="store_true", help="every phase with a few steps; measures step times")
+    ap.add_argument("--timings", type=Path, help="a smoke run's timings.json: sizes the real run's phases")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--pack-only", action="store_true", help="only pack what exists now into --export")
+    args = ap.parse_args(argv)
+    job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device)
+    if args.pack_only:
+        job.pack()
+        return 0
+    t0 = time.perf_counter()
+    if args.smoke:
+        vae_steps, steps = SMOKE["vae_steps"], SMOKE["steps"]
+    else:
+        if not args.timings:
+            raise SystemExit("the real run needs --timings from a smoke run (sizes each phase to its budget)")
+        vae_steps, steps = plan_steps(json.loads(args.timings.read_text()))
+    log(f"plan: vae {vae_steps} steps; DiT steps {steps}; videos {job.size['videos']}")
+    try:
+        job.vae_and_data(vae_steps)
+        job.timings["vae_step_s"] = vae_step_time(job.work)
+        job.prepare()
+        job.train(steps)
+        job.evaluate()
+    finally:
+        job.timings["plan"] = {"vae_steps": vae_steps, "steps": steps}
+        job.timings["total_s"] = time.perf_counter() - t0
+        job.pack()
+    log(f"all done in {time.perf_counter() - t0:.0f} s")
+    (job.work / "ALL_DONE").write_text("ok")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
