@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The toy-world training job on the lent GPU (scripts/toyworld_pipeline.py does the work), in two calls:
 #
-#   bash scripts/device_toyworld.sh start   # smoke run in the foreground (every phase, a few steps; measures step
-#                                           # times), then the real run in the background (survives the call)
+#   bash scripts/device_toyworld.sh start   # the real run in the background (survives the call); SMOKE=1 runs the
+#                                           # smoke run (every phase, a few steps) in the foreground first
 #   bash scripts/device_toyworld.sh poll    # wait (<= POLL_S, default 540 s) for the real run; copy what exists
 #                                           # (weights, reports) to $OUT
 #
@@ -47,12 +47,13 @@ if [ "$MODE" = start ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton, diffusers, av; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'av', av.__version__)"
   cd "$TW" || exit 1
-  python3 "$TW/repo/scripts/toyworld_pipeline.py" --work "$TW/smoke" --export "$TW/smoke/export" --smoke 2>&1 | tee "$TW/smoke.log"
-  status=${PIPESTATUS[0]}
-  if [ "$status" != 0 ]; then echo "SMOKE FAILED ($status)"; copy_out; exit "$status"; fi
-  cat "$TW/smoke/timings.json"
+  if [ "${SMOKE:-0}" = 1 ]; then
+    python3 "$TW/repo/scripts/toyworld_pipeline.py" --work "$TW/smoke" --export "$TW/smoke/export" --smoke 2>&1 | tee "$TW/smoke.log"
+    status=${PIPESTATUS[0]}
+    if [ "$status" != 0 ]; then echo "SMOKE FAILED ($status)"; copy_out; exit "$status"; fi
+  fi
   setsid nohup python3 "$TW/repo/scripts/toyworld_pipeline.py" --work "$TW/full" --export "$TW/full/export" \
-    --timings "$TW/smoke/timings.json" > "$TW/full.log" 2>&1 < /dev/null &
+    > "$TW/full.log" 2>&1 < /dev/null &
   sleep 20
   tail -n 5 "$TW/full.log"
   copy_out

@@ -5,12 +5,14 @@
     -> TTT-MLP and local-attention DiTs, each 3 -> 9 -> 18 -> 63 s (the two chains run side by side)
     -> model folders -> held-out eval (ttt-video toyworld eval) -> export
 
-    python scripts/toyworld_pipeline.py --work DIR --export DIR --smoke          # every phase, a few steps;
-                                                                                # writes DIR/timings.json
-    python scripts/toyworld_pipeline.py --work DIR --export DIR --timings T.json # the real run, sized from T
+    python scripts/toyworld_pipeline.py --work DIR --export DIR --smoke   # every phase, a few steps
+    python scripts/toyworld_pipeline.py --work DIR --export DIR           # the real run
 
-The real run sizes every training phase from the smoke run's measured step times and a per-phase time
-budget (--budget), so it fits the device lease; the two variants get the same number of steps. Each phase
+The real run gives every phase a wall-time budget (BUDGET), so it fits the device lease: the VAE trainer, prepare
+(--max-minutes) and each DiT stage (stage.max_minutes: the trainer times its first steps, then plans the stage's
+length and anneals its learning rate to that end) stop on time and still hand over a finished result. The two
+variants run side by side with the same time budget per stage (local attention, the faster layer, gets the
+more steps; any lead the TTT model shows is despite that). Each phase
 leaves a marker (WORK/done/<phase>) and a re-run skips finished phases, so a job that dies can continue.
 Runs on a CPU too (slowly): the smoke run is how this script is tested. Commands run through
 `python -m ttt_video.ttt_core.cli`, so the repo must be importable as `ttt_video` (installed, or a shim).
@@ -40,15 +42,16 @@ HELDOUT = 24
 # (videos per stage length, training steps per stage, VAE steps, eval storyboards, eval steps)
 SMOKE = dict(videos={"3s": 16, "9s": 8, "18s": 4, "63s": 2}, heldout=2, steps={s: 3 for s, _ in STAGES},
              vae_steps=12, eval_num=2, eval_steps=3)
-# 2026-11-23 run: prepare managed 7.8 / 2.6 / 1.4 / 0.5 clips/s (3 / 9 / 18 / 63 s) side by side and had to be
-# cut short at 2,859 / 1,012 / 500 / 163 items; these counts are what such a prepare finishes in ~6 minutes.
-FULL = dict(videos={"3s": 3000, "9s": 1000, "18s": 400, "63s": 160}, heldout=HELDOUT,
-            steps={"3s": 3000, "9s": 600, "18s": 300, "63s": 200},  # caps; the time budget usually decides
-            vae_steps=20000, eval_num=HELDOUT, eval_steps=50)
-# seconds of wall time per phase in the real run (the TTT chain is the slower one and sets the pace). The
-# 2026-11-23 run had 150 s for a VAE at batch 16 (foreground palette accuracy only 0.44): CPU experiments
-# (docs/toyworld.md, "Training the VAE") show batch matters far more than learning rate, hence 48 and 240 s.
-BUDGET = {"vae": 240, "3s": 300, "9s": 100, "18s": 70, "63s": 70}
+# Videos rendered per stage length; prepare encodes what its time budget allows (the first run, 2026-11-23,
+# managed 7.8 / 2.6 / 1.4 / 0.5 clips/s side by side before the read-ahead; the rest is simply not used).
+FULL = dict(videos={"3s": 5000, "9s": 1500, "18s": 600, "63s": 250}, heldout=HELDOUT,
+            steps={"3s": 5000, "9s": 2000, "18s": 1000, "63s": 1000},  # caps; the time budget decides
+            vae_steps=20000, eval_num=HELDOUT, eval_steps=30)
+# Seconds of wall time per phase in the real run. The first run had 150 s for a VAE at batch 16 (foreground
+# palette accuracy only 0.44): CPU experiments (docs/toyworld.md, "Training the VAE") show batch matters far
+# more than learning rate, hence 48 and 240 s. Its DiT steps were host-bound (0.3-0.5 s at any batch size), so
+# the stage configs now use 3x its batches and the stages get 1.5x its time (configs/toyworld/*.toml).
+BUDGET = {"vae": 240, "prepare": 180, "3s": 270, "9s": 120, "18s": 100, "63s": 100}
 VAE_BATCH = 48
 
 
@@ -148,7 +151,8 @@ class Job:
             return
         self.timings.update(self.run_parallel({f"prepare-{stage}": [
             *CLI, "prepare", "--annotations", f"data/ds{stage}/train/annotations.json", "--segments", k,
-            "--preset", "toyworld", "--model", "models/toymodel", "--out", f"data/p{stage}", "--device", self.device]
+            "--preset", "toyworld", "--model", "models/toymodel", "--out", f"data/p{stage}", "--device", self.device,
+            *([] if self.smoke else ["--max-minutes", f"{BUDGET['prepare'] / 60:.2f}"])]
             for stage, k in STAGES}))
         self.mark("prepare")
 
@@ -161,7 +165,9 @@ class Job:
                 "--set", f'model.overrides={{global_layer="{VARIANTS[variant]}"}}',
                 "--set", f"stage.steps={steps}", "--set", f'run.device="{self.device}"',
                 "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
-        if self.smoke:
+        if not self.smoke:  # the trainer fits the stage (and its learning-rate schedule) into the budget
+            args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}"]
+        else:
             args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
             if self.device == "cpu":  # checks the flow only; the GPU smoke run keeps the real batch (it is timed)
                 args += ["--set", "data.batch_size=1"]
@@ -172,7 +178,7 @@ class Job:
             if self.phase_done(f"train-{stage}"):
                 continue
             steps = steps_for[stage]
-            deadline = None if self.smoke else BUDGET[stage] * 1.25 + 30  # SIGTERM only if well off the plan
+            deadline = None if self.smoke else BUDGET[stage] * 1.25 + 60  # SIGTERM only if well off the plan
             walls = self.run_parallel({f"train-{v}-{stage}": self.train_args(v, stage, steps) for v in VARIANTS},
                                       deadline_s=deadline)
             info = {"steps": steps, "wall_s": walls}
@@ -245,18 +251,6 @@ def step_times(metrics: Path) -> dict:
             "last_loss": last.get("loss")}
 
 
-def plan_steps(timings: dict) -> tuple[int, dict[str, int]]:
-    """Steps per phase from the smoke run's step times (same batch sizes) and BUDGET."""
-    vae_s = timings.get("vae_step_s") or 0.02
-    vae_steps = int(min(FULL["vae_steps"], 2 * BUDGET["vae"] / vae_s))  # --max-minutes decides; a generous cap
-    steps = {}
-    for stage, _ in STAGES:
-        per = [timings[f"train-{stage}"][v]["median_step_s"] for v in VARIANTS]
-        slowest = max(p for p in per if p) if any(per) else 1.0
-        steps[stage] = int(max(10, min(FULL["steps"][stage], BUDGET[stage] / slowest)))
-    return vae_steps, steps
-
-
 def vae_step_time(work: Path) -> float | None:
     m = work / "vae" / "metrics.jsonl"
     if not m.is_file():
@@ -272,7 +266,6 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, required=True, help="working folder (datasets, runs, models, eval)")
     ap.add_argument("--export", type=Path, required=True, help="where the weights and reports are packed")
     ap.add_argument("--smoke", action="store_true", help="every phase with a few steps; measures step times")
-    ap.add_argument("--timings", type=Path, help="a smoke run's timings.json: sizes the real run's phases")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--pack-only", action="store_true", help="only pack what exists now into --export")
     args = ap.parse_args(argv)
@@ -281,13 +274,9 @@ def main(argv=None) -> int:
         job.pack()
         return 0
     t0 = time.perf_counter()
-    if args.smoke:
-        vae_steps, steps = SMOKE["vae_steps"], SMOKE["steps"]
-    else:
-        if not args.timings:
-            raise SystemExit("the real run needs --timings from a smoke run (sizes each phase to its budget)")
-        vae_steps, steps = plan_steps(json.loads(args.timings.read_text()))
-    log(f"plan: vae {vae_steps} steps; DiT steps {steps}; videos {job.size['videos']}")
+    vae_steps, steps = job.size["vae_steps"], job.size["steps"]  # the real run's are caps: BUDGET decides
+    log(f"plan: vae {vae_steps} steps; DiT steps {steps}; videos {job.size['videos']}"
+        + ("" if args.smoke else f"; budgets (s) {BUDGET}"))
     try:
         job.vae_and_data(vae_steps)
         job.timings["vae_step_s"] = vae_step_time(job.work)

@@ -272,3 +272,28 @@ def test_decode_thread_failure_stops_prepare(tmp_path, model_root, monkeypatch):
                              device="cpu", segments_per_item=1, progress=False, decode_workers=2)  # fmt: skip
     assert not [t for t in threading.enumerate() if t.name.startswith("decode")]
 
+
+
+def test_time_limit_keeps_what_is_done_and_a_rerun_continues(tmp_path, model_root, monkeypatch):
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    for i in range(3):
+        make_video(vids / f"v{i}.mp4", 48, fps=16, level=lambda k, o=40 * i: (o + 3 * k) % 250)
+    ann = _write_ann(vids, [{"video": f"v{i}.mp4", "segments": [{"text": f"clip {i}"}]} for i in range(3)])
+    kw = dict(annotations=ann, out=tmp_path / "out", model_root=model_root, preset_name="tiny", device="cpu",
+              segments_per_item=1, progress=False)  # fmt: skip
+    real_encode = prep.encode_video
+
+    def slow_encode(vae, frames):
+        import time
+
+        time.sleep(0.5)  # the first clip alone outlasts the 0.2-s limit below
+        return real_encode(vae, frames)
+
+    monkeypatch.setattr(prep, "encode_video", slow_encode)
+    first = prep.prepare_dataset(max_minutes=0.2 / 60, **kw)
+    assert first.written == 1 and any("time limit" in n for n in first.notes)
+    assert len(load_manifest(tmp_path / "out" / "manifest.jsonl")[0]) == 1  # the finished item is listed
+    rest = prep.prepare_dataset(**kw)
+    assert rest.already_done == 1 and rest.written == 2
+    assert len(load_manifest(tmp_path / "out" / "manifest.jsonl")[0]) == 3

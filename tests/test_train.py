@@ -452,3 +452,27 @@ def test_host_thread_count_for_gpu_processes():
     assert host_threads_for_gpu_process({"LOCAL_WORLD_SIZE": "64"}) == max(1, min(8, cores // 64))
     assert 1 <= host_threads_for_gpu_process({"LOCAL_WORLD_SIZE": "2"}) <= 8
 
+
+
+def test_time_budget_shortens_the_stage_and_anneals_to_its_new_end(data):
+    # a budget already spent when the plan is made (after TIME_PLAN_AFTER_STEPS steps) leaves one more step
+    from ttt_video.ttt_core.training.trainer import TIME_PLAN_AFTER_STEPS
+
+    ckpt = data["root"] / "budget"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=40, **{"data.batch_size": 1, "stage.max_minutes": 1e-4}))
+    summary = train_stage(cfg)
+    planned = TIME_PLAN_AFTER_STEPS + 1
+    assert summary["end_step"] == summary["planned_steps"] == planned
+    rows = [json.loads(line) for line in (ckpt / METRICS_NAME).read_text().splitlines()]
+    assert len(rows) == planned
+    lrs = [r["lr/other_wd"] for r in rows]
+    assert lrs[-1] == pytest.approx(1e-4)  # lr_end: the schedule was re-planned to end at the new last step
+    assert lrs[TIME_PLAN_AFTER_STEPS - 1] > 5e-4  # (before the re-plan it was decaying over 40 steps)
+    assert (ckpt / "export.safetensors").is_file()  # a finished stage: exported for the next one
+    state = json.loads((latest_checkpoint(ckpt) / "trainer_state.json").read_text())
+    assert state["planned_steps"] == planned
+
+    # a budget that is not binding changes nothing
+    roomy = data["root"] / "roomy"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], roomy, steps=12, **{"data.batch_size": 1, "stage.max_minutes": 60}))
+    assert train_stage(cfg)["end_step"] == 12 and (roomy / "export.safetensors").is_file()

@@ -44,6 +44,8 @@ def configure_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--store-dtype", default="bf16", choices=["bf16", "fp32"], help="dtype of stored tensors")
     p.add_argument("--limit", type=int, default=0, help="process at most this many clips (0 = all)")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="start no new clip after this many minutes "
+                   "(what is done is kept; a re-run continues); 0 = no limit")  # fmt: skip
 
 
 def _fail(err: Exception) -> int:
@@ -72,6 +74,7 @@ def _prepare(args, prepare_dataset):
         device=args.device,
         store_dtype=args.store_dtype,
         limit=args.limit,
+        max_minutes=args.max_minutes,
     )
 
 

@@ -29,6 +29,10 @@ class StageSection:
     name: str = "3s"
     segments: int = 1  # 3-s segments per training video: 3 s -> 1, 9 s -> 3, 18 s -> 6, 30 s -> 10, 63 s -> 21
     steps: int = 5000
+    # > 0: a wall-time budget for the stage (minutes, from the first step). After a few steps the trainer
+    # measures its step time and shortens the stage to the steps that fit (never more than `steps`), with the
+    # learning-rate schedule re-planned to end there, so the stage still anneals and exports; 0 = off.
+    max_minutes: float = 0.0
     # "all": every parameter (paper's 3-s stage); "ttt_qkvo": TTT layers + gates + attention q/k/v/o and its
     # q/k norms (paper's later stages, the official "qkvo" adapter); "ttt": TTT layers + gates only.
     trainable: str = "all"
@@ -135,6 +139,8 @@ class TrainConfig:
             bad(f"stage.segments must be >= 1, got {self.stage.segments}")
         if self.stage.steps < 1:
             bad(f"stage.steps must be >= 1, got {self.stage.steps}")
+        if self.stage.max_minutes < 0:
+            bad(f"stage.max_minutes must be >= 0 (0 = no time budget), got {self.stage.max_minutes}")
         if self.stage.trainable not in TRAINABLE_SETS:
             bad(f"stage.trainable must be one of {TRAINABLE_SETS}, got {self.stage.trainable!r}")
         if self.precision.mixed not in PRECISIONS or self.precision.cpu_mixed not in PRECISIONS:

@@ -51,8 +51,8 @@ def apply_trainable(model: torch.nn.Module, trainable: str) -> list[str]:
     return names
 
 
-@dataclass(frozen=True)
-class GroupSchedule:
+@dataclass
+class GroupSchedule:  # mutable: a time budget re-plans `total` mid-stage (LambdaLR checkpoints its fields)
     name: str
     kind: str  # cosine | linear | constant
     peak: float

@@ -420,9 +420,11 @@ def _item_id(clip: Clip, window: int, n_seg: int) -> str:
 
 def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, preset_name=None,
                     segments_per_item: int = 0, device: str = "auto", store_dtype: str = "bf16",
-                    limit: int = 0, progress: bool = True, decode_workers: int | None = None) -> PrepareSummary:  # fmt: skip
+                    limit: int = 0, progress: bool = True, decode_workers: int | None = None,
+                    max_minutes: float = 0.0) -> PrepareSummary:  # fmt: skip
     """``decode_workers``: threads decoding the next clips while the current one is encoded (default
-    min(4, cores))."""
+    min(4, cores)). ``max_minutes`` > 0: start no new clip after that much time (what is done is kept and
+    listed in the manifest; a re-run continues)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -508,6 +510,10 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
     bar = tqdm(clips, desc="prepare", unit="clip", disable=not progress, dynamic_ncols=True)
     try:
         for index, clip in enumerate(bar):
+            if max_minutes and time.perf_counter() - t0 > max_minutes * 60:
+                summary.notes.append(f"time limit ({max_minutes:g} min): stopped before clip {index + 1} of "
+                                     f"{len(clips)}; run again to continue")  # fmt: skip
+                break
             K = len(clip.texts)
             n_seg, windows, ids = layouts[index]
             if windows == 0:

@@ -49,6 +49,7 @@ from .objective import NUM_TRAIN_TIMESTEPS, v_prediction_loss
 from .optim import apply_trainable, build_optimizer
 
 METRICS_NAME = "metrics.jsonl"
+TIME_PLAN_AFTER_STEPS = 10  # with stage.max_minutes: steps timed before the stage's length is planned
 PREFETCH_STEPS = 2  # step batches built ahead of the running step (one step's inputs each: a few MB)
 
 
@@ -305,9 +306,11 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     optimizer, scheduler, schedules, group_names = build_optimizer(model, cfg)
     changed = sorted(previous_changed(cfg.model.init_from) | set(trainable))
     start_step = 0
+    planned_steps = cfg.stage.steps  # shortened by a time budget (stage.max_minutes) once step times are known
     if resume_from is not None:
         state = load_checkpoint(resume_from, model=model, optimizer=optimizer, scheduler=scheduler)
         start_step = int(state["step"])
+        planned_steps = min(int(state.get("planned_steps", planned_steps)), cfg.stage.steps)
         changed = sorted(set(changed) | set(state.get("changed", [])))
         log0(f"resumed from {resume_from} at step {start_step}")
     build_s = time.perf_counter() - t0
@@ -326,7 +329,9 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
 
     metrics = MetricsLog(ckpt_root, rank == 0, cfg.logging.tensorboard, start_step if resume_from else None)
     trainable_params = [p for p in model.parameters() if p.requires_grad]
-    end_step = cfg.stage.steps if max_steps is None else min(cfg.stage.steps, start_step + max_steps)
+    end_step = planned_steps if max_steps is None else min(planned_steps, start_step + max_steps)
+    budget_s = cfg.stage.max_minutes * 60.0
+    loop_t0 = time.perf_counter()
     step = start_step
     last: dict[str, float] = {}
     step_times: list[float] = []
@@ -338,6 +343,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             "stage": cfg.stage.name,
             "world_size": world,
             "samples_seen": step * global_batch,
+            "planned_steps": planned_steps,
             "config": cfg.to_dict(),
             "model_config": model_cfg.to_dict(),
             "trainable": trainable,
@@ -405,7 +411,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
         metrics.log(step, last)
         if step % cfg.logging.log_every == 0 or step == end_step:
             log0(
-                f"step {step}/{cfg.stage.steps} loss {loss_value:.5f} grad_norm {float(grad_norm):.4f} "
+                f"step {step}/{planned_steps} loss {loss_value:.5f} grad_norm {float(grad_norm):.4f} "
                 f"lr {max(lrs):.2e} {dt:.2f} s/step {last['tokens_per_s']:.0f} tok/s mem {last['memory_gb']:.1f} GB "
                 f"data wait {data_waits[-1] * 1000:.0f} ms"
             )
@@ -417,6 +423,19 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             checkpoint_now()
             stopped_by_signal = True
             break
+        if budget_s and step - start_step == TIME_PLAN_AFTER_STEPS and planned_steps > step:
+            # step times are steady by now (the first step compiles); every rank must plan the same end
+            per_step = torch.tensor([sorted(step_times[1:])[len(step_times[1:]) // 2]], device=device)
+            dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
+            left_s = budget_s - (time.perf_counter() - loop_t0)
+            fit = step + max(1, int(left_s / float(per_step)))
+            if fit < planned_steps:
+                planned_steps = fit
+                end_step = min(end_step, planned_steps)
+                for schedule in schedules:  # LambdaLR keeps these objects: the re-planned end is checkpointed
+                    schedule.total = planned_steps
+                log0(f"time budget {cfg.stage.max_minutes:g} min at {float(per_step):.3f} s/step: the stage ends at "
+                     f"step {planned_steps} (of {cfg.stage.steps}); the learning rate now anneals to there")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < end_step:
             checkpoint_now()
 
@@ -424,7 +443,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     export_path = None
     if not stopped_by_signal and step > start_step and save_final:
         ckpt_path = checkpoint_now()
-    if not stopped_by_signal and step == cfg.stage.steps and cfg.checkpoint.export and step > start_step:
+    if not stopped_by_signal and step == planned_steps and cfg.checkpoint.export and step > start_step:
         dtype = torch.bfloat16 if cfg.checkpoint.export_dtype == "bf16" else torch.float32
         export_path = export_inference_weights(model, model_cfg, ckpt_root / "export.safetensors", changed, dtype)
         log0(f"export (inference weights: TTT + {len([c for c in changed if 'ttt' not in c])} changed backbone "
@@ -434,6 +453,7 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     return {
         "start_step": start_step,
         "end_step": step,
+        "planned_steps": planned_steps,
         "stopped_by_signal": stopped_by_signal,
         "last": last,
         "mean_step_time_s": sum(steady) / len(steady) if steady else float("nan"),
