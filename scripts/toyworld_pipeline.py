@@ -165,8 +165,9 @@ class Job:
                 "--set", f'model.overrides={{global_layer="{VARIANTS[variant]}"}}',
                 "--set", f"stage.steps={steps}", "--set", f'run.device="{self.device}"',
                 "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
-        if not self.smoke:  # the trainer fits the stage (and its learning-rate schedule) into the budget
-            args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}"]
+        if not self.smoke:  # the trainer fits the stage (and its learning-rate schedule) into the budget; 3
+            # profiled steps tell where a step's time goes (runs/<variant>/<stage>/profile.txt)
+            args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}", "--set", "logging.profile_steps=3"]
         else:
             args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
             if self.device == "cpu":  # checks the flow only; the GPU smoke run keeps the real batch (it is timed)
@@ -227,9 +228,10 @@ class Job:
                     tar.add(self.work / sub, arcname=sub)
             for v in VARIANTS:
                 for stage, _ in STAGES:
-                    m = self.work / "runs" / v / stage / "metrics.jsonl"
-                    if m.is_file():
-                        tar.add(m, arcname=f"metrics/{v}-{stage}.jsonl")
+                    for name in ("metrics.jsonl", "profile.txt", "profile.json"):
+                        m = self.work / "runs" / v / stage / name
+                        if m.is_file():
+                            tar.add(m, arcname=f"metrics/{v}-{stage}{'.jsonl' if name == 'metrics.jsonl' else '-' + name}")
             ev = self.work / "eval"
             if ev.is_dir():
                 for p in sorted(ev.rglob("*")):

@@ -476,3 +476,18 @@ def test_time_budget_shortens_the_stage_and_anneals_to_its_new_end(data):
     roomy = data["root"] / "roomy"
     cfg = load_config(TINY / "3s.toml", overrides(data["d1"], roomy, steps=12, **{"data.batch_size": 1, "stage.max_minutes": 60}))
     assert train_stage(cfg)["end_step"] == 12 and (roomy / "export.safetensors").is_file()
+
+
+def test_profiled_steps_write_a_report(data):
+    from ttt_video.ttt_core.training.profiling import PROFILE_AFTER_STEPS
+
+    ckpt = data["root"] / "profiled"
+    steps = PROFILE_AFTER_STEPS + 2
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=steps, **{"data.batch_size": 1, "logging.profile_steps": 2}))
+    train_stage(cfg)
+    summary = json.loads((ckpt / "profile.json").read_text())
+    assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
+    assert summary["aten_calls_per_step"] > 50  # a DiT step runs hundreds of aten ops (forward, backward, AdamW)
+    text = (ckpt / "profile.txt").read_text()
+    assert "aten::" in text and "self host time" in text
+    assert len(losses(ckpt)) == steps  # profiling does not change the run

@@ -110,6 +110,9 @@ class CheckpointSection:
 class LoggingSection:
     log_every: int = 1
     tensorboard: bool = True
+    # > 0: profile this many steps (after the first few) and write profile.txt / profile.json to the checkpoint
+    # folder: kernels per step, host vs device time, the costliest operators (training/profiling.py)
+    profile_steps: int = 0
 
 
 @dataclass

@@ -47,6 +47,7 @@ from .data import (
 )
 from .objective import NUM_TRAIN_TIMESTEPS, v_prediction_loss
 from .optim import apply_trainable, build_optimizer
+from .profiling import PROFILE_AFTER_STEPS, StepProfiler
 
 METRICS_NAME = "metrics.jsonl"
 TIME_PLAN_AFTER_STEPS = 10  # with stage.max_minutes: steps timed before the stage's length is planned
@@ -364,9 +365,11 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     prefetcher = resources.enter_context(BatchPrefetcher(
         make_batches, range(start_step, end_step), depth=PREFETCH_STEPS, pin=on_gpu, cuda_device=device if on_gpu else None))  # fmt: skip
     data_waits: list[float] = []
+    profiler = StepProfiler(ckpt_root, start_step + PROFILE_AFTER_STEPS, cfg.logging.profile_steps, device, rank == 0)
 
     stopped_by_signal = False
     while step < end_step:
+        profiler.before_step(step)
         ts = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
@@ -394,6 +397,10 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         dt = time.perf_counter() - ts
+        profiled = profiler.after_step(step)
+        if profiled:
+            log0("profile (" + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in profiled.items())
+                 + f"): {ckpt_root / 'profile.txt'}")  # fmt: skip
         step += 1
         step_times.append(dt)
         lrs = scheduler.get_last_lr()
