@@ -10,6 +10,8 @@
 - writes ``out/<model>/<video>.mp4`` (atomically, by the pipeline) and ``out/<model>/<video>.score.json``
   (the scorer's full report, the seeds and the wall times);
 - scores the ground-truth renders as a sanity row (~100 %) and states the chance level per metric;
+- scores the ground truth passed through each distinct VAE of the models (encode, posterior mode, decode):
+  the ceiling a DiT on that VAE can reach, which separates what the VAE loses from what the DiT gets wrong;
 - writes ``out/results.json`` and ``out/results.md`` (means, 95 % bootstrap intervals over videos, paired
   differences between models, the command that reproduces it).
 
@@ -41,6 +43,8 @@ EVAL_VERSION = 1
 SETTINGS_NAME = "eval_settings.json"  # per model folder: what its videos were generated with
 GROUND_TRUTH = "ground truth"
 CHANCE = "chance"
+VAE_ROW = "VAE round trip"
+VAE_DIR = "vae-round-trip"  # out/<VAE_DIR>/<vae hash>/<video>.mp4 + .score.json
 NUM_COLOURS = 4  # scarf and wall colours each come from 4 (world palette)
 NUM_ROOMS = 4
 BOOTSTRAP_RESAMPLES = 10_000
@@ -115,7 +119,7 @@ def check_models(models: dict) -> dict[str, Path]:
         raise EvalError("no models to evaluate (give --model NAME=DIR at least once)")
     out = {}
     for name, folder in models.items():
-        if not _NAME_RE.match(str(name)) or str(name).lower() in (GROUND_TRUTH, CHANCE, "ground_truth"):
+        if not _NAME_RE.match(str(name)) or str(name).lower() in (GROUND_TRUTH, CHANCE, "ground_truth", VAE_DIR):
             raise EvalError(f"model name {name!r}: use letters, digits, '_', '-', '.' (it names a folder), not a "
                             "reserved row name")
         path = Path(folder).expanduser()
@@ -292,6 +296,7 @@ def evaluate_models(
     use_negative: bool = True,
     overwrite: bool = False,
     trust_scores: bool = False,
+    vae_row: bool = True,
     progress: bool | Callable[[str], None] = True,
     command: str | None = None,
 ) -> dict:
@@ -300,7 +305,8 @@ def evaluate_models(
     Markdown). ``progress``: True logs to stderr, a callable gets each log line, False is silent.
     ``command``: the command line to print as the reproduction recipe (default: built from the arguments).
     ``trust_scores``: keep a video's score record (same seed and settings) even when its mp4 is absent, e.g.
-    records copied back from the GPU machine without their videos; by default such a video is regenerated."""
+    records copied back from the GPU machine without their videos; by default such a video is regenerated.
+    ``vae_row``: also score the ground truth through each distinct model VAE (the ceiling row)."""
     from .. import pipeline
     from ..sampling import DEFAULT_GUIDANCE
 
@@ -336,6 +342,9 @@ def evaluate_models(
     log(f"[{GROUND_TRUTH}] following {_pct(np.mean([r['following'] for r in gt_rows]))}, consistency "
         f"{_pct(summarize_videos(gt_rows)['consistency']['mean'])} ({time.perf_counter() - t0:.1f} s)")
 
+    vae_rows = vae_round_trip(folders, stories, out / VAE_DIR, log, device=device,
+                              trust_scores=trust_scores) if vae_row else {}  # fmt: skip
+
     model_results = {}
     for name, folder in folders.items():
         model_results[name] = _evaluate_one(pipeline, name, folder, stories, out / name, settings[name], log,
@@ -363,6 +372,7 @@ def evaluate_models(
                      "sample_seed": sample_seed(seed, s["world_seed"])} for s in stories],
         "models": model_results,
         GROUND_TRUTH: {"videos": gt_rows, "mean": summarize_videos(gt_rows)},
+        "vae_round_trip": vae_rows,
         CHANCE: chance_levels(stories),
         "paired_differences": paired,
         "seconds": time.perf_counter() - t_start,
@@ -373,6 +383,55 @@ def evaluate_models(
     _atomic_write_text(results_json, json.dumps(results, indent=1) + "\n")
     _atomic_write_text(out / "results.md", table + "\n")
     log(f"wrote {results_json} and {out / 'results.md'} ({results['seconds']:.1f} s)")
+    return results
+
+
+def _vae_key(folder: Path) -> str:
+    import hashlib
+
+    weights = sorted((Path(folder) / "vae").glob("*.safetensors"))
+    if not weights:
+        raise EvalError(f"{folder} has no vae/*.safetensors")
+    h = hashlib.sha256()
+    for w in weights:
+        h.update(w.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def vae_round_trip(folders: dict, stories: list[dict], out: Path, log, *, device="auto", trust_scores=False) -> dict:
+    """Score the ground truth after each distinct VAE's encode -> posterior mode -> decode; one entry per VAE:
+    {label: {"vae": hash, "models": [...], "videos": rows, "mean": ...}}. Cached per (VAE hash, video)."""
+    import torch
+
+    from ..decoding import decode_to_mp4
+    from ..pipeline import resolve_device
+    from ..training.prepare import encode_video, load_vae
+    from .video_io import read_video
+
+    by_vae: dict[str, list[str]] = {}
+    for name, folder in folders.items():
+        by_vae.setdefault(_vae_key(folder), []).append(name)
+    results = {}
+    for key, names in by_vae.items():
+        label = VAE_ROW if len(by_vae) == 1 else f"{VAE_ROW} ({', '.join(names)})"
+        folder, vae, rows, t0 = folders[names[0]], None, [], time.perf_counter()
+        for s in stories:
+            mp4, record_path = out / key / f"{s['video']}.mp4", out / key / f"{s['video']}.score.json"
+            record = _read_json(record_path)
+            if record is None or not (mp4.is_file() or trust_scores):
+                if vae is None:
+                    vae = load_vae(Path(folder), resolve_device(device))
+                frames = read_video(s["ground_truth"])
+                posterior = encode_video(vae, frames)  # [F_lat, 2C, h, w]: mean, log-variance
+                mode = posterior[:, : posterior.shape[1] // 2].unsqueeze(0)
+                decode_to_mp4(vae, mode, mp4, latents_scaled=False, overwrite=True)
+                record = {"video": s["video"], "vae": key, "report": score_video(mp4, s["events"]).to_dict()}
+                _atomic_write_text(record_path, json.dumps(record, indent=1) + "\n")
+            rows.append(video_row(ScoreReport(**record["report"]), s, mp4=f"{VAE_DIR}/{key}/{s['video']}.mp4"))
+        results[label] = {"vae": key, "models": names, "videos": rows, "mean": summarize_videos(rows)}
+        log(f"[{label}] following {_pct(results[label]['mean']['following']['mean'])}, consistency "
+            f"{_pct(results[label]['mean']['consistency']['mean'])} ({time.perf_counter() - t0:.1f} s)")
+        del vae
     return results
 
 
@@ -481,6 +540,7 @@ def results_markdown(results: dict) -> str:
         "|" + "---|" * len(head),
     ]
     rows = [(name, m["mean"], f"**{name}**") for name, m in results["models"].items()]
+    rows += [(label, v["mean"], label) for label, v in results.get("vae_round_trip", {}).items()]
     rows.append((GROUND_TRUTH, results[GROUND_TRUTH]["mean"], GROUND_TRUTH))
     for _, mean, label in rows:
         lines.append("| " + " | ".join([label] + [_cell(mean[k]) for k, _ in TABLE_COLUMNS] + [str(mean["videos"])]) + " |")
@@ -512,7 +572,8 @@ def results_markdown(results: dict) -> str:
               "where the text names it; long-range consistency = facts named once (scarf, wall colours) checked in "
               "later segments; beyond local reach = only checks where the fact was not on screen in the previous "
               "segment (segment-local attention cannot see it); chance = a uniform guess (1 of 4 rooms, 1 of 6 "
-              "actions, 1 of 4 colours).", ""]
+              "actions, 1 of 4 colours); VAE round trip = the ground truth encoded and decoded by the models' VAE, the "
+              "most a DiT on that VAE can score.", ""]
     for name, m in results["models"].items():
         lines.append(f"- {name}: `{m['folder']}`" + (f" ({m['model']})" if m.get("model") else ""))
     lines += ["", "Reproduce:", "", "```bash", results["command"], "```"]
@@ -557,6 +618,8 @@ def configure_eval(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="regenerate videos that exist")
     e.add_argument("--trust-scores", action="store_true",
                    help="keep score records whose mp4 is absent (copied back from another machine without the videos)")
+    e.add_argument("--no-vae-row", action="store_true",
+                   help="skip the 'VAE round trip' row (the ground truth through each model's VAE: the ceiling)")
     e.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -576,7 +639,8 @@ def run_eval(args: argparse.Namespace) -> int:
                                   device=args.device, dtype=args.dtype, guidance=args.guidance,
                                   guidance_mode=args.guidance_mode, scheduler=args.scheduler,
                                   use_negative=not args.no_negative, overwrite=args.overwrite,
-                                  trust_scores=args.trust_scores, progress=not args.quiet)
+                                  trust_scores=args.trust_scores, vae_row=not args.no_vae_row,
+                                  progress=not args.quiet)
     except KeyboardInterrupt:
         print("\ninterrupted; finished videos are kept: run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
