@@ -491,3 +491,31 @@ def test_profiled_steps_write_a_report(data):
     text = (ckpt / "profile.txt").read_text()
     assert "aten::" in text and "self host time" in text
     assert len(losses(ckpt)) == steps  # profiling does not change the run
+
+
+def test_deferred_metrics_match_per_step_logging_and_catch_a_nan(data, reference_run, monkeypatch):
+    # the device is synchronised only at log points: every step is still in metrics.jsonl, with the same losses
+    ref_ckpt, _ = reference_run
+    ckpt = data["root"] / "sparse-log"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, **{"data.batch_size": 2, "logging.log_every": 4}))
+    train_stage(cfg)
+    rows = [json.loads(line) for line in (ckpt / METRICS_NAME).read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert losses(ckpt) == pytest.approx(losses(ref_ckpt), rel=1e-6, abs=1e-7)
+    assert all(r["step_time_s"] > 0 and math.isfinite(r["grad_norm"]) for r in rows)
+
+    # a non-finite loss between log points still stops the run, naming its step
+    from ttt_video.ttt_core.training import trainer
+
+    real, calls = trainer.v_prediction_loss, []
+
+    def nan_at_third(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(trainer, "v_prediction_loss", nan_at_third)
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], data["root"] / "nan", **{"data.batch_size": 2, "logging.log_every": 5}))
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train_stage(cfg)
+    assert latest_checkpoint(data["root"] / "nan") is None

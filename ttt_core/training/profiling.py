@@ -39,9 +39,11 @@ class StepProfiler:
         self._t0 = time.perf_counter()
 
     def after_step(self, step: int) -> dict | None:
-        """Call after step ``step`` finished (synchronised); writes the report after the last profiled step."""
+        """Call after step ``step`` was issued; writes the report after the last profiled step."""
         if self._prof is None or step != self.first + self.count - 1:
             return None
+        if self.device.type == "cuda":  # the step loop does not wait for the device after each step
+            torch.cuda.synchronize(self.device)
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None

@@ -367,6 +367,32 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     data_waits: list[float] = []
     profiler = StepProfiler(ckpt_root, start_step + PROFILE_AFTER_STEPS, cfg.logging.profile_steps, device, rank == 0)
 
+    # The device is synchronised only at flush points (log lines, the time plan, checkpoints, the stop check of
+    # multi-process runs, the end), not after every step: a host-bound small model keeps the device queue fed
+    # while the host prepares the next step. Until then each step's loss and gradient norm wait on the device.
+    pending: list[tuple[int, torch.Tensor, torch.Tensor, dict]] = []
+    window_t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal last, window_t0
+        if not pending:
+            return
+        values = torch.stack([torch.stack([lo, gn.float()]) for _, lo, gn, _ in pending]).cpu().tolist()  # the sync
+        now = time.perf_counter()
+        per_step = (now - window_t0) / len(pending)  # exact over the window; its steps get the mean
+        window_t0 = now
+        for (at, _, _, host), (loss_value, grad_value) in zip(pending, values):
+            loss_value /= world
+            if not math.isfinite(loss_value):
+                raise FloatingPointError(f"loss is {loss_value} at step {at}; stopping (no checkpoint written)")
+            step_times.append(per_step)
+            tokens_ = host.pop("tokens")
+            last = {"loss": loss_value, "grad_norm": grad_value, "step_time_s": per_step,
+                    "data_wait_s": host["data_wait_s"], "tokens_per_s": tokens_ * world / per_step,
+                    "memory_gb": memory_gb(device), **host["lrs"]}  # fmt: skip
+            metrics.log(at, last)
+        pending.clear()
+
     stopped_by_signal = False
     while step < end_step:
         profiler.before_step(step)
@@ -392,45 +418,45 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-        loss_value = loss_sum.item() / world
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        dt = time.perf_counter() - ts
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # asynchronous on the device: no host wait
+        lrs = scheduler.get_last_lr()
+        pending.append((step + 1, loss_sum, grad_norm.detach(), {
+            "data_wait_s": data_waits[-1], "tokens": tokens, "lrs": {f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)}}))  # fmt: skip
         profiled = profiler.after_step(step)
         if profiled:
             log0("profile (" + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in profiled.items())
                  + f"): {ckpt_root / 'profile.txt'}")  # fmt: skip
         step += 1
-        step_times.append(dt)
-        lrs = scheduler.get_last_lr()
-        last = {
-            "loss": loss_value,
-            "grad_norm": float(grad_norm),
-            "step_time_s": dt,
-            "data_wait_s": data_waits[-1],
-            "tokens_per_s": tokens * world / dt,
-            "memory_gb": memory_gb(device),
-            **{f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)},
-        }
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss is {loss_value} at step {step}; stopping (no checkpoint written)")
-        metrics.log(step, last)
-        if step % cfg.logging.log_every == 0 or step == end_step:
+        plan_now = bool(budget_s) and step - start_step == TIME_PLAN_AFTER_STEPS and planned_steps > step
+        checkpoint_due = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step < end_step
+        log_due = step % cfg.logging.log_every == 0 or step == end_step
+        # the first step (compilation) is a window of its own, so it does not inflate the steady step times
+        if log_due or plan_now or checkpoint_due or profiled or step == start_step + 1:
+            flush()
+        if log_due:
             log0(
-                f"step {step}/{planned_steps} loss {loss_value:.5f} grad_norm {float(grad_norm):.4f} "
-                f"lr {max(lrs):.2e} {dt:.2f} s/step {last['tokens_per_s']:.0f} tok/s mem {last['memory_gb']:.1f} GB "
-                f"data wait {data_waits[-1] * 1000:.0f} ms"
+                f"step {step}/{planned_steps} loss {last['loss']:.5f} grad_norm {last['grad_norm']:.4f} "
+                f"lr {max(lrs):.2e} {last['step_time_s']:.2f} s/step {last['tokens_per_s']:.0f} tok/s "
+                f"mem {last['memory_gb']:.1f} GB data wait {data_waits[-1] * 1000:.0f} ms"
             )
-        # every rank must agree on stopping (SIGTERM reaches them at slightly different times)
-        flag = torch.tensor([1.0 if stop.stop else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() > 0:
+        # every rank must agree on stopping (SIGTERM reaches them at slightly different times): checked by
+        # all ranks at the same steps (the log steps) when there are several, at every step when alone
+        if world > 1:
+            stop_now = False
+            if log_due or checkpoint_due:
+                flag = torch.tensor([1.0 if stop.stop else 0.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = flag.item() > 0
+        else:
+            stop_now = stop.stop
+        if stop_now:
+            flush()
             log0(f"SIGTERM: writing a checkpoint at step {step} and stopping (continue with --resume)")
             checkpoint_now()
             stopped_by_signal = True
             break
-        if budget_s and step - start_step == TIME_PLAN_AFTER_STEPS and planned_steps > step:
+        if plan_now:
             # step times are steady by now (the first step compiles); every rank must plan the same end
             per_step = torch.tensor([sorted(step_times[1:])[len(step_times[1:]) // 2]], device=device)
             dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
@@ -443,8 +469,9 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
                     schedule.total = planned_steps
                 log0(f"time budget {cfg.stage.max_minutes:g} min at {float(per_step):.3f} s/step: the stage ends at "
                      f"step {planned_steps} (of {cfg.stage.steps}); the learning rate now anneals to there")
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step < end_step:
+        if checkpoint_due:
             checkpoint_now()
+    flush()
 
     ckpt_path = None
     export_path = None
