@@ -40,13 +40,15 @@ DATASET_SEEDS = {"3s": 100_000, "9s": 200_000, "18s": 300_000, "63s": 0}  # dist
 HELDOUT = 24
 
 # (videos per stage length, training steps per stage, VAE steps, eval storyboards, eval steps)
-SMOKE = dict(videos={"3s": 16, "9s": 8, "18s": 4, "63s": 2}, heldout=2, steps={s: 3 for s, _ in STAGES},
-             vae_steps=12, eval_num=2, eval_steps=3)
+# The smoke run passes the same flags as the real run (time budgets, profiling), only smaller: its 5 steps per
+# stage end before a budget binds, and its one profiled step is the 4th.
+SMOKE = dict(videos={"3s": 16, "9s": 8, "18s": 4, "63s": 2}, heldout=2, steps={s: 5 for s, _ in STAGES},
+             vae_steps=12, eval_num=2, eval_steps=3, profile_steps=1)
 # Videos rendered per stage length; prepare encodes what its time budget allows (the first run, 2026-11-23,
 # managed 7.8 / 2.6 / 1.4 / 0.5 clips/s side by side before the read-ahead; the rest is simply not used).
 FULL = dict(videos={"3s": 5000, "9s": 1500, "18s": 600, "63s": 250}, heldout=HELDOUT,
             steps={"3s": 5000, "9s": 2000, "18s": 1000, "63s": 1000},  # caps; the time budget decides
-            vae_steps=20000, eval_num=HELDOUT, eval_steps=30)
+            vae_steps=20000, eval_num=HELDOUT, eval_steps=30, profile_steps=3)
 # Seconds of wall time per phase in the real run. The first run had 150 s for a VAE at batch 16 (foreground
 # palette accuracy only 0.44): CPU experiments (docs/toyworld.md, "Training the VAE") show batch matters far
 # more than learning rate, hence 48 and 240 s. Its DiT steps were host-bound (0.3-0.5 s at any batch size), so
@@ -123,10 +125,10 @@ class Job:
         if self.phase_done("vae_data"):
             return
         batch = 4 if (self.smoke and self.device == "cpu") else VAE_BATCH  # a CPU smoke run checks the flow only
+        # a time budget: the VAE trainer ends its schedule on time
         vae_args = [*CLI, "toyworld", "train-vae", "--out", "vae", "--steps", vae_steps, "--batch-size", batch,
-                    "--workers", 2 if self.smoke else 6, "--device", self.device, "--force"]
-        if not self.smoke:  # a time budget: the VAE trainer ends its schedule on time
-            vae_args += ["--max-minutes", f"{BUDGET['vae'] / 60:.2f}", "--log-every", 100]
+                    "--workers", 2 if self.smoke else 6, "--device", self.device, "--force",
+                    "--max-minutes", f"{BUDGET['vae'] / 60:.2f}", "--log-every", 1 if self.smoke else 100]
         commands = {"train-vae": vae_args}
         for stage, k in STAGES:
             args = [*CLI, "toyworld", "dataset", "--out", f"data/ds{stage}", "--num", self.size["videos"][stage],
@@ -152,7 +154,7 @@ class Job:
         self.timings.update(self.run_parallel({f"prepare-{stage}": [
             *CLI, "prepare", "--annotations", f"data/ds{stage}/train/annotations.json", "--segments", k,
             "--preset", "toyworld", "--model", "models/toymodel", "--out", f"data/p{stage}", "--device", self.device,
-            *([] if self.smoke else ["--max-minutes", f"{BUDGET['prepare'] / 60:.2f}"])]
+            "--max-minutes", f"{BUDGET['prepare'] / 60:.2f}"]
             for stage, k in STAGES}))
         self.mark("prepare")
 
@@ -165,10 +167,11 @@ class Job:
                 "--set", f'model.overrides={{global_layer="{VARIANTS[variant]}"}}',
                 "--set", f"stage.steps={steps}", "--set", f'run.device="{self.device}"',
                 "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
-        if not self.smoke:  # the trainer fits the stage (and its learning-rate schedule) into the budget; 3
-            # profiled steps tell where a step's time goes (runs/<variant>/<stage>/profile.txt)
-            args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}", "--set", "logging.profile_steps=3"]
-        else:
+        # the trainer fits the stage (and its learning-rate schedule) into the budget; profiled steps tell
+        # where a step's time goes (runs/<variant>/<stage>/profile.txt)
+        args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}",
+                 "--set", f"logging.profile_steps={self.size['profile_steps']}"]
+        if self.smoke:
             args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
             if self.device == "cpu":  # checks the flow only; the GPU smoke run keeps the real batch (it is timed)
                 args += ["--set", "data.batch_size=1"]

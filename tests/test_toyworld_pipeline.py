@@ -37,9 +37,9 @@ def test_chain_commands_build_valid_stage_configs(tp, tmp_path, variant, smoke):
         sets = [args[j + 1] for j, a in enumerate(args) if a == "--set"]
         cfg = load_config(args[args.index("--config") + 1], sets)
         assert cfg.stage.segments == segments and cfg.stage.steps == 123 and cfg.model.preset == "toyworld"
-        # the real run: each stage ends on its time budget (both variants the same); the smoke run: on its steps
-        assert cfg.stage.max_minutes == (0 if smoke else pytest.approx(tp.BUDGET[stage] / 60, abs=1e-3))
-        assert cfg.logging.profile_steps == (0 if smoke else 3)
+        # each stage ends on its time budget (both variants the same); the smoke run passes the same flags
+        assert cfg.stage.max_minutes == pytest.approx(tp.BUDGET[stage] / 60, abs=1e-3)
+        assert cfg.logging.profile_steps == (1 if smoke else 3)
         assert cfg.model.overrides == {"global_layer": tp.VARIANTS[variant]}
         assert cfg.checkpoint.dir == f"runs/{variant}/{stage}"
         assert cfg.data.manifest == f"data/p{stage}/manifest.jsonl"
