@@ -65,5 +65,8 @@ else
     sleep 10
   done
   grep -E "done in|plan:|over its|failed|Error" "$TW/full.log" | tail -n 30
+  # each stage's time plan and profile, and the newest step line of the stages in flight
+  grep -hE "time budget|profile \(" "$TW"/full/logs/train-*.log 2>/dev/null | cut -c1-240 | tail -n 16
+  for f in "$TW"/full/logs/train-*.log; do [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '^step ' "$f" | tail -n 1)"; done
   copy_out
 fi
