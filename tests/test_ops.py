@@ -161,3 +161,22 @@ def test_auto_backend_is_torch_on_cpu():
     assert resolve_backend("auto", q, 64, "mlp") == "torch"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", q, 64, "mlp")
+
+
+@pytest.mark.parametrize("B,H,N,D,mb", [(2, 3, 48, 8, 16), (1, 2, 256, 64, 64)])
+def test_mlp_inference_loop_equals_the_differentiable_loop(B, H, N, D, mb):
+    # without autograd the torch backend runs the fused in-place loop (ops._mlp_scan_inference); with inputs
+    # that need gradients it runs the readable step: both must give the same numbers
+    q, k, v, eta, state, ln_w, ln_b = make_inputs("mlp", B, H, N, D)
+    before = [t.clone() for t in state]
+    with torch.no_grad():
+        fast, fast_final = ttt_mlp(q, k, v, eta, state, ln_w, ln_b, mini_batch_size=mb, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(state, before))  # the caller's state is not updated in place
+    assert fast.grad_fn is None
+    tracked = [t.detach().clone().requires_grad_(True) for t in (q, k, v, eta)]
+    slow, slow_final = ttt_mlp(*tracked, state, ln_w, ln_b, mini_batch_size=mb, backend="torch")
+    assert slow.grad_fn is not None  # (the differentiable path really ran)
+    assert rel_err(fast, slow) < 1e-12
+    for a, b in zip(fast_final, slow_final):
+        assert rel_err(a, b) < 1e-12
+    assert rel_err(fast_final[0], state[0]) > 1e-4  # and the returned state moved
