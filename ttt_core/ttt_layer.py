@@ -39,6 +39,7 @@ Where we differ from the official code, and why:
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -214,9 +215,11 @@ class TTTLayer(nn.Module):
     def reconstruction_target(self, v: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """V := K + LN_h(V - K) over the head dim of [B, N, H, D] (unbiased std, eps added to the std)."""
         d = v - k
-        mean = d.mean(dim=-1, keepdim=True)
-        std = d.std(dim=-1, keepdim=True)  # unbiased, as torch.std in the official code
-        return k + (d - mean) / (std + TARGET_LN_EPS) * self.ttt_norm_weight + self.ttt_norm_bias
+        centered = d - d.mean(dim=-1, keepdim=True)
+        # unbiased std, as torch.std in the official code; through vector_norm because torch.std over rows of
+        # 64 is ~10x slower on CPUs (7 ms a call at the one-minute shape, 12 calls per DiT forward)
+        std = torch.linalg.vector_norm(centered, dim=-1, keepdim=True) / math.sqrt(d.shape[-1] - 1)
+        return k + centered / (std + TARGET_LN_EPS) * self.ttt_norm_weight + self.ttt_norm_bias
 
     def inner_lr(self, x: torch.Tensor) -> torch.Tensor:
         """Final per-token inner learning rate eta [B, H, N] from hidden states x [B, N, width]."""
