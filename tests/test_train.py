@@ -519,3 +519,17 @@ def test_deferred_metrics_match_per_step_logging_and_catch_a_nan(data, reference
     with pytest.raises(FloatingPointError, match="at step 3"):
         train_stage(cfg)
     assert latest_checkpoint(data["root"] / "nan") is None
+
+
+def test_two_processes_plan_the_same_time_budgeted_end(data):
+    # each rank measures its own step times and clock: they must still agree on the last step (or hang)
+    from ttt_video.ttt_core.training.trainer import TIME_PLAN_AFTER_STEPS
+
+    ckpt = data["root"] / "fsdp-budget"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ttt_video.ttt_core.training.cli", "train", "--config", str(TINY / "3s.toml")]  # fmt: skip
+    for o in overrides(data["d1"], ckpt, steps=40, **{"data.batch_size": 1, "stage.max_minutes": 1e-4, "logging.log_every": 5}):
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(losses(ckpt)) == TIME_PLAN_AFTER_STEPS + 1 and (ckpt / "export.safetensors").is_file()

@@ -457,17 +457,19 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             stopped_by_signal = True
             break
         if plan_now:
-            # step times are steady by now (the first step compiles); every rank must plan the same end
-            per_step = torch.tensor([sorted(step_times[1:])[len(step_times[1:]) // 2]], device=device)
-            dist.all_reduce(per_step, op=dist.ReduceOp.MAX)
-            left_s = budget_s - (time.perf_counter() - loop_t0)
-            fit = step + max(1, int(left_s / float(per_step)))
+            # step times are steady by now (the first step compiles). Every rank must plan the same end: the
+            # slowest step time and the least time left over all ranks (one MAX reduction of both)
+            median = sorted(step_times[1:])[len(step_times[1:]) // 2]
+            plan = torch.tensor([median, time.perf_counter() - loop_t0 - budget_s], device=device, dtype=torch.float64)
+            dist.all_reduce(plan, op=dist.ReduceOp.MAX)
+            per_step, left_s = float(plan[0]), -float(plan[1])
+            fit = step + max(1, int(left_s / per_step))
             if fit < planned_steps:
                 planned_steps = fit
                 end_step = min(end_step, planned_steps)
                 for schedule in schedules:  # LambdaLR keeps these objects: the re-planned end is checkpointed
                     schedule.total = planned_steps
-                log0(f"time budget {cfg.stage.max_minutes:g} min at {float(per_step):.3f} s/step: the stage ends at "
+                log0(f"time budget {cfg.stage.max_minutes:g} min at {per_step:.3f} s/step: the stage ends at "
                      f"step {planned_steps} (of {cfg.stage.steps}); the learning rate now anneals to there")
         if checkpoint_due:
             checkpoint_now()
