@@ -533,3 +533,18 @@ def test_two_processes_plan_the_same_time_budgeted_end(data):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(losses(ckpt)) == TIME_PLAN_AFTER_STEPS + 1 and (ckpt / "export.safetensors").is_file()
+
+
+def test_a_failing_profile_report_does_not_stop_training(data, monkeypatch):
+    from ttt_video.ttt_core.training import profiling
+    from ttt_video.ttt_core.training.profiling import PROFILE_AFTER_STEPS
+
+    def broken(*a, **k):
+        raise RuntimeError("profiler output format changed")
+
+    monkeypatch.setattr(profiling, "write_report", broken)
+    ckpt = data["root"] / "profile-fails"
+    steps = PROFILE_AFTER_STEPS + 2
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=steps, **{"data.batch_size": 1, "logging.profile_steps": 1}))
+    summary = train_stage(cfg)
+    assert summary["end_step"] == steps and (ckpt / "export.safetensors").is_file()

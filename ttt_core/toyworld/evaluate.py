@@ -401,8 +401,6 @@ def _vae_key(folder: Path) -> str:
 def vae_round_trip(folders: dict, stories: list[dict], out: Path, log, *, device="auto", trust_scores=False) -> dict:
     """Score the ground truth after each distinct VAE's encode -> posterior mode -> decode; one entry per VAE:
     {label: {"vae": hash, "models": [...], "videos": rows, "mean": ...}}. Cached per (VAE hash, video)."""
-    import torch
-
     from ..decoding import decode_to_mp4
     from ..pipeline import resolve_device
     from ..training.prepare import encode_video, load_vae

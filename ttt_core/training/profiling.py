@@ -48,7 +48,10 @@ class StepProfiler:
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
         self.enabled = False
-        return write_report(prof, self.folder, self.count, wall, self.device)
+        try:
+            return write_report(prof, self.folder, self.count, wall, self.device)
+        except Exception as err:  # noqa: BLE001 -- a diagnostic must never end a training run
+            return {"error": f"profile report failed: {type(err).__name__}: {err}"}
 
 
 def _device_time_us(evt) -> float:
@@ -81,8 +84,9 @@ def write_report(prof, folder: Path, steps: int, wall_s: float, device: torch.de
     lines += ["", f"top {TABLE_ROWS} operators by self host time:",
               averages.table(sort_by="self_cpu_time_total", row_limit=TABLE_ROWS)]  # fmt: skip
     if on_gpu:
+        key = "self_device_time_total" if averages and hasattr(averages[0], "self_device_time_total") else "self_cuda_time_total"
         lines += ["", f"top {TABLE_ROWS} operators by self device time:",
-                  averages.table(sort_by="self_cuda_time_total", row_limit=TABLE_ROWS)]  # fmt: skip
+                  averages.table(sort_by=key, row_limit=TABLE_ROWS)]  # fmt: skip
     (folder / "profile.txt").write_text("\n".join(lines) + "\n")
     (folder / "profile.json").write_text(json.dumps(summary, indent=1))
     return summary
