@@ -231,14 +231,15 @@ class Job:
                     tar.add(self.work / sub, arcname=sub)
             for v in VARIANTS:
                 for stage, _ in STAGES:
-                    for name in ("metrics.jsonl", "profile.txt", "profile.json"):
+                    for name, packed in (("metrics.jsonl", ".jsonl"), ("profile.txt", "-profile.txt"),
+                                         ("profile.json", "-profile.json")):
                         m = self.work / "runs" / v / stage / name
                         if m.is_file():
-                            tar.add(m, arcname=f"metrics/{v}-{stage}{'.jsonl' if name == 'metrics.jsonl' else '-' + name}")
+                            tar.add(m, arcname=f"metrics/{v}-{stage}{packed}")
             ev = self.work / "eval"
             if ev.is_dir():
                 for p in sorted(ev.rglob("*")):
-                    if p.is_file() and (p.suffix in (".json", ".md") or p.stem in self._sample_videos()):  # (+ VAE row)
+                    if p.is_file() and (p.suffix in (".json", ".md") or p.stem in self._sample_videos()):
                         tar.add(p, arcname=f"eval/{p.relative_to(ev)}")
         log(f"packed {sorted(p.name for p in self.export.iterdir())}")
 
