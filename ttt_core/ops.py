@@ -112,10 +112,10 @@ def _linear_step(state, q, k, v, eta, ln_w, ln_b):
 @torch.no_grad()
 def _mlp_scan_inference(q, k, v, eta, state, ln_w, ln_b, mini_batch_size: int):
     """_scan(_mlp_step, ...) without autograd, for inference: the same math on [B*H] batches with fused and
-    in-place ops (baddbmm, GELU and its derivative as single operators, LayerNorm through native_layer_norm),
-    about half the operator calls of the readable step above. The 2-core CPU default run spends ~70 % of its
-    time in this loop (1,500 mini-batch steps per denoising step, each a few small matmuls, so per-operator
-    overhead matters). Checked against _mlp_step in float64 (tests/test_ops.py)."""
+    in-place ops (baddbmm, GELU and its derivative as single operators, LayerNorm through native_layer_norm):
+    0.7-0.8x the readable step's time at the embedded default's one-minute shape, where the scans were ~70 %
+    of a CPU forward (1,500 mini-batch steps per denoising step, each a few small matmuls, so per-operator
+    overhead matters; docs/performance.md). Checked against _mlp_step in float64 (tests/test_ops.py)."""
     B, H, N, D = q.shape
     BH, b = B * H, mini_batch_size
     Fh = state[0].shape[-1]
