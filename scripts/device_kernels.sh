@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
 # variants (each in its own process: checked, then timed), then the benchmark table.
-# Run through the device tool from the repo root, carrying .whl (fla wheels, see docs/performance.md):
+# Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
 #   PROBE='mlp_fwd:num_warps=8;...' bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail

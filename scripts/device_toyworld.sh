@@ -6,7 +6,8 @@
 #   bash scripts/device_toyworld.sh poll    # wait (<= POLL_S, default 540 s) for the real run; copy what exists
 #                                           # (weights, reports) to $OUT
 #
-# Through the device tool from the repo root, carrying .whl (diffusers + av wheels: the image has neither).
+# Through the device tool from the repo root, carrying .whl (diffusers + av wheels: the image has neither;
+# `bash scripts/fetch_device_wheels.sh` puts them there).
 # A machine goes back 30 s after a call ends, killing the background job: issue each `poll` at once (every poll
 # also copies what exists so far to $OUT, so a lost machine loses at most the phases in flight).
 # The job runs from a snapshot of the repo (/tmp/tw/repo), so a re-sent working tree cannot change it mid-run.
