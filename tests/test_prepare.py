@@ -287,11 +287,11 @@ def test_time_limit_keeps_what_is_done_and_a_rerun_continues(tmp_path, model_roo
     def slow_encode(vae, frames):
         import time
 
-        time.sleep(0.5)  # the first clip alone outlasts the 0.2-s limit below
+        time.sleep(1.5)  # the first clip alone outlasts the 1-s limit below (set-up before it takes ~0.05 s)
         return real_encode(vae, frames)
 
     monkeypatch.setattr(prep, "encode_video", slow_encode)
-    first = prep.prepare_dataset(max_minutes=0.2 / 60, **kw)
+    first = prep.prepare_dataset(max_minutes=1.0 / 60, **kw)
     assert first.written == 1 and any("time limit" in n for n in first.notes)
     assert len(load_manifest(tmp_path / "out" / "manifest.jsonl")[0]) == 1  # the finished item is listed
     rest = prep.prepare_dataset(**kw)
