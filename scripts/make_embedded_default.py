@@ -14,7 +14,7 @@ reads, or nothing: then a fixed-seed UNTRAINED model of preset "toyworld" (makes
 
 The shipped embedded default was made with (docs/toyworld.md, "Training"):
     python scripts/make_embedded_default.py --out models/embedded-default --force \
-        --transformer <ttt 63-s checkpoint> --vae <trained vae> --dtype bf16 --note "..."
+        --transformer <ttt 63-s checkpoint> --vae <trained vae> --note "..."  (fp32, the dtype it was evaluated in)
 Nothing is overwritten without --force; each file is written atomically.
 """
 
