@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -455,19 +456,20 @@ def test_host_thread_count_for_gpu_processes():
 
 
 def test_time_budget_shortens_the_stage_and_anneals_to_its_new_end(data):
-    # a budget already spent when the plan is made (after TIME_PLAN_AFTER_STEPS steps) leaves one more step
+    # a budget already spent when the plan is made (after the first step, which compiles, and
+    # TIME_PLAN_AFTER_STEPS steady ones) leaves one more step
     from ttt_video.ttt_core.training.trainer import TIME_PLAN_AFTER_STEPS
 
     ckpt = data["root"] / "budget"
     cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=40, **{"data.batch_size": 1, "stage.max_minutes": 1e-4}))
     summary = train_stage(cfg)
-    planned = TIME_PLAN_AFTER_STEPS + 1
+    planned = 1 + TIME_PLAN_AFTER_STEPS + 1
     assert summary["end_step"] == summary["planned_steps"] == planned
     rows = [json.loads(line) for line in (ckpt / METRICS_NAME).read_text().splitlines()]
     assert len(rows) == planned
     lrs = [r["lr/other_wd"] for r in rows]
     assert lrs[-1] == pytest.approx(1e-4)  # lr_end: the schedule was re-planned to end at the new last step
-    assert lrs[TIME_PLAN_AFTER_STEPS - 1] > 5e-4  # (before the re-plan it was decaying over 40 steps)
+    assert lrs[TIME_PLAN_AFTER_STEPS] > 5e-4  # (before the re-plan it was decaying over 40 steps)
     assert (ckpt / "export.safetensors").is_file()  # a finished stage: exported for the next one
     state = json.loads((latest_checkpoint(ckpt) / "trainer_state.json").read_text())
     assert state["planned_steps"] == planned
@@ -476,6 +478,70 @@ def test_time_budget_shortens_the_stage_and_anneals_to_its_new_end(data):
     roomy = data["root"] / "roomy"
     cfg = load_config(TINY / "3s.toml", overrides(data["d1"], roomy, steps=12, **{"data.batch_size": 1, "stage.max_minutes": 60}))
     assert train_stage(cfg)["end_step"] == 12 and (roomy / "export.safetensors").is_file()
+
+
+def _slow_steps(monkeypatch, steps: set[int], seconds: float) -> None:
+    """Make the given (1-based) training steps ``seconds`` slower on the trainer's clock (batch 1, no
+    accumulation: one loss a step). The clock is advanced, not slept on, so the test is fast and the step
+    times it sets dominate whatever the machine's real step time is."""
+    from ttt_video.ttt_core.training import trainer
+
+    real_loss, calls, offset = trainer.v_prediction_loss, [], [0.0]
+
+    class Clock:
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+        @staticmethod
+        def perf_counter():
+            return time.perf_counter() + offset[0]
+
+    def slow(*a, **k):
+        calls.append(1)
+        if len(calls) in steps:
+            offset[0] += seconds
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(trainer, "time", Clock())
+    monkeypatch.setattr(trainer, "v_prediction_loss", slow)
+
+
+def test_time_plan_ignores_profiled_steps(data, monkeypatch):
+    # the device run of 2026-11-23 planned from a window holding the profiled steps and ended its stages at a
+    # tenth of their budget: profiled steps (4-6 here, made 5 s slower) must not reach the plan
+    from ttt_video.ttt_core.training.profiling import PROFILE_AFTER_STEPS
+    from ttt_video.ttt_core.training.trainer import TIME_PLAN_AFTER_STEPS
+
+    profiled = set(range(PROFILE_AFTER_STEPS + 1, PROFILE_AFTER_STEPS + 4))
+    _slow_steps(monkeypatch, profiled, 5.0)
+    ckpt = data["root"] / "budget-profiled"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=40, **{
+        "data.batch_size": 1, "stage.max_minutes": 1e-4, "logging.profile_steps": 3}))  # fmt: skip
+    summary = train_stage(cfg)
+    first_plan = summary["time_plans"][0]
+    assert first_plan["at_step"] == 1 + TIME_PLAN_AFTER_STEPS + len(profiled)  # 10 steady steps were timed
+    assert first_plan["per_step_s"] < 2.5  # the profiled steps took over 5 s each
+    assert summary["end_step"] == first_plan["at_step"] + 1  # the budget was spent: one more step
+
+
+def test_time_plan_gives_back_steps_a_slow_start_took(data, monkeypatch):
+    # steps 2-11 are slow (a cold start), the rest fast: the first plan is pessimistic, the re-plan lengthens it
+    from ttt_video.ttt_core.training import trainer
+
+    monkeypatch.setattr(trainer, "REPLAN_EVERY", 5)
+    _slow_steps(monkeypatch, set(range(2, 12)), 5.0)
+    ckpt = data["root"] / "budget-replan"
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=60, **{
+        "data.batch_size": 1, "stage.max_minutes": 110 / 60, "logging.log_every": 100}))  # fmt: skip
+    summary = train_stage(cfg)
+    first, second = summary["time_plans"][:2]
+    assert first["at_step"] == 11 and second["at_step"] == 16
+    assert first["per_step_s"] > 5 and second["per_step_s"] < 2.5  # timed from the fast steps since the first plan
+    assert first["planned_steps"] < 24 and second["planned_steps"] > first["planned_steps"]
+    assert summary["end_step"] == summary["planned_steps"] > first["planned_steps"]
+    assert (ckpt / "export.safetensors").is_file()
+    lrs = [json.loads(line)["lr/other_wd"] for line in (ckpt / METRICS_NAME).read_text().splitlines()]
+    assert lrs[-1] == pytest.approx(1e-4)  # still annealed to lr_end at the (re-planned) last step
 
 
 def test_profiled_steps_write_a_report(data):
@@ -532,7 +598,7 @@ def test_two_processes_plan_the_same_time_budgeted_end(data):
         cmd += ["--set", o]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert len(losses(ckpt)) == TIME_PLAN_AFTER_STEPS + 1 and (ckpt / "export.safetensors").is_file()
+    assert len(losses(ckpt)) == 1 + TIME_PLAN_AFTER_STEPS + 1 and (ckpt / "export.safetensors").is_file()
 
 
 def test_a_failing_profile_report_does_not_stop_training(data, monkeypatch):

@@ -50,7 +50,13 @@ from .optim import apply_trainable, build_optimizer
 from .profiling import PROFILE_AFTER_STEPS, StepProfiler
 
 METRICS_NAME = "metrics.jsonl"
-TIME_PLAN_AFTER_STEPS = 10  # with stage.max_minutes: steps timed before the stage's length is planned
+# With stage.max_minutes the stage's length is planned from steady step times (not the first step, which
+# compiles, nor profiled ones): first after TIME_PLAN_AFTER_STEPS of them, then again every REPLAN_EVERY steps
+# from the times since the last plan, so a slow start (cold caches, allocator growth) cannot cut a stage short.
+# The device run of 2026-11-23 planned from a window holding the profiled steps (3.0 s/step for 0.35 s steps)
+# and ended its stages at a tenth of their budget.
+TIME_PLAN_AFTER_STEPS = 10
+REPLAN_EVERY = 25
 PREFETCH_STEPS = 2  # step batches built ahead of the running step (one step's inputs each: a few MB)
 
 
@@ -336,6 +342,10 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
     step = start_step
     last: dict[str, float] = {}
     step_times: list[float] = []
+    steady_times: list[float] = []  # step times of windows with neither the first step nor profiled ones
+    steady_issued = 0  # steps issued that count as steady (known when issued, so every rank agrees)
+    last_plan_step: int | None = None
+    time_plans: list[dict[str, float]] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -386,6 +396,8 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"loss is {loss_value} at step {at}; stopping (no checkpoint written)")
             step_times.append(per_step)
+            if host["steady"]:
+                steady_times.append(per_step)
             tokens_ = host.pop("tokens")
             last = {"loss": loss_value, "grad_norm": grad_value, "step_time_s": per_step,
                     "data_wait_s": host["data_wait_s"], "tokens_per_s": tokens_ * world / per_step,
@@ -394,7 +406,10 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
         pending.clear()
 
     stopped_by_signal = False
+    step_cap = end_step
     while step < end_step:
+        if profiler.covers(step) and not profiler.covers(step - 1):
+            flush()  # the profiled steps get a window of their own: their time never reaches a plan
         profiler.before_step(step)
         ts = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -421,14 +436,18 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)  # asynchronous on the device: no host wait
         lrs = scheduler.get_last_lr()
+        steady = step != start_step and not profiler.covers(step)
+        steady_issued += steady
         pending.append((step + 1, loss_sum, grad_norm.detach(), {
-            "data_wait_s": data_waits[-1], "tokens": tokens, "lrs": {f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)}}))  # fmt: skip
+            "data_wait_s": data_waits[-1], "tokens": tokens, "steady": steady,
+            "lrs": {f"lr/{s.name}": lr for s, lr in zip(schedules, lrs)}}))  # fmt: skip
         profiled = profiler.after_step(step)
         if profiled:
             log0("profile (" + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in profiled.items())
                  + f"): {ckpt_root / 'profile.txt'}")  # fmt: skip
         step += 1
-        plan_now = bool(budget_s) and step - start_step == TIME_PLAN_AFTER_STEPS and planned_steps > step
+        plan_now = (bool(budget_s) and steady_issued >= TIME_PLAN_AFTER_STEPS and step < step_cap
+                    and (last_plan_step is None or step - last_plan_step >= REPLAN_EVERY))
         checkpoint_due = bool(cfg.checkpoint.interval) and step % cfg.checkpoint.interval == 0 and step < end_step
         log_due = step % cfg.logging.log_every == 0 or step == end_step
         # the first step (compilation) is a window of its own, so it does not inflate the steady step times
@@ -457,20 +476,25 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
             stopped_by_signal = True
             break
         if plan_now:
-            # step times are steady by now (the first step compiles). Every rank must plan the same end: the
-            # slowest step time and the least time left over all ranks (one MAX reduction of both)
-            median = sorted(step_times[1:])[len(step_times[1:]) // 2]
-            plan = torch.tensor([median, time.perf_counter() - loop_t0 - budget_s], device=device, dtype=torch.float64)
+            # Every rank must plan the same end: the slowest recent step time and the least time left over all
+            # ranks (one MAX reduction of both). The plan may shorten the stage or give back steps an earlier,
+            # pessimistic plan took (never beyond stage.steps).
+            recent = sorted(steady_times[-(REPLAN_EVERY if last_plan_step is not None else TIME_PLAN_AFTER_STEPS):])
+            plan = torch.tensor([recent[len(recent) // 2], time.perf_counter() - loop_t0 - budget_s], device=device,
+                                dtype=torch.float64)  # fmt: skip
             dist.all_reduce(plan, op=dist.ReduceOp.MAX)
             per_step, left_s = float(plan[0]), -float(plan[1])
-            fit = step + max(1, int(left_s / per_step))
-            if fit < planned_steps:
-                planned_steps = fit
-                end_step = min(end_step, planned_steps)
+            new_plan = min(cfg.stage.steps, step + max(1, int(left_s / per_step)))
+            time_plans.append({"at_step": step, "per_step_s": per_step, "planned_steps": new_plan})
+            if new_plan != planned_steps:
+                if last_plan_step is None or abs(new_plan - planned_steps) > 0.02 * planned_steps:
+                    log0(f"time budget {cfg.stage.max_minutes:g} min at {per_step:.3f} s/step (step {step}): the "
+                         f"stage ends at step {new_plan} (of {cfg.stage.steps}); the learning rate anneals to there")
+                planned_steps = new_plan
+                end_step = min(step_cap, planned_steps)
                 for schedule in schedules:  # LambdaLR keeps these objects: the re-planned end is checkpointed
                     schedule.total = planned_steps
-                log0(f"time budget {cfg.stage.max_minutes:g} min at {per_step:.3f} s/step: the stage ends at "
-                     f"step {planned_steps} (of {cfg.stage.steps}); the learning rate now anneals to there")
+            last_plan_step = step
         if checkpoint_due:
             checkpoint_now()
     flush()
@@ -485,11 +509,12 @@ def _train(cfg, rank, world, device, stop, resume, max_steps, save_final, resour
         log0(f"export (inference weights: TTT + {len([c for c in changed if 'ttt' not in c])} changed backbone "
              f"tensor(s)): {ckpt_root / 'export.safetensors'}")  # fmt: skip
     metrics.close()
-    steady = step_times[1:] if len(step_times) > 1 else step_times
+    steady = steady_times or step_times
     return {
         "start_step": start_step,
         "end_step": step,
         "planned_steps": planned_steps,
+        "time_plans": time_plans,
         "stopped_by_signal": stopped_by_signal,
         "last": last,
         "mean_step_time_s": sum(steady) / len(steady) if steady else float("nan"),
