@@ -8,6 +8,8 @@
     python scripts/toyworld_pipeline.py --work DIR --export DIR --smoke   # every phase, a few steps
     python scripts/toyworld_pipeline.py --work DIR --export DIR           # the real run
     python scripts/toyworld_pipeline.py --work DIR --export DIR --no-eval # ... with the eval left for a CPU
+    python scripts/toyworld_pipeline.py --work DIR --export DIR --no-eval --dit-steps 3s=600,9s=300,18s=250,63s=160
+                                                                          # the second run (fixed DiT steps)
 
 The real run gives every phase a wall-time budget (BUDGET), so it fits the device lease: the VAE trainer, prepare
 (--max-minutes) and each DiT stage (stage.max_minutes: the trainer times its first steps, then plans the stage's
@@ -65,8 +67,9 @@ def log(msg: str) -> None:
 
 
 class Job:
-    def __init__(self, work: Path, export: Path, smoke: bool, device: str):
+    def __init__(self, work: Path, export: Path, smoke: bool, device: str, fixed_steps: bool = False):
         self.work, self.export, self.smoke, self.device = work, export, smoke, device
+        self.fixed_steps = fixed_steps  # the DiT stages run their step counts, with no time budget
         self.size = SMOKE if smoke else FULL
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "done").mkdir(exist_ok=True)
@@ -172,7 +175,7 @@ class Job:
                 "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
         # the trainer fits the stage (and its learning-rate schedule) into the budget; profiled steps tell
         # where a step's time goes (runs/<variant>/<stage>/profile.txt)
-        args += ["--set", f"stage.max_minutes={BUDGET[stage] / 60:.3f}",
+        args += ["--set", f"stage.max_minutes={0 if self.fixed_steps else BUDGET[stage] / 60:.3f}",
                  "--set", f"logging.profile_steps={self.size['profile_steps']}"]
         if self.smoke:
             args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
@@ -185,7 +188,7 @@ class Job:
             if self.phase_done(f"train-{stage}"):
                 continue
             steps = steps_for[stage]
-            deadline = None if self.smoke else BUDGET[stage] * 1.25 + 60  # SIGTERM only if well off the plan
+            deadline = None if self.smoke or self.fixed_steps else BUDGET[stage] * 1.25 + 60  # only if well off the plan
             walls = self.run_parallel({f"train-{v}-{stage}": self.train_args(v, stage, steps) for v in VARIANTS},
                                       deadline_s=deadline)
             info = {"steps": steps, "wall_s": walls}
@@ -280,10 +283,23 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eval", action="store_true",
                     help="skip the held-out eval (run `ttt-video toyworld eval` elsewhere) and give its time to "
                          "the DiT stages")
+    ap.add_argument("--dit-steps", default=None, metavar="3s=N,9s=N,18s=N,63s=N",
+                    help="fixed DiT steps per stage instead of time budgets (the second run, 2026-11-23: "
+                         "3s=600,9s=300,18s=250,63s=160)")
     args = ap.parse_args(argv)
     if args.no_eval and not args.smoke:
         BUDGET.update(BUDGET_NO_EVAL)
-    job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device)
+    dit_steps = None
+    if args.dit_steps:
+        try:
+            dit_steps = {s: int(n) for s, n in (item.split("=") for item in args.dit_steps.split(","))}
+        except ValueError:
+            dit_steps = {}
+        if set(dit_steps) != {s for s, _ in STAGES} or min(dit_steps.values()) < 1:
+            ap.error(f"--dit-steps needs a positive count for each of {[s for s, _ in STAGES]}, got {args.dit_steps!r}")
+    job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps))
+    if dit_steps:
+        job.size = {**job.size, "steps": dit_steps}
     if args.pack_only:
         job.pack()
         return 0

@@ -58,3 +58,16 @@ def test_run_parallel_waits_for_all_and_raises_the_failure(tp, tmp_path):
     assert "$ " in (tmp_path / "w" / "logs" / "fails.log").read_text()
     walls = job.run_parallel({"a": [sys.executable, "-c", "pass"], "b": [sys.executable, "-c", "pass"]})
     assert set(walls) == {"a", "b"}
+
+
+def test_fixed_dit_steps_drop_the_time_budget(tp, tmp_path):
+    # the second device run (2026-11-23) trained fixed step counts: no stage may then end on a time budget
+    job = tp.Job(tmp_path / "w", tmp_path / "e", smoke=False, device="cuda", fixed_steps=True)
+    args = [str(a) for a in job.train_args("ttt", "9s", 300)]
+    cfg = load_config(args[args.index("--config") + 1], [args[j + 1] for j, a in enumerate(args) if a == "--set"])
+    assert cfg.stage.steps == 300 and cfg.stage.max_minutes == 0
+    with pytest.raises(SystemExit):  # a stage without a count is refused before anything runs
+        tp.main(["--work", str(tmp_path / "w2"), "--export", str(tmp_path / "e2"), "--dit-steps", "3s=10,9s=5"])
+    with pytest.raises(SystemExit):
+        tp.main(["--work", str(tmp_path / "w2"), "--export", str(tmp_path / "e2"), "--dit-steps", "3s=x"])
+    assert not (tmp_path / "w2").exists()
