@@ -53,9 +53,11 @@ if [ "$MODE" = start ]; then
     status=${PIPESTATUS[0]}
     if [ "$status" != 0 ]; then echo "SMOKE FAILED ($status)"; copy_out; exit "$status"; fi
   fi
-  # NO_EVAL=1: train only (the DiT stages get the eval's time); the held-out eval then runs on a CPU
+  # NO_EVAL=1: train only (the DiT stages get the eval's time); the held-out eval then runs on a CPU.
+  # PIPELINE_ARGS: more options for the pipeline, e.g. continuing the shipped models (docs/toyworld.md)
+  # shellcheck disable=SC2086  # PIPELINE_ARGS is a list of options
   setsid nohup python3 "$TW/repo/scripts/toyworld_pipeline.py" --work "$TW/full" --export "$TW/full/export" \
-    ${NO_EVAL:+--no-eval} > "$TW/full.log" 2>&1 < /dev/null &
+    ${NO_EVAL:+--no-eval} ${PIPELINE_ARGS:-} > "$TW/full.log" 2>&1 < /dev/null &
   sleep 20
   tail -n 5 "$TW/full.log"
   copy_out

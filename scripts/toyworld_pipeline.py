@@ -67,9 +67,14 @@ def log(msg: str) -> None:
 
 
 class Job:
-    def __init__(self, work: Path, export: Path, smoke: bool, device: str, fixed_steps: bool = False):
+    def __init__(self, work: Path, export: Path, smoke: bool, device: str, fixed_steps: bool = False,
+                 vae: Path | None = None, init: dict[str, Path] | None = None, stages: list[str] | None = None):
         self.work, self.export, self.smoke, self.device = work, export, smoke, device
         self.fixed_steps = fixed_steps  # the DiT stages run their step counts, with no time budget
+        # continuing a finished run: its VAE (not retrained), each chain's transformer as the first stage's start,
+        # and the stages to run (a subset of STAGES, in order)
+        self.vae, self.init = vae, init or {}
+        self.stages = [(s, k) for s, k in STAGES if stages is None or s in stages]
         self.size = SMOKE if smoke else FULL
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "done").mkdir(exist_ok=True)
@@ -135,8 +140,11 @@ class Job:
         vae_args = [*CLI, "toyworld", "train-vae", "--out", "vae", "--steps", vae_steps, "--batch-size", batch,
                     "--workers", 2 if self.smoke else 6, "--device", self.device, "--force",
                     "--max-minutes", f"{BUDGET['vae'] / 60:.2f}", "--log-every", 1 if self.smoke else 100]
-        commands = {"train-vae": vae_args}
-        for stage, k in STAGES:
+        commands = {} if self.vae else {"train-vae": vae_args}
+        if self.vae:  # a given VAE: copied, not trained (the datasets are still rendered)
+            shutil.rmtree(self.work / "vae", ignore_errors=True)
+            shutil.copytree(self.vae, self.work / "vae")
+        for stage, k in self.data_stages():
             args = [*CLI, "toyworld", "dataset", "--out", f"data/ds{stage}", "--num", self.size["videos"][stage],
                     "--segments", k, "--seed", DATASET_SEEDS[stage], "--workers", 2 if self.smoke else 3, "--quiet"]
             if stage == "63s":
@@ -145,6 +153,10 @@ class Job:
         self.timings.update(self.run_parallel(commands))
         self.assemble("toymodel", None)
         self.mark("vae_data")
+
+    def data_stages(self) -> list[tuple[str, int]]:
+        """Stage lengths that need data: the stages that run, and 63 s always (the held-out set)."""
+        return [(s, k) for s, k in STAGES if (s, k) in self.stages or s == "63s"]
 
     def assemble(self, name: str, transformer: str | None) -> Path:
         args = [sys.executable, REPO / "scripts" / "make_embedded_default.py", "--out", f"models/{name}", "--vae", "vae",
@@ -161,15 +173,17 @@ class Job:
             *CLI, "prepare", "--annotations", f"data/ds{stage}/train/annotations.json", "--segments", k,
             "--preset", "toyworld", "--model", "models/toymodel", "--out", f"data/p{stage}", "--device", self.device,
             "--max-minutes", f"{BUDGET['prepare'] / 60:.2f}"]
-            for stage, k in STAGES}))
+            for stage, k in self.stages}))
         self.mark("prepare")
 
     def train_args(self, variant: str, stage: str, steps: int) -> list:
-        prev = {"9s": "3s", "18s": "9s", "63s": "18s"}.get(stage)
+        names = [s for s, _ in self.stages]
+        at = names.index(stage)
+        start = f"runs/{variant}/{names[at - 1]}" if at else self.init.get(variant)  # None: from scratch
         args = [*CLI, "train", "--config", REPO / "configs" / "toyworld" / f"{stage}.toml",
                 "--set", f'data.manifest="data/p{stage}/manifest.jsonl"',
                 "--set", f'checkpoint.dir="runs/{variant}/{stage}"',
-                "--set", f'model.init_from=[{json.dumps(f"runs/{variant}/{prev}") if prev else ""}]',
+                "--set", f'model.init_from=[{json.dumps(str(start)) if start else ""}]',
                 "--set", f'model.overrides={{global_layer="{VARIANTS[variant]}"}}',
                 "--set", f"stage.steps={steps}", "--set", f'run.device="{self.device}"',
                 "--summary-json", f"logs/train-{variant}-{stage}.summary.json"]
@@ -184,7 +198,7 @@ class Job:
         return args
 
     def train(self, steps_for: dict[str, int]) -> None:
-        for stage, _ in STAGES:
+        for stage, _ in self.stages:
             if self.phase_done(f"train-{stage}"):
                 continue
             steps = steps_for[stage]
@@ -201,7 +215,7 @@ class Job:
         if self.phase_done("eval"):
             return
         for v in VARIANTS:
-            self.assemble(v, f"runs/{v}/63s")
+            self.assemble(v, f"runs/{v}/{self.stages[-1][0]}")
         common = ["--heldout", "data/ds63s/heldout", "--num", self.size["eval_num"], "--steps",
                   self.size["eval_steps"], "--device", self.device, "--out", "eval", "--quiet"]
         # one process per model side by side (each resumes the shared folder), then one pass that only
@@ -222,7 +236,7 @@ class Job:
                 shutil.copy2(src.with_name("config.json"), self.export / f"transformer-{v}.config.json")
                 continue
             # no model folder yet (the job is still running or died): the newest stage checkpoint instead
-            for stage, _ in reversed(STAGES):
+            for stage, _ in reversed(self.stages):
                 shards = sorted((self.work / "runs" / v / stage).glob("step_*/model/*.safetensors"))
                 if shards:
                     shutil.copy2(shards[-1], self.export / f"transformer-{v}-{stage}-partial.safetensors")
@@ -236,7 +250,7 @@ class Job:
                 if (self.work / sub).exists():
                     tar.add(self.work / sub, arcname=sub)
             for v in VARIANTS:
-                for stage, _ in STAGES:
+                for stage, _ in self.stages:
                     for name, packed in (("metrics.jsonl", ".jsonl"), ("profile.txt", "-profile.txt"),
                                          ("profile.json", "-profile.json")):
                         m = self.work / "runs" / v / stage / name
@@ -283,21 +297,41 @@ def main(argv=None) -> int:
     ap.add_argument("--no-eval", action="store_true",
                     help="skip the held-out eval (run `ttt-video toyworld eval` elsewhere) and give its time to "
                          "the DiT stages")
+    ap.add_argument("--vae", type=Path, default=None,
+                    help="use this VAE folder instead of training one (e.g. models/embedded-default/vae)")
+    ap.add_argument("--init", default=None, metavar="ttt=DIR,local=DIR",
+                    help="continue a finished run: each chain's first stage starts from this transformer folder")
+    ap.add_argument("--stages", default=None, metavar="9s,18s,63s",
+                    help="the DiT stages to run, in order (default: 3s,9s,18s,63s)")
     ap.add_argument("--dit-steps", default=None, metavar="3s=N,9s=N,18s=N,63s=N",
-                    help="fixed DiT steps per stage instead of time budgets (the second run, 2026-11-23: "
-                         "3s=600,9s=300,18s=250,63s=160)")
+                    help="fixed DiT steps per stage that runs, instead of time budgets (the second run, "
+                         "2026-11-23: 3s=600,9s=300,18s=250,63s=160)")
     args = ap.parse_args(argv)
     if args.no_eval and not args.smoke:
         BUDGET.update(BUDGET_NO_EVAL)
+    stages = [x for x in args.stages.split(",") if x] if args.stages else [s for s, _ in STAGES]
+    if not stages or not set(stages) <= {s for s, _ in STAGES}:
+        ap.error(f"--stages takes a comma-separated subset of {[s for s, _ in STAGES]}, got {args.stages!r}")
+    init = {}
+    for item in (args.init.split(",") if args.init else []):
+        name, _, folder = item.partition("=")
+        if name not in VARIANTS or not Path(folder).is_dir():
+            ap.error(f"--init takes {'/'.join(VARIANTS)}=<transformer folder> items, got {item!r}")
+        init[name] = Path(folder).resolve()
+    if args.init and set(init) != set(VARIANTS):
+        ap.error(f"--init needs a transformer for each of {list(VARIANTS)} (a fair comparison starts both)")
+    if args.vae and not (args.vae / "config.json").is_file():
+        ap.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
     dit_steps = None
     if args.dit_steps:
         try:
             dit_steps = {s: int(n) for s, n in (item.split("=") for item in args.dit_steps.split(","))}
         except ValueError:
             dit_steps = {}
-        if set(dit_steps) != {s for s, _ in STAGES} or min(dit_steps.values()) < 1:
-            ap.error(f"--dit-steps needs a positive count for each of {[s for s, _ in STAGES]}, got {args.dit_steps!r}")
-    job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps))
+        if set(dit_steps) != set(stages) or min(dit_steps.values()) < 1:
+            ap.error(f"--dit-steps needs a positive count for each stage that runs ({stages}), got {args.dit_steps!r}")
+    job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps),
+              vae=args.vae.resolve() if args.vae else None, init=init, stages=stages)
     if dit_steps:
         job.size = {**job.size, "steps": dit_steps}
     if args.pack_only:
@@ -314,7 +348,7 @@ def main(argv=None) -> int:
         job.train(steps)
         if args.no_eval:
             for v in VARIANTS:
-                job.assemble(v, f"runs/{v}/63s")
+                job.assemble(v, f"runs/{v}/{job.stages[-1][0]}")
         else:
             job.evaluate()
     finally:

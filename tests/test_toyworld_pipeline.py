@@ -71,3 +71,34 @@ def test_fixed_dit_steps_drop_the_time_budget(tp, tmp_path):
     with pytest.raises(SystemExit):
         tp.main(["--work", str(tmp_path / "w2"), "--export", str(tmp_path / "e2"), "--dit-steps", "3s=x"])
     assert not (tmp_path / "w2").exists()
+
+
+def test_continuing_a_run_starts_each_chain_from_its_model_and_keeps_the_vae(tp, tmp_path, monkeypatch):
+    # the next device run can spend its lease on the DiTs: the shipped VAE is kept, both chains continue
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text("{}")
+    init = {"ttt": tmp_path / "ttt-transformer", "local": tmp_path / "local-transformer"}
+    job = tp.Job(tmp_path / "w", tmp_path / "e", smoke=False, device="cuda", vae=vae, init=init, stages=["9s", "63s"])
+    for variant in tp.VARIANTS:
+        starts = []
+        for stage in ("9s", "63s"):
+            args = [str(a) for a in job.train_args(variant, stage, 10)]
+            cfg = load_config(args[args.index("--config") + 1], [args[j + 1] for j, a in enumerate(args) if a == "--set"])
+            starts.append(cfg.model.init_from)
+        assert starts == [[str(init[variant])], [f"runs/{variant}/9s"]]
+
+    ran = {}
+    monkeypatch.setattr(job, "run_parallel", lambda commands, deadline_s=None: ran.update(commands) or {})
+    monkeypatch.setattr(job, "assemble", lambda name, transformer: None)
+    job.vae_and_data(100)
+    assert sorted(ran) == ["dataset-63s", "dataset-9s"]  # no VAE training; data for the stages that run (+ held-out)
+    assert (tmp_path / "w" / "vae" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("bad", [["--stages", "9s,27s"], ["--init", "ttt=/nonexistent,local=/nonexistent"],
+                                 ["--stages", "63s", "--dit-steps", "3s=5,63s=5"], ["--vae", "/nonexistent"]])
+def test_continuation_options_are_checked_before_anything_runs(tp, tmp_path, bad):
+    with pytest.raises(SystemExit):
+        tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), *bad])
+    assert not (tmp_path / "w").exists()
