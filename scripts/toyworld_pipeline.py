@@ -287,6 +287,19 @@ def vae_step_time(work: Path) -> float | None:
     return vals[len(vals) // 2] if vals else None
 
 
+def per_stage(ap: argparse.ArgumentParser, flag: str, text: str | None, stages: list[str]) -> dict[str, int] | None:
+    """``3s=N,9s=N`` -> {stage: N}: one positive integer for each stage that runs (an argparse error otherwise)."""
+    if not text:
+        return None
+    try:
+        values = {s: int(n) for s, n in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        values = {}
+    if set(values) != set(stages) or min(values.values()) < 1:
+        ap.error(f"{flag} needs a positive integer for each stage that runs ({stages}), got {text!r}")
+    return values
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, required=True, help="working folder (datasets, runs, models, eval)")
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dit-steps", default=None, metavar="3s=N,9s=N,18s=N,63s=N",
                     help="fixed DiT steps per stage that runs, instead of time budgets (the second run, "
                          "2026-11-23: 3s=600,9s=300,18s=250,63s=160)")
+    ap.add_argument("--stage-seconds", default=None, metavar="9s=S,18s=S,63s=S",
+                    help="wall-time budget of each DiT stage that runs (default: BUDGET, BUDGET_NO_EVAL)")
     args = ap.parse_args(argv)
     if args.no_eval and not args.smoke:
         BUDGET.update(BUDGET_NO_EVAL)
@@ -322,14 +337,9 @@ def main(argv=None) -> int:
         ap.error(f"--init needs a transformer for each of {list(VARIANTS)} (a fair comparison starts both)")
     if args.vae and not (args.vae / "config.json").is_file():
         ap.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
-    dit_steps = None
-    if args.dit_steps:
-        try:
-            dit_steps = {s: int(n) for s, n in (item.split("=") for item in args.dit_steps.split(","))}
-        except ValueError:
-            dit_steps = {}
-        if set(dit_steps) != set(stages) or min(dit_steps.values()) < 1:
-            ap.error(f"--dit-steps needs a positive count for each stage that runs ({stages}), got {args.dit_steps!r}")
+    dit_steps = per_stage(ap, "--dit-steps", args.dit_steps, stages)
+    if args.stage_seconds:
+        BUDGET.update(per_stage(ap, "--stage-seconds", args.stage_seconds, stages))
     job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps),
               vae=args.vae.resolve() if args.vae else None, init=init, stages=stages)
     if dit_steps:

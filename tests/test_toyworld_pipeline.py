@@ -97,8 +97,20 @@ def test_continuing_a_run_starts_each_chain_from_its_model_and_keeps_the_vae(tp,
 
 
 @pytest.mark.parametrize("bad", [["--stages", "9s,27s"], ["--init", "ttt=/nonexistent,local=/nonexistent"],
-                                 ["--stages", "63s", "--dit-steps", "3s=5,63s=5"], ["--vae", "/nonexistent"]])
+                                 ["--stages", "63s", "--dit-steps", "3s=5,63s=5"], ["--vae", "/nonexistent"],
+                                 ["--stages", "18s,63s", "--stage-seconds", "18s=300,63s=0"]])
 def test_continuation_options_are_checked_before_anything_runs(tp, tmp_path, bad):
     with pytest.raises(SystemExit):
         tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), *bad])
     assert not (tmp_path / "w").exists()
+
+
+def test_stage_values_are_one_positive_integer_per_stage(tp):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    assert tp.per_stage(ap, "--stage-seconds", "9s=300,63s=400", ["9s", "63s"]) == {"9s": 300, "63s": 400}
+    assert tp.per_stage(ap, "--stage-seconds", None, ["9s"]) is None
+    for bad in ("9s=300", "9s=300,63s=x", "9s=300,63s=400,3s=5", "9s=-1,63s=4"):
+        with pytest.raises(SystemExit):
+            tp.per_stage(ap, "--stage-seconds", bad, ["9s", "63s"])
