@@ -24,13 +24,12 @@ class StepProfiler:
     def __init__(self, folder: Path, first: int, count: int, device: torch.device, enabled: bool):
         self.folder, self.first, self.count, self.device = Path(folder), first, count, device
         self.enabled = enabled and count > 0
-        self._will_run = count > 0  # every rank counts the profiled steps out of its plan, profiling or not
         self._prof = None
         self._t0 = 0.0
 
     def covers(self, step: int) -> bool:
-        """Whether ``step`` is (or was) one of the profiled steps."""
-        return self.count > 0 and self.first <= step < self.first + self.count and self._will_run
+        """Whether ``step`` is one of the profiled steps (on every rank, also those that do not profile)."""
+        return self.first <= step < self.first + self.count
 
     def before_step(self, step: int) -> None:
         if not self.enabled or step != self.first:
