@@ -47,7 +47,7 @@ setup
 if [ "$MODE" = start ]; then
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton, diffusers, av; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__, 'av', av.__version__)"
-  cd "$TW" || exit 1
+  cd "$TW/repo" || exit 1  # relative paths in PIPELINE_ARGS (models/...) are read from the repo's snapshot
   if [ "${SMOKE:-0}" = 1 ]; then
     python3 "$TW/repo/scripts/toyworld_pipeline.py" --work "$TW/smoke" --export "$TW/smoke/export" --smoke 2>&1 | tee "$TW/smoke.log"
     status=${PIPESTATUS[0]}
