@@ -531,7 +531,7 @@ def test_time_plan_gives_back_steps_a_slow_start_took(data, monkeypatch):
     monkeypatch.setattr(trainer, "REPLAN_EVERY", 5)
     _slow_steps(monkeypatch, set(range(2, 12)), 5.0)
     ckpt = data["root"] / "budget-replan"
-    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=60, **{
+    cfg = load_config(TINY / "3s.toml", overrides(data["d1"], ckpt, steps=30, **{
         "data.batch_size": 1, "stage.max_minutes": 110 / 60, "logging.log_every": 100}))  # fmt: skip
     summary = train_stage(cfg)
     first, second = summary["time_plans"][:2]
