@@ -211,11 +211,15 @@ class Job:
             self.timings[f"train-{stage}"] = info
             self.mark(f"train-{stage}", info)
 
+    def assemble_models(self) -> None:
+        """One model folder per variant from its chain's last stage."""
+        for v in VARIANTS:
+            self.assemble(v, f"runs/{v}/{self.stages[-1][0]}")
+
     def evaluate(self) -> None:
         if self.phase_done("eval"):
             return
-        for v in VARIANTS:
-            self.assemble(v, f"runs/{v}/{self.stages[-1][0]}")
+        self.assemble_models()
         common = ["--heldout", "data/ds63s/heldout", "--num", self.size["eval_num"], "--steps",
                   self.size["eval_steps"], "--device", self.device, "--out", "eval", "--quiet"]
         # one process per model side by side (each resumes the shared folder), then one pass that only
@@ -357,8 +361,7 @@ def main(argv=None) -> int:
         job.prepare()
         job.train(steps)
         if args.no_eval:
-            for v in VARIANTS:
-                job.assemble(v, f"runs/{v}/{job.stages[-1][0]}")
+            job.assemble_models()
         else:
             job.evaluate()
     finally:
