@@ -18,6 +18,7 @@ so here one program holds a whole head's state (simpler, runs on any CUDA GPU, n
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -29,6 +30,8 @@ LN_EPS = 1e-8
 DEFAULT_GROUP = 16
 # Tests set this: every buffer the kernels write starts NaN-filled, so an element left unwritten shows up.
 POISON_OUTPUTS = False
+# Triton's CPU interpreter cannot run inline PTX: kernels take the portable path there.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 def _empty(*shape, device, dtype=torch.float32):
@@ -53,17 +56,23 @@ def _mm(a, b, DT: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tanh(u):
-    # tanh via sigmoid (tl has no portable tanh across Triton 3.6 / 3.9 and the interpreter)
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+def _tanh(u, IEEE: tl.constexpr):
+    if IEEE or _INTERPRET:
+        # tanh via sigmoid (tl has no portable tanh across Triton 3.6 / 3.9 and the interpreter)
+        return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    else:
+        # bf16/fp16 operands: one MUFU instruction instead of exp + reciprocal + 4 FP ops. Its relative error
+        # (2^-10.99) is below the bf16 rounding (2^-9) that every GELU output and derivative gets next.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
 
 @triton.jit
-def _gelu_parts(z):
+def _gelu_parts(z, IEEE: tl.constexpr):
     """gelu_tanh(z), its first and second derivative."""
     u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
     du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    t = _tanh(u)
+    t = _tanh(u, IEEE)
     s = 1.0 - t * t
     g = 0.5 * z * (1.0 + t)
     g1 = 0.5 * (1.0 + t) + 0.5 * z * s * du
@@ -72,18 +81,18 @@ def _gelu_parts(z):
 
 
 @triton.jit
-def _gelu_and_grad(z):
+def _gelu_and_grad(z, IEEE: tl.constexpr):
     u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    t = _tanh(u)
+    t = _tanh(u, IEEE)
     g = 0.5 * z * (1.0 + t)
     g1 = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
     return g, g1
 
 
 @triton.jit
-def _gelu(z):
+def _gelu(z, IEEE: tl.constexpr):
     u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return 0.5 * z * (1.0 + _tanh(u))
+    return 0.5 * z * (1.0 + _tanh(u, IEEE))
 
 
 @triton.jit
@@ -140,7 +149,7 @@ def _ln_double_bwd(G, gx, g, xh, rstd, gz, gamma, D: tl.constexpr):
 def _mlp_update(k, v, e, w1, b1, w2, b2, gamma, beta, eps, D: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """One mini-batch of TTT-MLP inner training: returns W_end."""
     z1 = _mm(k, w1, DT, IEEE) + b1
-    a, da = _gelu_and_grad(z1)
+    a, da = _gelu_and_grad(z1, IEEE)
     z2 = _mm(a, w2, DT, IEEE) + b2
     xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k, gamma, beta, D, eps)
     gz1 = _mm(gz2, tl.trans(w2), DT, IEEE) * da
@@ -208,7 +217,7 @@ def _ttt_mlp_fwd_kernel(
             v = tl.load(V + offs).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
             w1, b1, w2, b2 = _mlp_update(k, v, e, w1, b1, w2, b2, gamma, beta, eps, D, DT, IEEE)
-            zq = _mm(_gelu(_mm(q, w1, DT, IEEE) + b1), w2, DT, IEEE) + b2
+            zq = _mm(_gelu(_mm(q, w1, DT, IEEE) + b1, IEEE), w2, DT, IEEE) + b2
             xq, rq = _ln_norm(zq, D, eps)
             out = q.to(tl.float32) + gamma * xq + beta
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
@@ -221,7 +230,7 @@ def _ttt_mlp_fwd_kernel(
 @triton.jit
 def _mlp_chunk_fwd(x, w1t, b1, w2, DT: tl.constexpr, IEEE: tl.constexpr):
     """gelu(x W1[:, c] + b1[c]) W2[c, :]: one F-chunk's contribution to the MLP output (w1t = W1[:, c]^T)."""
-    return _mm(_gelu(_mm(x, tl.trans(w1t), DT, IEEE) + b1[None, :]), w2, DT, IEEE)
+    return _mm(_gelu(_mm(x, tl.trans(w1t), DT, IEEE) + b1[None, :], IEEE), w2, DT, IEEE)
 
 
 @triton.jit
@@ -230,7 +239,7 @@ def _mlp_chunk_update(k, e, gz2, p2, w1t, b1, w2, DT: tl.constexpr, IEEE: tl.con
 
     Only dot operands are kept in the input dtype (ac, p1c) so the live set stays small."""
     z1c = _mm(k, tl.trans(w1t), DT, IEEE) + b1[None, :]
-    ac, gpc = _gelu_and_grad(z1c)
+    ac, gpc = _gelu_and_grad(z1c, IEEE)
     ac = ac.to(DT)
     p1c = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * gpc)
     b1 = b1 - tl.sum(p1c, axis=0)
@@ -364,7 +373,8 @@ def _w2_offsets(cc, dc, D: tl.constexpr, W2T: tl.constexpr):
 @triton.jit
 def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, eps,
                    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
-                   WITH_OUT: tl.constexpr, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+                   WITH_OUT: tl.constexpr, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
+                   OUT_PASS: tl.constexpr = False):
     """One TTT-MLP mini-batch with W1 [D, F], b1 [F], W2 [F, D] in global memory (L2-resident, fp32).
 
     Reads the state at RW1/RB1/RW2, writes W_end to WW1/WB1/WW2 (may alias), F-chunk by F-chunk, so only
@@ -383,7 +393,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         w1c = tl.load(RW1 + ch * FC + o1)
         b1c = tl.load(RB1 + ch * FC + cc)
         w2c = tl.load(RW2 + ch * FC * D + o2)
-        z2 += _x_w2(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
+        z2 += _x_w2(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :], IEEE), w2c, W2T, DT, IEEE)
     k = tl.load(KP + tile)
     xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
     p2 = e[:, None] * gz2
@@ -397,7 +407,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         b1c = tl.load(RB1 + ch * FC + cc)
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + b1c[None, :]
-        ac, gpc = _gelu_and_grad(z1c)
+        ac, gpc = _gelu_and_grad(z1c, IEEE)
         p1c = e[:, None] * (_x_w2t(gz2, w2c, W2T, DT, IEEE) * gpc)
         w2c = w2c - _outer_w2(ac.to(DT), p2, W2T, DT, IEEE)
         b1c = b1c - tl.sum(p1c, axis=0)
@@ -406,10 +416,15 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         tl.store(WW1 + ch * FC + o1, w1c)
         tl.store(WB1 + ch * FC + cc, b1c)
         tl.store(WW2 + ch * FC * D + o2, w2c)
-        if WITH_OUT:
+        if WITH_OUT and not OUT_PASS:
             q = tl.load(QP + tile)
-            zq2 += _x_w2(_gelu(_mm(q, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
+            zq2 += _x_w2(_gelu(_mm(q, w1c, DT, IEEE) + b1c[None, :], IEEE), w2c, W2T, DT, IEEE)
     tl.debug_barrier()  # W_end visible to all threads before the next mini-batch reads it
+    if WITH_OUT and OUT_PASS:
+        # f(q; W_end) in a pass of its own, reading W_end back (L1/L2): fewer live registers in the update pass
+        for ch in range(F // FC):
+            zq2 += _mlp_chunk_fwd_nt(tl.load(QP + tile), tl.load(WW1 + ch * FC + o1), tl.load(WB1 + ch * FC + cc),
+                                     tl.load(WW2 + ch * FC * D + o2), W2T, DT, IEEE)
     return b2, zq2
 
 
@@ -421,7 +436,7 @@ def _ttt_mlp_fwd_gmem_kernel(
     CK_W1, CK_B1, CK_W2, CK_B2,
     N, H, n_mb, n_ck, G, eps,
     D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr,
-    W2T: tl.constexpr, IEEE: tl.constexpr,
+    W2T: tl.constexpr, IEEE: tl.constexpr, OUT_PASS: tl.constexpr,
 ):
     """Forward with the W1/W2 state updated in place in global memory (SW1/SB1/SW2 hold the initial
     state on entry and the final state on exit); see _mlp_gmem_step."""
@@ -452,7 +467,7 @@ def _ttt_mlp_fwd_gmem_kernel(
             v = tl.load(V + offs).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
             b2, zq2 = _mlp_gmem_step(K + tok + i * MB * D, v, e, Q + tok + i * MB * D, pw1, pb1, pw2, pw1, pb1, pw2, b2, gamma, beta, eps,
-                                     D, F, FC, MB, True, W2T, DT, IEEE)
+                                     D, F, FC, MB, True, W2T, DT, IEEE, OUT_PASS)
             xq, rq = _ln_norm(zq2, D, eps)
             out = tl.load(Q + offs).to(tl.float32) + gamma * xq + beta
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
@@ -506,7 +521,7 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
         w1e = tl.load(EW1 + ch * FC + o1)
         w2e = tl.load(EW2 + ch * FC * D + o2)
         zq1c = _mm(q, w1e, DT, IEEE) + tl.load(EB1 + ch * FC + cc)[None, :]
-        aqc, gq1c = _gelu_and_grad(zq1c)
+        aqc, gq1c = _gelu_and_grad(zq1c, IEEE)
         dw2e = tl.load(GW2 + ch * FC * D + o2) + _outer_w2(aqc.to(DT), dzq2, W2T, DT, IEEE)
         dzq1c = _x_w2t(dzq2, w2e, W2T, DT, IEEE) * gq1c
         dw1e = tl.load(GW1 + ch * FC + o1) + _mm(tl.trans(q), dzq1c.to(DT), DT, IEEE)
@@ -530,7 +545,7 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
         k = tl.load(KP + tile)
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z1c = _mm(k, tl.load(RW1 + ch * FC + o1), DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
-        ac, gpc = _gelu_and_grad(z1c)
+        ac, gpc = _gelu_and_grad(z1c, IEEE)
         gAc = _x_w2t(gz2_op, w2c, W2T, DT, IEEE)
         dp2_acc += _x_w2(ac.to(DT), tl.load(GW2 + ch * FC * D + o2), W2T, DT, IEEE)
         dp1c = -(_mm(k, tl.load(GW1 + ch * FC + o1), DT, IEEE) + tl.load(GB1 + ch * FC + cc)[None, :])
@@ -557,7 +572,7 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
         db1e = tl.load(GB1 + ch * FC + cc)
         dw2e = tl.load(GW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
-        ac, gpc, gpc2 = _gelu_parts(z1c)
+        ac, gpc, gpc2 = _gelu_parts(z1c, IEEE)
         gAc = _x_w2t(gz2_op, w2c, W2T, DT, IEEE)
         p1c = e[:, None] * gAc * gpc
         dAc = _x_w2t(dz2, w2c, W2T, DT, IEEE) - _x_w2t(p2, dw2e, W2T, DT, IEEE)
@@ -580,7 +595,7 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
 @triton.jit
 def _mlp_chunk_fwd_nt(x, w1c, b1c, w2c, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """gelu(x W1c + b1c) W2c for W1c [D, FC] (not transposed)."""
-    return _x_w2(_gelu(_mm(x, w1c, DT, IEEE) + b1c[None, :]), w2c, W2T, DT, IEEE)
+    return _x_w2(_gelu(_mm(x, w1c, DT, IEEE) + b1c[None, :], IEEE), w2c, W2T, DT, IEEE)
 
 
 @triton.jit
@@ -736,7 +751,7 @@ def _ttt_mlp_bwd_kernel(
             do = tl.load(DOUT + offs).to(tl.float32)
             # recompute the mini-batch
             z1 = _mm(k, w1, DT, IEEE) + b1
-            a, ga1, ga2 = _gelu_parts(z1)
+            a, ga1, ga2 = _gelu_parts(z1, IEEE)
             z2 = _mm(a, w2, DT, IEEE) + b2
             xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k, gamma, beta, D, eps)
             gA = _mm(gz2, tl.trans(w2), DT, IEEE)
@@ -748,7 +763,7 @@ def _ttt_mlp_bwd_kernel(
             w1e = w1 - _mm(tl.trans(k), p1, DT, IEEE)
             b1e = b1 - tl.sum(p1, axis=0)[None, :]
             zq1 = _mm(q, w1e, DT, IEEE) + b1e
-            aq, gq1 = _gelu_and_grad(zq1)
+            aq, gq1 = _gelu_and_grad(zq1, IEEE)
             zq2 = _mm(aq, w2e, DT, IEEE) + b2e
             xq, rq = _ln_norm(zq2, D, eps)
             # output path: out = q + gamma xq + beta
@@ -959,12 +974,16 @@ def triton_supports(q: torch.Tensor, mini_batch_size: int, kind: str) -> bool:
 # Launch settings per kernel; the benchmark compares variants by editing this dict.
 KERNEL_CONFIG = {
     # variant: "gmem" (state in L2, chunked), "chunked" (state in registers, 2 F-chunks), "plain"
-    # device-verified (run 4, H100, Triton 3.6): gmem fc=64 / 8 warps correct and fastest; gmem fc=32 gave
-    # wrong results / illegal addresses in bf16 there (fine in fp32 and in the interpreter).
-    "mlp_fwd": {"variant": "gmem", "fc": 64, "w2t": 1, "num_warps": 8, "num_stages": 1},
-    # "gmem" backward is correct in fp32 on the device and in the interpreter, but its bf16 build was wrong
-    # on Triton 3.6 / H100 (run 4); the plain kernel is the device-verified default.
-    "mlp_bwd": {"variant": "plain", "fc": 32, "w2t": 1, "num_warps": 8, "num_stages": 1},
+    # device-verified in bf16 on Triton 3.6 / H100 (docs/performance.md, session-5 probes): gmem with fc=64.
+    # fc=32 builds are wrong there (illegal addresses at 8 warps, wrong b1 at 4 warps) although correct in
+    # fp32 and in the interpreter. 4 warps beat 8 for the forward (178 vs 239 ms at the one-minute shape):
+    # at 8 warps each 64-row tile is split over two warp groups and spills more. out_pass: f(q; W_end) in a
+    # pass of its own (fewer live registers in the update pass).
+    "mlp_fwd": {"variant": "gmem", "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
+    # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 2.9x faster than "plain"
+    # (the whole-state backward, kept as the fallback for hidden sizes that are not powers of two).
+    # W2 chunks kept [FC, D] (w2t=0; the transposed form only matters at FC < 64): 1,142 vs 1,215 ms fwd+bwd.
+    "mlp_bwd": {"variant": "gmem", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1},
     "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
@@ -1022,7 +1041,8 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             q, k, v, eta, ln_w, ln_b, finals[0], finals[1], finals[2], b2, out, finals[3], *cks,
             N, H, n_mb, n_ck, G, LN_EPS,
             D=D, F=Fh, FC=FC, MB=mb, SAVE=save, W2T=bool(KERNEL_CONFIG["mlp_fwd"].get("w2t", 1)),
-            IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
+            IEEE=q.dtype == torch.float32, OUT_PASS=bool(KERNEL_CONFIG["mlp_fwd"].get("out_pass", 0)),
+            **_launch_opts("mlp_fwd"),
         )
         return out, finals, cks
     kernel = _ttt_mlp_fwd_chunked_kernel if variant == "chunked" and _pow2(Fh // 2) else _ttt_mlp_fwd_kernel

@@ -2,7 +2,8 @@
 # One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
 # variants (each in its own process: checked, then timed), then the benchmark table.
 # Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
-#   PROBE='mlp_fwd:num_warps=8;...' bash scripts/device_kernels.sh [benchmark args...]
+#   PROBE='mlp_fwd:num_warps=8;...' [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
+#     bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -36,7 +37,31 @@ except FileNotFoundError:
 PY
 fi
 if [ -n "${PROBE:-}" ]; then
+  if [ -n "${PROBE_WARM_TOKENS:-}" ]; then
+    # Compile every probe in parallel first (a small shape with the full shape's integer specialisations,
+    # e.g. 2112 for 351,168); the timed probes below then load the binaries from Triton's disk cache.
+    t0=$(date +%s); n=0
+    IFS=';' read -ra specs <<< "$PROBE"
+    for spec in "${specs[@]}"; do
+      n=$((n + 1))
+      timeout "${WARM_TIMEOUT:-240}" python3 benchmarks/bench_ttt.py --probe-one "$spec" --tokens "$PROBE_WARM_TOKENS" --reps 1 \
+        > "$OUT/probe-warm-$n.log" 2>&1 &
+    done
+    wait
+    echo "probe warm-up (parallel compile of $n probes) done in $(( $(date +%s) - t0 )) s"
+  fi
   timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/probe.log"
+fi
+if [ -n "${NCU_TOKENS:-}" ]; then
+  # Nsight Compute on the default TTT-MLP forward kernel at a slice of the sequence (same per-mini-batch work).
+  timeout "${NCU_TIMEOUT:-200}" ncu --kernel-name "regex:${NCU_KERNEL:-_ttt_mlp_fwd}" --launch-skip 1 --launch-count 1 --set full \
+    -f -o "$OUT/ncu" python3 benchmarks/bench_ttt.py --tokens "$NCU_TOKENS" --reps 1 --skip linear,torch,fla,sdpa,bwd \
+    > "$OUT/ncu-run.log" 2>&1
+  ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu-details.txt" 2>&1
+  grep -E "Duration|Throughput|Registers|Local|Stall|stall|Occupancy|L2 Hit|Issued|Warp Cycles" "$OUT/ncu-details.txt" | head -60
+fi
+if [ "${SKIP_BENCH:-0}" = 1 ]; then
+  exit 0
 fi
 # fla's Triton autotuner keys exclude the sequence length: keep it from reusing a config tuned on a warm-up
 # shape from its on-disk cache (the compiled binaries are still shared through Triton's cache).

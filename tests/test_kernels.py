@@ -25,17 +25,20 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 # kind, B, H, N, D, mini_batch, group, dtype name[, KERNEL_CONFIG changes]
-# The "gmem" MLP backward (state and dL/dW in global memory, F-chunks of FC columns) is not the default (its
-# bf16 build was wrong on Triton 3.6 / H100), but it is the variant the device runs probe next: checked here.
-GMEM_BWD = {"mlp_bwd": {"variant": "gmem", "fc": 64}}
+# The default MLP kernels are the "gmem" ones (state in global memory, F-chunks of FC columns; FC = F/2 at
+# these small shapes, so the chunk loops run). The cases with changes pin the other variants: the whole-state
+# "plain" backward (the fallback) and the forward with f(q; W_end) fused into the update pass.
+PLAIN_BWD = {"mlp_bwd": {"variant": "plain"}}
+FUSED_OUT = {"mlp_fwd": {"out_pass": 0}}
 CASES = [
-    ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial)
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64: FC=32
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
-    ("mlp", 1, 2, 64, 16, 16, 3, "float16"),
-    ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128, mini-batch 32
-    ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_BWD),  # F=64: chunks of 32
-    ("mlp", 1, 1, 96, 32, 32, 2, "float32", GMEM_BWD),  # F=128: chunks of 64 (the shape to probe on the H100)
-    ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_BWD),
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16"),
+    ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128: chunks of 64 (the device's FC), mini-batch 32
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", PLAIN_BWD),
+    ("mlp", 1, 2, 64, 16, 16, 3, "float16", PLAIN_BWD),
+    ("mlp", 1, 1, 96, 32, 32, 2, "float32", FUSED_OUT),
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", FUSED_OUT),
     ("linear", 2, 2, 80, 16, 16, 2, "float32"),
     ("linear", 1, 2, 192, 16, 64, 2, "float32"),  # mini-batch 64
     ("linear", 1, 2, 96, 32, 32, 1, "float32"),
@@ -45,8 +48,11 @@ TOL = {"float32": 1e-4, "float16": 1e-2}
 
 
 class _Refuse:
+    def __init__(self, name):
+        self.name = name
+
     def __getitem__(self, grid):
-        raise AssertionError("the default MLP backward kernel ran in a case that selects another variant")
+        raise AssertionError(f"{self.name} ran in a case whose KERNEL_CONFIG selects another variant")
 
 
 def _worker() -> None:
@@ -67,9 +73,10 @@ def _worker() -> None:
     for i, (kind, B, H, N, D, mb, G, dt, *changes) in enumerate(CASES):
         for name, change in (changes[0] if changes else {}).items():
             ttt_triton.KERNEL_CONFIG[name].update(change)
-        plain_bwd = ttt_triton._ttt_mlp_bwd_kernel
-        if changes:  # the case must run the variant, not fall back to the default kernel
-            ttt_triton._ttt_mlp_bwd_kernel = _Refuse()
+        # the case must run the MLP backward its config selects, not fall back to the other one
+        kernels = {n: getattr(ttt_triton, n) for n in ("_ttt_mlp_bwd_kernel", "_ttt_mlp_bwd_gmem_kernel")}
+        unused = "_ttt_mlp_bwd_gmem_kernel" if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] == "plain" else "_ttt_mlp_bwd_kernel"
+        setattr(ttt_triton, unused, _Refuse(unused))
         t0 = time.time()
         try:
             errs = check(kind, B, H, N, D, mb, G, getattr(torch, dt), "cpu", seed + i)
@@ -77,7 +84,8 @@ def _worker() -> None:
         except AssertionError as e:
             print(json.dumps({"case": i, "fail": str(e)}), flush=True)
         finally:
-            ttt_triton._ttt_mlp_bwd_kernel = plain_bwd
+            for n, kern in kernels.items():
+                setattr(ttt_triton, n, kern)
             for name, cfg in default.items():
                 ttt_triton.KERNEL_CONFIG[name] = dict(cfg)
 
@@ -95,7 +103,7 @@ def interpreter_results():
     return results
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c[:8])) + ("-gmem_bwd" if len(c) > 8 else "")
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c[:8])) + ("-" + "-".join(f"{k}={v}" for d in c[8].values() for k, v in d.items()) if len(c) > 8 else "")
                                                          for c in CASES])
 def test_triton_interpreter_matches_float64_reference(interpreter_results, case):
     rec = interpreter_results.get(case)

@@ -1,0 +1,136 @@
+"""Compile the Triton TTT kernels for sm_90a on a machine with no GPU and report what the compiler did.
+
+Costs no device time: registers, spill bytes and stack frame (ptxas -v), and a histogram of the SASS
+instruction classes that decide these kernels' speed (HGMMA = Hopper tensor-core matmuls, HMMA = the older
+mma.sync path, LDL/STL = spills, BAR = barriers, MUFU = exp/rcp/tanh, LDS/STS = shared-memory layout
+conversions). Use the Triton version of the device (3.6) to see what the device will build:
+
+    pip install --target /tmp/t36 triton==3.6.0
+    PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py 'mlp_fwd:fc=64,num_warps=4' 'mlp_bwd:variant=gmem,fc=64'
+
+Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+INT_ARGS = {"N", "H", "n_mb", "n_ck", "G"}
+FLOAT_ARGS = {"eps"}
+# tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
+OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
+SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",
+                "LDSM", "STSM", "BAR", "SHFL", "F2F", "WARPSYNC"]
+
+
+def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
+    from ttt_video.kernels import ttt_triton as tt
+
+    ieee = op_dtype == "fp32"
+    if name == "mlp_fwd":
+        if cfg.get("variant", "gmem") == "gmem":
+            return tt._ttt_mlp_fwd_gmem_kernel, dict(D=D, F=F, FC=cfg.get("fc", 64), MB=64, SAVE=True,
+                                                      W2T=bool(cfg.get("w2t", 1)), IEEE=ieee,
+                                                      OUT_PASS=bool(cfg.get("out_pass", 0)))
+        return tt._ttt_mlp_fwd_kernel, dict(D=D, F=F, MB=64, SAVE=True, IEEE=ieee)
+    if name == "mlp_bwd":
+        if cfg.get("variant") == "gmem":
+            return tt._ttt_mlp_bwd_gmem_kernel, dict(D=D, F=F, FC=cfg.get("fc", 64), MB=64,
+                                                      W2T=bool(cfg.get("w2t", 1)), IEEE=ieee)
+        return tt._ttt_mlp_bwd_kernel, dict(D=D, F=F, MB=64, IEEE=ieee)
+    if name == "linear_fwd":
+        return tt._ttt_linear_fwd_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
+    if name == "linear_bwd":
+        return tt._ttt_linear_bwd_kernel, dict(D=D, MB=cfg.get("mb", 16), IEEE=ieee)
+    raise SystemExit(f"unknown kernel {name!r}")
+
+
+def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", arch: int = 90):
+    from ttt_video.kernels import ttt_triton as tt
+
+    name, _, kv = spec.partition(":")
+    cfg = dict(tt.KERNEL_CONFIG[name])
+    for item in filter(None, kv.split(",")):
+        key, val = item.split("=")
+        cfg[key] = val if key == "variant" else int(val)
+    fn, constexprs = _kernel_and_constexprs(name, cfg, D, F, op_dtype)
+    fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
+    signature, attrs = {}, {}
+    for i, arg in enumerate(fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in INT_ARGS:
+            signature[arg] = "i32"
+        elif arg in FLOAT_ARGS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return cfg, compiled
+
+
+def report(spec: str, op_dtype: str = "bf16") -> dict:
+    cfg, compiled = compile_one(spec, op_dtype=op_dtype)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(90).path
+    except TypeError:  # Triton >= 3.7 takes no arch
+        ptxas = get_ptxas().path
+    out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__}
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        res = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(d, "k.cubin")],
+                             capture_output=True, text=True)
+        info = res.stderr
+        for key, pat in [("registers", r"Used (\d+) registers"), ("stack_bytes", r"(\d+) bytes stack frame"),
+                         ("spill_stores", r"(\d+) bytes spill stores"), ("spill_loads", r"(\d+) bytes spill loads")]:
+            m = re.search(pat, info)
+            out[key] = int(m.group(1)) if m else None
+    cubin = compiled.asm.get("cubin")
+    if cubin:
+        nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
+        ops = collections.Counter()
+        for line in sass.splitlines():
+            m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+            if m:
+                ops[m.group(1)] += 1
+        out["sass_total"] = sum(ops.values())
+        out["sass"] = {k: ops[k] for k in SASS_CLASSES if ops[k]}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("specs", nargs="+", help="e.g. mlp_fwd:fc=64,num_warps=4")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    a = p.parse_args(argv)
+    for spec in a.specs:
+        try:
+            r = report(spec, a.dtype)
+        except Exception as e:  # noqa: BLE001 - report and go on to the next config
+            r = {"spec": spec, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(r, flush=True)
+
+
+if __name__ == "__main__":
+    main()
