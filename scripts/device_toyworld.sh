@@ -22,6 +22,8 @@ mkdir -p "$TW" "$OUT"
 setup() {
   if ! python3 -c "import diffusers, av" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    # a wheel re-packed as .tar.xz of its installed files (av: 35 MB as a wheel, 25 MB so) to fit the carry limit
+    for t in .whl/*.tar.xz; do [ -f "$t" ] && tar xJf "$t" -C /tmp/site; done
   fi
   export PYTHONPATH=/tmp/site:$TW/pkg${PYTHONPATH:+:$PYTHONPATH}
   if [ ! -d "$TW/repo" ]; then

@@ -323,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dit-steps", default=None, metavar="3s=N,9s=N,18s=N,63s=N",
                     help="fixed DiT steps per stage that runs, instead of time budgets (the second run, "
                          "2026-11-23: 3s=600,9s=300,18s=250,63s=160)")
+    ap.add_argument("--videos", default=None, metavar="63s=N",
+                    help="training videos to render for each stage that runs (default: %s)" % FULL["videos"])
     ap.add_argument("--stage-seconds", default=None, metavar="9s=S,18s=S,63s=S",
                     help="wall-time budget of each DiT stage that runs (default: BUDGET, BUDGET_NO_EVAL)")
     args = ap.parse_args(argv)
@@ -348,6 +350,8 @@ def main(argv=None) -> int:
               vae=args.vae.resolve() if args.vae else None, init=init, stages=stages)
     if dit_steps:
         job.size = {**job.size, "steps": dit_steps}
+    if args.videos:
+        job.size = {**job.size, "videos": {**job.size["videos"], **per_stage(ap, "--videos", args.videos, stages)}}
     if args.pack_only:
         job.pack()
         return 0
