@@ -205,7 +205,7 @@ def probe_one(spec: str, H: int, N: int, D: int, reps: int) -> dict:
     if res["max_rel_err"] < 1e-2:
         op = ttt_mlp if kind == "mlp" else ttt_linear
         res.update(bench_ttt(op, kind, 2, H, N, D, 4 * D if kind == "mlp" else D, mb, "triton", reps=reps,
-                             with_bwd=name.endswith("bwd")))
+                             with_bwd=name.endswith("bwd"), group=int(cfg.get("group", 16))))
     return res
 
 

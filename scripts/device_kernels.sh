@@ -55,7 +55,7 @@ fi
 if [ -n "${NCU_TOKENS:-}" ]; then
   # Nsight Compute on the default TTT-MLP forward kernel at a slice of the sequence (same per-mini-batch work).
   timeout "${NCU_TIMEOUT:-200}" ncu --kernel-name "regex:${NCU_KERNEL:-_ttt_mlp_fwd}" --launch-skip 1 --launch-count 1 --set full \
-    -f -o "$OUT/ncu" python3 benchmarks/bench_ttt.py --tokens "$NCU_TOKENS" --reps 1 --skip linear,torch,fla,sdpa,bwd \
+    -f -o "$OUT/ncu" python3 benchmarks/bench_ttt.py --tokens "$NCU_TOKENS" --reps 1 --skip "${NCU_SKIP:-linear,torch,fla,sdpa,bwd}" \
     > "$OUT/ncu-run.log" 2>&1
   ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu-details.txt" 2>&1
   grep -E "Duration|Throughput|Registers|Local|Stall|stall|Occupancy|L2 Hit|Issued|Warp Cycles" "$OUT/ncu-details.txt" | head -60
