@@ -193,10 +193,6 @@ def probe_one(spec: str, H: int, N: int, D: int, reps: int) -> dict:
 
     name, cfg = _apply_config(spec)
     kind = "mlp" if name.startswith("mlp") else "linear"
-    if name == "mlp_fwd":  # isolate a forward variant from the default backward kernel
-        from ttt_video.kernels import ttt_triton
-
-        ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] = "plain"
     mb = 64 if kind == "mlp" else int(cfg.get("mb", 16))
     res = {"spec": spec}
     errs = check(kind, 2, 3, 10 * mb, D, mb, 4, torch.bfloat16, "cuda", seed=1234)
