@@ -7,6 +7,7 @@ conversions). Use the Triton version of the device (3.6) to see what the device 
 
     pip install --target /tmp/t36 triton==3.6.0
     PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py 'mlp_fwd:fc=64,num_warps=4' 'mlp_bwd:variant=gmem,fc=64'
+    PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py --spills mlp_bwd    # + where the spill code comes from
 
 Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe.
 """
@@ -119,12 +120,50 @@ def report(spec: str, op_dtype: str = "bf16") -> dict:
     return out
 
 
+def spills_by_line(spec: str, op_dtype: str = "bf16", top: int = 20) -> list[tuple[int, int, str]]:
+    """(spill instructions, all instructions, source line) for the source lines with the most LDL/STL in the
+    SASS (nvdisasm -g line info): where the compiler runs out of registers."""
+    _, compiled = compile_one(spec, op_dtype=op_dtype)
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        ptxas = get_ptxas(90).path
+    except TypeError:
+        ptxas = get_ptxas().path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", "-g", f.name],
+                              capture_output=True, text=True).stdout
+    where, spills, total = None, collections.Counter(), collections.Counter()
+    for line in sass.splitlines():
+        m = re.search(r'//## File "([^"]+)", line (\d+)', line)
+        if m:
+            where = (m.group(1), int(m.group(2)))
+            continue
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        if m:
+            total[where] += 1
+            spills[where] += m.group(1) in ("LDL", "STL")
+    rows = []
+    for where, n in spills.most_common(top):
+        text = ""
+        if where and os.path.isfile(where[0]):
+            text = f"{os.path.basename(where[0])}:{where[1]}: " + open(where[0]).read().splitlines()[where[1] - 1].strip()
+        rows.append((n, total[where], text[:140]))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("specs", nargs="+", help="e.g. mlp_fwd:fc=64,num_warps=4")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--spills", action="store_true", help="also list the source lines with the most spill code")
     a = p.parse_args(argv)
     for spec in a.specs:
+        if a.spills:
+            for n, total, text in spills_by_line(spec, a.dtype):
+                print(f"  {n:5d} spill / {total:5d} SASS  {text}")
         try:
             r = report(spec, a.dtype)
         except Exception as e:  # noqa: BLE001 - report and go on to the next config
