@@ -325,6 +325,9 @@ def main(argv=None) -> int:
                          "2026-11-23: 3s=600,9s=300,18s=250,63s=160)")
     ap.add_argument("--videos", default=None, metavar="63s=N",
                     help="training videos to render for each stage that runs (default: %s)" % FULL["videos"])
+    ap.add_argument("--prepare-seconds", type=int, default=None,
+                    help=f"time budget of the prepare phase (default {BUDGET['prepare']} s; the third run's 400 "
+                         "one-minute videos needed ~370 s, 194 were prepared in 180)")
     ap.add_argument("--stage-seconds", default=None, metavar="9s=S,18s=S,63s=S",
                     help="wall-time budget of each DiT stage that runs (default: BUDGET, BUDGET_NO_EVAL)")
     args = ap.parse_args(argv)
@@ -344,6 +347,10 @@ def main(argv=None) -> int:
     if args.vae and not (args.vae / "config.json").is_file():
         ap.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
     dit_steps = per_stage(ap, "--dit-steps", args.dit_steps, stages)
+    if args.prepare_seconds is not None:
+        if args.prepare_seconds < 1:
+            ap.error("--prepare-seconds must be positive")
+        BUDGET["prepare"] = args.prepare_seconds
     if args.stage_seconds:
         BUDGET.update(per_stage(ap, "--stage-seconds", args.stage_seconds, stages))
     job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps),

@@ -114,3 +114,28 @@ def test_stage_values_are_one_positive_integer_per_stage(tp):
     for bad in ("9s=300", "9s=300,63s=x", "9s=300,63s=400,3s=5", "9s=-1,63s=4"):
         with pytest.raises(SystemExit):
             tp.per_stage(ap, "--stage-seconds", bad, ["9s", "63s"])
+
+
+def test_videos_and_prepare_budget_reach_the_commands(tp, tmp_path, monkeypatch):
+    # the third run (2026-11-23) rendered 400 one-minute videos, and prepare's 180 s budget cut them to 194
+    monkeypatch.setattr(tp, "BUDGET", dict(tp.BUDGET))
+    ran = {}
+
+    class Stop(Exception):
+        pass
+
+    def no_training(self, steps):
+        raise Stop
+
+    monkeypatch.setattr(tp.Job, "run_parallel", lambda self, commands, deadline_s=None: ran.update(commands) or {})
+    monkeypatch.setattr(tp.Job, "assemble", lambda self, name, transformer: None)
+    monkeypatch.setattr(tp.Job, "train", no_training)
+    monkeypatch.setattr(tp.Job, "pack", lambda self: None)
+    with pytest.raises(Stop):
+        tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), "--stages", "63s",
+                 "--videos", "63s=400", "--prepare-seconds", "420", "--stage-seconds", "63s=560"])
+    data = [str(a) for a in ran["dataset-63s"]]
+    assert data[data.index("--num") + 1] == "400"
+    prep = [str(a) for a in ran["prepare-63s"]]
+    assert prep[prep.index("--max-minutes") + 1] == "7.00"
+    assert tp.BUDGET["63s"] == 560 and sorted(ran) == ["dataset-63s", "prepare-63s", "train-vae"]
