@@ -83,14 +83,31 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     return cfg, compiled
 
 
-def report(spec: str, op_dtype: str = "bf16") -> dict:
-    cfg, compiled = compile_one(spec, op_dtype=op_dtype)
+# one SASS instruction in nvdisasm's output: its opcode (after an optional predicate)
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)")
+
+
+def ptxas_path() -> str:
+    """The ptxas bundled with Triton (nvdisasm lies beside it)."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     try:
-        ptxas = get_ptxas(90).path
+        return get_ptxas(90).path
     except TypeError:  # Triton >= 3.7 takes no arch
-        ptxas = get_ptxas().path
+        return get_ptxas().path
+
+
+def _disassemble(cubin: bytes, line_info: bool = False) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        args = [os.path.join(os.path.dirname(ptxas_path()), "nvdisasm"), "-c", *(["-g"] if line_info else []), f.name]
+        return subprocess.run(args, capture_output=True, text=True).stdout
+
+
+def report(spec: str, op_dtype: str = "bf16") -> dict:
+    cfg, compiled = compile_one(spec, op_dtype=op_dtype)
+    ptxas = ptxas_path()
     out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__}
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
@@ -105,14 +122,9 @@ def report(spec: str, op_dtype: str = "bf16") -> dict:
             out[key] = int(m.group(1)) if m else None
     cubin = compiled.asm.get("cubin")
     if cubin:
-        nvdisasm = os.path.join(os.path.dirname(ptxas), "nvdisasm")
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(cubin)
-            f.flush()
-            sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True).stdout
         ops = collections.Counter()
-        for line in sass.splitlines():
-            m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        for line in _disassemble(cubin).splitlines():
+            m = _SASS_OP.search(line)
             if m:
                 ops[m.group(1)] += 1
         out["sass_total"] = sum(ops.values())
@@ -124,24 +136,13 @@ def spills_by_line(spec: str, op_dtype: str = "bf16", top: int = 20) -> list[tup
     """(spill instructions, all instructions, source line) for the source lines with the most LDL/STL in the
     SASS (nvdisasm -g line info): where the compiler runs out of registers."""
     _, compiled = compile_one(spec, op_dtype=op_dtype)
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    try:
-        ptxas = get_ptxas(90).path
-    except TypeError:
-        ptxas = get_ptxas().path
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([os.path.join(os.path.dirname(ptxas), "nvdisasm"), "-c", "-g", f.name],
-                              capture_output=True, text=True).stdout
     where, spills, total = None, collections.Counter(), collections.Counter()
-    for line in sass.splitlines():
+    for line in _disassemble(compiled.asm["cubin"], line_info=True).splitlines():
         m = re.search(r'//## File "([^"]+)", line (\d+)', line)
         if m:
             where = (m.group(1), int(m.group(2)))
             continue
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9]*)", line)
+        m = _SASS_OP.search(line)
         if m:
             total[where] += 1
             spills[where] += m.group(1) in ("LDL", "STL")

@@ -21,16 +21,12 @@ def _load():
 @pytest.fixture(scope="module")
 def aot():
     pytest.importorskip("triton")
-    from triton.backends.nvidia.compiler import get_ptxas
-
+    mod = _load()
     try:
-        try:
-            get_ptxas(90)
-        except TypeError:
-            get_ptxas()
+        mod.ptxas_path()
     except Exception as e:  # noqa: BLE001 - no bundled ptxas on this platform
         pytest.skip(f"Triton's ptxas is not available here: {e}")
-    return _load()
+    return mod
 
 
 def test_report_reads_registers_spills_and_sass(aot):
