@@ -28,8 +28,12 @@ HERE = Path(__file__).resolve().parent
 # The default MLP kernels are the "gmem" ones (state in global memory, F-chunks of FC columns; FC = F/2 at
 # these small shapes, so the chunk loops run). The cases with changes pin the other variants: the whole-state
 # "plain" backward (the fallback) and the forward with f(q; W_end) fused into the update pass.
+# The gmem kernels keep W1 chunk-major ([F / FC, D, FC]); the checkpoints are re-laid out when the backward
+# reads another layout (plain backward: row-major; a plain forward's row-major checkpoints; another FC).
 PLAIN_BWD = {"mlp_bwd": {"variant": "plain"}}
 FUSED_OUT = {"mlp_fwd": {"out_pass": 0}}
+PLAIN_FWD = {"mlp_fwd": {"variant": "plain"}}
+NARROW_FWD_CHUNKS = {"mlp_fwd": {"fc": 16}}
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64: FC=32
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -39,6 +43,8 @@ CASES = [
     ("mlp", 1, 2, 64, 16, 16, 3, "float16", PLAIN_BWD),
     ("mlp", 1, 1, 96, 32, 32, 2, "float32", FUSED_OUT),
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", FUSED_OUT),
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", PLAIN_FWD),
+    ("mlp", 1, 2, 80, 16, 16, 2, "float32", NARROW_FWD_CHUNKS),  # forward FC 16, backward FC 32
     ("linear", 2, 2, 80, 16, 16, 2, "float32"),
     ("linear", 1, 2, 192, 16, 64, 2, "float32"),  # mini-batch 64
     ("linear", 1, 2, 96, 32, 32, 1, "float32"),
