@@ -67,32 +67,40 @@ def _tanh(u, IEEE: tl.constexpr):
                                          pack=1)
 
 
+# gelu_tanh(z) = 0.5 z (1 + tanh(u)), u = C (z + A z^3) = z (C + CA z^2); written as fused multiply-adds
+# (the element-wise GELU work, on [64, F] tiles per mini-batch, is most of these kernels' instructions)
+_GELU_CA = tl.constexpr(0.035677408136300125)  # C * A
+_GELU_3CA = tl.constexpr(0.10703222440890037)  # 3 C A: du/dz = C + 3 C A z^2
+
+
 @triton.jit
 def _gelu_parts(z, IEEE: tl.constexpr):
     """gelu_tanh(z), its first and second derivative."""
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-    t = _tanh(u, IEEE)
-    s = 1.0 - t * t
-    g = 0.5 * z * (1.0 + t)
-    g1 = 0.5 * (1.0 + t) + 0.5 * z * s * du
-    g2 = s * (du + 0.5 * z * (6.0 * 0.044715 * 0.7978845608028654 * z - 2.0 * t * du * du))
+    z2 = z * z
+    du = tl.fma(z2, _GELU_3CA, 0.7978845608028654)
+    t = _tanh(z * tl.fma(z2, _GELU_CA, 0.7978845608028654), IEEE)
+    s = tl.fma(-t, t, 1.0)
+    h = 0.5 * z
+    g = tl.fma(h, t, h)
+    g1 = tl.fma(h * s, du, tl.fma(0.5, t, 0.5))
+    g2 = s * tl.fma(h, tl.fma(-2.0 * t * du, du, 2.0 * _GELU_3CA * z), du)
     return g, g1, g2
 
 
 @triton.jit
 def _gelu_and_grad(z, IEEE: tl.constexpr):
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    t = _tanh(u, IEEE)
-    g = 0.5 * z * (1.0 + t)
-    g1 = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+    z2 = z * z
+    t = _tanh(z * tl.fma(z2, _GELU_CA, 0.7978845608028654), IEEE)
+    h = 0.5 * z
+    g = tl.fma(h, t, h)
+    g1 = tl.fma(h * tl.fma(-t, t, 1.0), tl.fma(z2, _GELU_3CA, 0.7978845608028654), tl.fma(0.5, t, 0.5))
     return g, g1
 
 
 @triton.jit
 def _gelu(z, IEEE: tl.constexpr):
-    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return 0.5 * z * (1.0 + _tanh(u, IEEE))
+    h = 0.5 * z
+    return tl.fma(h, _tanh(z * tl.fma(z * z, _GELU_CA, 0.7978845608028654), IEEE), h)
 
 
 @triton.jit
@@ -371,31 +379,34 @@ def _w2_offsets(cc, dc, D: tl.constexpr, W2T: tl.constexpr):
 
 
 @triton.jit
-def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, eps,
+def _mlp_gmem_step(KP, VP, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, eps,
                    D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
                    WITH_OUT: tl.constexpr, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr,
                    OUT_PASS: tl.constexpr = False):
-    """One TTT-MLP mini-batch with W1 [D, F], b1 [F], W2 [F, D] in global memory (L2-resident, fp32).
+    """One TTT-MLP mini-batch with W1 [D, F] (stored chunk-major, [F / FC, D, FC]: then every [64, 64] tile
+    this kernel loads, k/q/v, W1 and W2 chunks, has the same offsets, one register tensor instead of three;
+    see _w1_to_chunks), b1 [F], W2 [F, D] in global memory (L2-resident, fp32).
 
     Reads the state at RW1/RB1/RW2, writes W_end to WW1/WB1/WW2 (may alias), F-chunk by F-chunk, so only
     [b, FC] / [D, FC] tiles are live in registers; k and q are re-read per chunk (L1 hits) and dl/dZ2 is
-    kept in the operand dtype, to keep the live set (and spills) small. b2 stays in registers.
+    kept in the operand dtype, to keep the live set (and spills) small; v is read at its one use.
     Returns (b2_end, f(q; W_end) before LN) -- the latter only if WITH_OUT."""
     rows = tl.arange(0, MB)
     dc = tl.arange(0, D)
     cc = tl.arange(0, FC)
     tile = rows[:, None] * D + dc[None, :]
-    o1 = dc[:, None] * F + cc[None, :]
+    o1 = dc[:, None] * FC + cc[None, :]  # W1 buffers are chunk-major: [F / FC, D, FC]
     o2 = _w2_offsets(cc, dc, D, W2T)
     z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
     for ch in range(F // FC):
         k = tl.load(KP + tile)
-        w1c = tl.load(RW1 + ch * FC + o1)
+        w1c = tl.load(RW1 + ch * FC * D + o1)
         b1c = tl.load(RB1 + ch * FC + cc)
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z2 += _x_w2(_gelu(_mm(k, w1c, DT, IEEE) + b1c[None, :], IEEE), w2c, W2T, DT, IEEE)
     k = tl.load(KP + tile)
-    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), gamma, beta, D, eps)
+    # v is read only now, not held through pass 1
+    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(VP + tile).to(tl.float32), k.to(tl.float32), gamma, beta, D, eps)
     p2 = e[:, None] * gz2
     b2 = b2 - tl.sum(p2, axis=0)
     gz2 = gz2.to(DT)
@@ -403,7 +414,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
     zq2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
     for ch in range(F // FC):
         k = tl.load(KP + tile)
-        w1c = tl.load(RW1 + ch * FC + o1)
+        w1c = tl.load(RW1 + ch * FC * D + o1)
         b1c = tl.load(RB1 + ch * FC + cc)
         w2c = tl.load(RW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + b1c[None, :]
@@ -413,7 +424,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
         b1c = b1c - tl.sum(p1c, axis=0)
         w1c = w1c - _mm(tl.trans(k), p1c.to(DT), DT, IEEE)
         tl.debug_barrier()  # every thread has read chunk ch before it is overwritten (in-place update)
-        tl.store(WW1 + ch * FC + o1, w1c)
+        tl.store(WW1 + ch * FC * D + o1, w1c)
         tl.store(WB1 + ch * FC + cc, b1c)
         tl.store(WW2 + ch * FC * D + o2, w2c)
         if WITH_OUT and not OUT_PASS:
@@ -423,7 +434,7 @@ def _mlp_gmem_step(KP, v, e, QP, RW1, RB1, RW2, WW1, WB1, WW2, b2, gamma, beta, 
     if WITH_OUT and OUT_PASS:
         # f(q; W_end) in a pass of its own, reading W_end back (L1/L2): fewer live registers in the update pass
         for ch in range(F // FC):
-            zq2 += _mlp_chunk_fwd_nt(tl.load(QP + tile), tl.load(WW1 + ch * FC + o1), tl.load(WB1 + ch * FC + cc),
+            zq2 += _mlp_chunk_fwd_nt(tl.load(QP + tile), tl.load(WW1 + ch * FC * D + o1), tl.load(WB1 + ch * FC + cc),
                                      tl.load(WW2 + ch * FC * D + o2), W2T, DT, IEEE)
     return b2, zq2
 
@@ -450,9 +461,10 @@ def _ttt_mlp_fwd_gmem_kernel(
     pw1 = SW1 + pid64 * D * F
     pb1 = SB1 + pid64 * F
     pw2 = SW2 + pid64 * F * D
-    b2 = tl.load(B2 + pid64 * D + dc).to(tl.float32)
-    gamma = tl.load(LNW + h * D + dc).to(tl.float32)[None, :]
-    beta = tl.load(LNB + h * D + dc).to(tl.float32)[None, :]
+    # b2 lives in its output row between mini-batches (like W1/b1/W2): fewer registers held across the scan
+    pb2 = B2_OUT + pid64 * D
+    tl.store(pb2 + dc, tl.load(B2 + pid64 * D + dc).to(tl.float32))
+    tl.debug_barrier()
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile = rows[:, None] * D + dc[None, :]
@@ -460,18 +472,21 @@ def _ttt_mlp_fwd_gmem_kernel(
         if SAVE:
             ck = pid64 * n_ck + c
             _copy_mlp_state(pw1, pb1, pw2, CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, D, F)
-            tl.store(CK_B2 + ck * D + dc, b2)
+            tl.store(CK_B2 + ck * D + dc, tl.load(pb2 + dc))
         i_end = tl.minimum(c * G + G, n_mb)
         for i in range(c * G, i_end):
             offs = tok + i * MB * D + tile
-            v = tl.load(V + offs).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
-            b2, zq2 = _mlp_gmem_step(K + tok + i * MB * D, v, e, Q + tok + i * MB * D, pw1, pb1, pw2, pw1, pb1, pw2, b2, gamma, beta, eps,
+            # the LN parameters are re-read each mini-batch (L1 hits) rather than held: registers are short
+            b2, zq2 = _mlp_gmem_step(K + tok + i * MB * D, V + tok + i * MB * D, e, Q + tok + i * MB * D, pw1, pb1, pw2, pw1, pb1, pw2, tl.load(pb2 + dc),
+                                     tl.load(LNW + h * D + dc)[None, :], tl.load(LNB + h * D + dc)[None, :], eps,
                                      D, F, FC, MB, True, W2T, DT, IEEE, OUT_PASS)
+            tl.store(pb2 + dc, b2)  # read by every thread before the step's barriers
+            tl.debug_barrier()
             xq, rq = _ln_norm(zq2, D, eps)
-            out = tl.load(Q + offs).to(tl.float32) + gamma * xq + beta
+            out = (tl.load(Q + offs).to(tl.float32) + tl.load(LNW + h * D + dc)[None, :] * xq
+                   + tl.load(LNB + h * D + dc)[None, :])
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
-    tl.store(B2_OUT + pid64 * D + dc, b2)
 
 
 @triton.jit
@@ -484,59 +499,61 @@ def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constex
 
 
 @triton.jit
-def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, db2,
-                       gamma, beta, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr, MB: tl.constexpr,
-                       W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
+def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, GB2,
+                       LNWP, LNBP, GLNW, GLNB, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
+                       MB: tl.constexpr, W2T: tl.constexpr, DT: tl.constexpr, IEEE: tl.constexpr):
     """Back-propagate one TTT-MLP mini-batch, F-chunk by F-chunk, with everything [D, F]-sized in global
     memory: the state at its start (RW1/RB1/RW2, b2) and end (EW1/EB1/EW2, b2e), and the gradient
-    accumulators GW1/GB1/GW2 (dL/dW_end on entry, dL/dW_start on exit; db2 likewise, in registers).
-    Writes dq to DQP; returns (dk, dv, deta, db2, d gamma, d beta)."""
+    accumulators GW1/GB1/GW2/GB2 (dL/dW_end on entry, dL/dW_start on exit). The [D] vectors live in memory
+    too: the LN parameters (LNWP/LNBP, read where used) and their gradient accumulators GLNW/GLNB: a [D]
+    vector costs a thread as many registers as a [b, D] tile row slice, and six of them carried through the
+    scan made this kernel spill (aot_report.py). Writes dq to DQP; returns (dk, dv, deta)."""
     rows = tl.arange(0, MB)
     dc = tl.arange(0, D)
     cc = tl.arange(0, FC)
     tile = rows[:, None] * D + dc[None, :]
-    o1 = dc[:, None] * F + cc[None, :]
+    o1 = dc[:, None] * FC + cc[None, :]  # W1 buffers are chunk-major: [F / FC, D, FC]
     o2 = _w2_offsets(cc, dc, D, W2T)
     # pass 1: inner forward at W (keys) and at W_end (queries)
     z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
     zq2 = tl.zeros([MB, D], dtype=tl.float32) + b2e[None, :]
     for ch in range(F // FC):
         k = tl.load(KP + tile)
-        z2 += _mlp_chunk_fwd_nt(k, tl.load(RW1 + ch * FC + o1), tl.load(RB1 + ch * FC + cc),
+        z2 += _mlp_chunk_fwd_nt(k, tl.load(RW1 + ch * FC * D + o1), tl.load(RB1 + ch * FC + cc),
                                 tl.load(RW2 + ch * FC * D + o2), W2T, DT, IEEE)
         q = tl.load(QP + tile)
-        zq2 += _mlp_chunk_fwd_nt(q, tl.load(EW1 + ch * FC + o1), tl.load(EB1 + ch * FC + cc),
+        zq2 += _mlp_chunk_fwd_nt(q, tl.load(EW1 + ch * FC * D + o1), tl.load(EB1 + ch * FC + cc),
                                  tl.load(EW2 + ch * FC * D + o2), W2T, DT, IEEE)
     xq, rq = _ln_norm(zq2, D, eps)
     do = tl.load(DOP + tile).to(tl.float32)
     dgamma = tl.sum(do * xq, axis=0)
     dbeta = tl.sum(do, axis=0)
-    dzq2 = _ln_bwd(do * gamma, xq, rq, D)
-    db2 += tl.sum(dzq2, axis=0)
+    dzq2 = _ln_bwd(do * tl.load(LNWP + dc)[None, :], xq, rq, D)
+    db2 = tl.load(GB2 + dc) + tl.sum(dzq2, axis=0)
     dzq2 = dzq2.to(DT)
     # pass 2a: output path; completes dL/dW_end in GW1/GB1/GW2
     dq = tl.load(DOP + tile).to(tl.float32)
     for ch in range(F // FC):
         q = tl.load(QP + tile)
-        w1e = tl.load(EW1 + ch * FC + o1)
+        w1e = tl.load(EW1 + ch * FC * D + o1)
         w2e = tl.load(EW2 + ch * FC * D + o2)
         zq1c = _mm(q, w1e, DT, IEEE) + tl.load(EB1 + ch * FC + cc)[None, :]
         aqc, gq1c = _gelu_and_grad(zq1c, IEEE)
         dw2e = tl.load(GW2 + ch * FC * D + o2) + _outer_w2(aqc.to(DT), dzq2, W2T, DT, IEEE)
         dzq1c = _x_w2t(dzq2, w2e, W2T, DT, IEEE) * gq1c
-        dw1e = tl.load(GW1 + ch * FC + o1) + _mm(tl.trans(q), dzq1c.to(DT), DT, IEEE)
+        dw1e = tl.load(GW1 + ch * FC * D + o1) + _mm(tl.trans(q), dzq1c.to(DT), DT, IEEE)
         db1e = tl.load(GB1 + ch * FC + cc) + tl.sum(dzq1c, axis=0)
         dq += _mm(dzq1c.to(DT), tl.trans(w1e), DT, IEEE)
         tl.debug_barrier()
         tl.store(GW2 + ch * FC * D + o2, dw2e)
-        tl.store(GW1 + ch * FC + o1, dw1e)
+        tl.store(GW1 + ch * FC * D + o1, dw1e)
         tl.store(GB1 + ch * FC + cc, db1e)
     tl.store(DQP + tile, dq.to(DQP.dtype.element_ty))
     tl.debug_barrier()
     # pass 2b: the parts of the update path that are sums over F
     k = tl.load(KP + tile)
-    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(VP + tile).to(tl.float32), k.to(tl.float32), gamma, beta,
-                                           D, eps)
+    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(VP + tile).to(tl.float32), k.to(tl.float32),
+                                           tl.load(LNWP + dc)[None, :], tl.load(LNBP + dc)[None, :], D, eps)
     gz2_op = gz2.to(DT)
     dp2_acc = tl.zeros([MB, D], dtype=tl.float32)
     gz2_acc = tl.zeros([MB, D], dtype=tl.float32)
@@ -544,31 +561,37 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
     for ch in range(F // FC):
         k = tl.load(KP + tile)
         w2c = tl.load(RW2 + ch * FC * D + o2)
-        z1c = _mm(k, tl.load(RW1 + ch * FC + o1), DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
+        z1c = _mm(k, tl.load(RW1 + ch * FC * D + o1), DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
         ac, gpc = _gelu_and_grad(z1c, IEEE)
         gAc = _x_w2t(gz2_op, w2c, W2T, DT, IEEE)
         dp2_acc += _x_w2(ac.to(DT), tl.load(GW2 + ch * FC * D + o2), W2T, DT, IEEE)
-        dp1c = -(_mm(k, tl.load(GW1 + ch * FC + o1), DT, IEEE) + tl.load(GB1 + ch * FC + cc)[None, :])
+        dp1c = -(_mm(k, tl.load(GW1 + ch * FC * D + o1), DT, IEEE) + tl.load(GB1 + ch * FC + cc)[None, :])
         de += tl.sum(dp1c * gAc * gpc, axis=1)
         dgAc = e[:, None] * dp1c * gpc
         gz2_acc += _x_w2(dgAc.to(DT), w2c, W2T, DT, IEEE)
     dp2 = -(dp2_acc + db2[None, :])
     de += tl.sum(dp2 * gz2, axis=1)
-    dz2, dg, dgm, dbt = _ln_double_bwd(e[:, None] * dp2 + gz2_acc, gx, g, xh, rstd, gz2, gamma, D)
-    dgamma += dgm
-    dbeta += dbt
+    dz2, dg, dgm, dbt = _ln_double_bwd(e[:, None] * dp2 + gz2_acc, gx, g, xh, rstd, gz2,
+                                       tl.load(LNWP + dc)[None, :], D)
+    dgamma = tl.load(GLNW + dc) + dgamma + dgm
+    dbeta = tl.load(GLNB + dc) + dbeta + dbt
+    # every thread has read the rows before any overwrites them (a [D] vector is replicated across threads);
+    # GB2 was read before pass 2a's barriers
+    tl.debug_barrier()
+    tl.store(GLNW + dc, dgamma)
+    tl.store(GLNB + dc, dbeta)
+    tl.store(GB2 + dc, db2 + tl.sum(dz2, axis=0))
     dk = dg
     dv = -dg
-    db2 += tl.sum(dz2, axis=0)
     dz2 = dz2.to(DT)
     p2 = (e[:, None] * gz2).to(DT)
     tl.debug_barrier()
     # pass 3: through the update and the inner forward at W; accumulators become dL/dW_start
     for ch in range(F // FC):
         k = tl.load(KP + tile)
-        w1c = tl.load(RW1 + ch * FC + o1)
+        w1c = tl.load(RW1 + ch * FC * D + o1)
         w2c = tl.load(RW2 + ch * FC * D + o2)
-        dw1e = tl.load(GW1 + ch * FC + o1)
+        dw1e = tl.load(GW1 + ch * FC * D + o1)
         db1e = tl.load(GB1 + ch * FC + cc)
         dw2e = tl.load(GW2 + ch * FC * D + o2)
         z1c = _mm(k, w1c, DT, IEEE) + tl.load(RB1 + ch * FC + cc)[None, :]
@@ -586,10 +609,10 @@ def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2
         db1s = db1e + tl.sum(dz1c, axis=0)
         tl.debug_barrier()
         tl.store(GW2 + ch * FC * D + o2, dw2s)
-        tl.store(GW1 + ch * FC + o1, dw1s)
+        tl.store(GW1 + ch * FC * D + o1, dw1s)
         tl.store(GB1 + ch * FC + cc, db1s)
     tl.debug_barrier()
-    return dk, dv, de, db2, dgamma, dbeta
+    return dk, dv, de
 
 
 @triton.jit
@@ -619,14 +642,16 @@ def _ttt_mlp_bwd_gmem_kernel(
     DT = Q.dtype.element_ty
     rows = tl.arange(0, MB)
     dc = tl.arange(0, D)
-    gamma = tl.load(LNW + h * D + dc).to(tl.float32)[None, :]
-    beta = tl.load(LNB + h * D + dc).to(tl.float32)[None, :]
     gw1 = GW1 + pid64 * D * F
     gb1 = GB1 + pid64 * F
     gw2 = GW2 + pid64 * F * D
-    db2 = tl.load(DB2_END + pid64 * D + dc).to(tl.float32)
-    dgamma = tl.zeros([D], dtype=tl.float32)
-    dbeta = tl.zeros([D], dtype=tl.float32)
+    # dL/db2 and this program's share of dL/d(LN weight, bias) accumulate in their output rows
+    gb2 = DB2 + pid64 * D
+    glnw = DLNW + pid64 * D
+    glnb = DLNB + pid64 * D
+    tl.store(gb2 + dc, tl.load(DB2_END + pid64 * D + dc).to(tl.float32))
+    tl.store(glnw + dc, tl.zeros([D], dtype=tl.float32))
+    tl.store(glnb + dc, tl.zeros([D], dtype=tl.float32))
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile = rows[:, None] * D + dc[None, :]
@@ -639,18 +664,19 @@ def _ttt_mlp_bwd_gmem_kernel(
         # phase A: slot j = state at the start of mini-batch i0 + j, slot cnt = state after the group
         _copy_mlp_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D,
                         SC_W1 + s0 * D * F, SC_B1 + s0 * F, SC_W2 + s0 * F * D, D, F)
-        b2 = tl.load(CK_B2 + ck * D + dc)
-        tl.store(SC_B2 + s0 * D + dc, b2)
+        tl.store(SC_B2 + s0 * D + dc, tl.load(CK_B2 + ck * D + dc))
         tl.debug_barrier()
         for j in range(cnt):
             base = tok + (i0 + j) * MB * D
-            v = tl.load(V + base + tile).to(tl.float32)
             e = tl.load(ETA + eta_base + (i0 + j) * MB + rows).to(tl.float32)
             r = s0 + j
-            b2, unused = _mlp_gmem_step(K + base, v, e, Q + base, SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D,
+            b2, unused = _mlp_gmem_step(K + base, V + base, e, Q + base, SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D,
                                         SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D,
-                                        b2, gamma, beta, eps, D, F, FC, MB, False, W2T, DT, IEEE)
+                                        tl.load(SC_B2 + r * D + dc),
+                                        tl.load(LNW + h * D + dc)[None, :], tl.load(LNB + h * D + dc)[None, :],
+                                        eps, D, F, FC, MB, False, W2T, DT, IEEE)
             tl.store(SC_B2 + (r + 1) * D + dc, b2)
+            tl.debug_barrier()  # the next mini-batch reads it
         tl.debug_barrier()
         # phase B
         for jj in range(cnt):
@@ -659,20 +685,15 @@ def _ttt_mlp_bwd_gmem_kernel(
             r = s0 + j
             base = tok + i * MB * D
             e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
-            dk, dv, de, db2, dgm, dbt = _mlp_gmem_bwd_step(
+            dk, dv, de = _mlp_gmem_bwd_step(
                 Q + base, K + base, DQ + base, V + base, e, DOUT + base,
                 SC_W1 + r * D * F, SC_B1 + r * F, SC_W2 + r * F * D, tl.load(SC_B2 + r * D + dc),
                 SC_W1 + (r + 1) * D * F, SC_B1 + (r + 1) * F, SC_W2 + (r + 1) * F * D, tl.load(SC_B2 + (r + 1) * D + dc),
-                gw1, gb1, gw2, db2, gamma, beta, eps, D, F, FC, MB, W2T, DT, IEEE)
-            dgamma += dgm
-            dbeta += dbt
+                gw1, gb1, gw2, gb2, LNW + h * D, LNB + h * D, glnw, glnb, eps, D, F, FC, MB, W2T, DT, IEEE)
             tl.store(DK + base + tile, dk.to(DK.dtype.element_ty))
             tl.store(DV + base + tile, dv.to(DV.dtype.element_ty))
             tl.store(DETA + eta_base + i * MB + rows, de)
         tl.debug_barrier()
-    tl.store(DB2 + pid64 * D + dc, db2)
-    tl.store(DLNW + pid64 * D + dc, dgamma)
-    tl.store(DLNB + pid64 * D + dc, dbeta)
 
 
 @triton.jit
@@ -1016,6 +1037,24 @@ def _state_f32(t: torch.Tensor, BH: int, *shape) -> torch.Tensor:
     return t.detach().reshape(BH, *shape).to(torch.float32).contiguous()
 
 
+def _w1_to_chunks(w1: torch.Tensor, fc: int) -> torch.Tensor:
+    """[..., D, F] row-major -> the gmem kernels' chunk-major W1 layout ([..., F / fc, D, fc] in memory),
+    returned with the same shape [..., D, F] (only the element order changes)."""
+    *lead, D, F = w1.shape
+    return w1.reshape(*lead, D, F // fc, fc).transpose(-3, -2).contiguous().reshape(*lead, D, F)
+
+
+def _w1_from_chunks(w1: torch.Tensor, fc: int) -> torch.Tensor:
+    """Inverse of _w1_to_chunks."""
+    *lead, D, F = w1.shape
+    return w1.reshape(*lead, F // fc, D, fc).transpose(-3, -2).contiguous().reshape(*lead, D, F)
+
+
+def _mlp_fc(kernel: str, Fh: int) -> int:
+    """F-chunk width of a gmem MLP kernel: its configured fc, at most half of F (so the chunk loop runs)."""
+    return min(KERNEL_CONFIG[kernel].get("fc", 32), Fh // 2)
+
+
 def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     B, H, N, D = q.shape
     Fh = state[0].shape[-1]
@@ -1032,10 +1071,10 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
     variant = KERNEL_CONFIG["mlp_fwd"]["variant"]
     if variant == "gmem" and _pow2(Fh) and Fh >= 32:
-        # state updated in place in the final-state buffers (they start as a copy of the initial state);
-        # F-chunks of 64 columns (half of F at the small test shapes, so the chunk loop is exercised)
-        FC = min(KERNEL_CONFIG["mlp_fwd"].get("fc", 32), Fh // 2)
-        finals[0].copy_(W1)
+        # state updated in place in the final-state buffers (they start as a copy of the initial state, W1
+        # chunk-major); F-chunks of 64 columns (half of F at the small test shapes, so the chunk loop runs)
+        FC = _mlp_fc("mlp_fwd", Fh)
+        finals[0] = _w1_to_chunks(W1, FC)
         finals[1].copy_(b1)
         finals[2].copy_(W2)
         _ttt_mlp_fwd_gmem_kernel[(BH,)](
@@ -1045,14 +1084,16 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             IEEE=q.dtype == torch.float32, OUT_PASS=bool(KERNEL_CONFIG["mlp_fwd"].get("out_pass", 0)),
             **_launch_opts("mlp_fwd"),
         )
-        return out, finals, cks
+        finals[0] = _w1_from_chunks(finals[0], FC)
+        return out, finals, cks, FC  # the checkpoints' W1 are chunk-major with FC
+
     kernel = _ttt_mlp_fwd_chunked_kernel if variant == "chunked" and _pow2(Fh // 2) else _ttt_mlp_fwd_kernel
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
         D=D, F=Fh, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("mlp_fwd"),
     )
-    return out, finals, cks
+    return out, finals, cks, 0  # row-major checkpoints
 
 
 def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
@@ -1089,9 +1130,9 @@ class _TTTMLPFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mb, G):
         B, H, N, D = q.shape
         qc, kc, vc, etac, lnw, lnb = _prep(q, k, v, eta, ln_weight, ln_bias)
-        out, finals, cks = _mlp_forward(qc, kc, vc, etac, (W1, b1, W2, b2), lnw, lnb, mb, G, save=True)
+        out, finals, cks, ck_fc = _mlp_forward(qc, kc, vc, etac, (W1, b1, W2, b2), lnw, lnb, mb, G, save=True)
         ctx.save_for_backward(qc, kc, vc, etac, lnw, lnb, *cks)
-        ctx.meta = (mb, G, tuple(t.dtype for t in (W1, b1, W2, b2)), eta.dtype, ln_weight.dtype)
+        ctx.meta = (mb, G, tuple(t.dtype for t in (W1, b1, W2, b2)), eta.dtype, ln_weight.dtype, ck_fc)
         Fh = W1.shape[-1]
         return (out, finals[0].view(B, H, D, Fh), finals[1].view(B, H, 1, Fh),
                 finals[2].view(B, H, Fh, D), finals[3].view(B, H, 1, D))
@@ -1099,7 +1140,7 @@ class _TTTMLPFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dW1e, db1e, dW2e, db2e):
         q, k, v, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2 = ctx.saved_tensors
-        mb, G, sdt, eta_dt, ln_dt = ctx.meta
+        mb, G, sdt, eta_dt, ln_dt, ck_fc = ctx.meta
         B, H, N, D = q.shape
         Fh = ckW1.shape[-1]
         BH, n_mb, n_ck = B * H, N // mb, ckW1.shape[1]
@@ -1113,10 +1154,15 @@ class _TTTMLPFunction(torch.autograd.Function):
         dstate = [_empty(BH, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
         dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
         cfg = KERNEL_CONFIG["mlp_bwd"]
-        if cfg["variant"] == "gmem" and _pow2(Fh) and Fh >= 32:
-            FC = min(cfg.get("fc", 32), Fh // 2)
+        gmem = cfg["variant"] == "gmem" and _pow2(Fh) and Fh >= 32
+        FC = _mlp_fc("mlp_bwd", Fh) if gmem else 0
+        if ck_fc != FC:  # checkpoints' W1 in the layout the backward kernel reads (chunk-major for gmem)
+            ckW1 = _w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1
+            ckW1 = _w1_to_chunks(ckW1, FC) if FC else ckW1
+        if gmem:
             scratch = [_empty(BH, G + 1, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
-            gw = [t.clone() for t in ends[:3]]  # dL/dW_end in, dL/dW_start out
+            # dL/dW_end in, dL/dW_start out (W1's chunk-major)
+            gw = [_w1_to_chunks(ends[0], FC), ends[1].clone(), ends[2].clone()]
             _ttt_mlp_bwd_gmem_kernel[(BH,)](
                 q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *gw, ends[3],
                 dq, dk, dv, deta, dstate[3], dlnw, dlnb,
@@ -1124,7 +1170,7 @@ class _TTTMLPFunction(torch.autograd.Function):
                 D=D, F=Fh, FC=FC, MB=mb, W2T=bool(cfg.get("w2t", 1)), IEEE=q.dtype == torch.float32,
                 **_launch_opts("mlp_bwd"),
             )
-            dstate[:3] = gw
+            dstate[:3] = [_w1_from_chunks(gw[0], FC), gw[1], gw[2]]
         else:
             scratch = [_empty(BH, G, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
             _ttt_mlp_bwd_kernel[(BH,)](
@@ -1192,7 +1238,7 @@ def ttt_mlp_triton(q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size=64, 
         out, *final = _TTTMLPFunction.apply(q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mini_batch_size, G)
         return out, tuple(final)
     qc, kc, vc, etac, lnw, lnb = _prep(q, k, v, eta, ln_weight, ln_bias)
-    out, finals, _ = _mlp_forward(qc, kc, vc, etac, state, lnw, lnb, mini_batch_size, G, save=False)
+    out, finals, _, _ = _mlp_forward(qc, kc, vc, etac, state, lnw, lnb, mini_batch_size, G, save=False)
     shapes = ((B, H, D, Fh), (B, H, 1, Fh), (B, H, Fh, D), (B, H, 1, D))
     return out, tuple(t.view(*s) for t, s in zip(finals, shapes))
 
