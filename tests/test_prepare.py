@@ -297,3 +297,49 @@ def test_time_limit_keeps_what_is_done_and_a_rerun_continues(tmp_path, model_roo
     rest = prep.prepare_dataset(**kw)
     assert rest.already_done == 1 and rest.written == 2
     assert len(load_manifest(tmp_path / "out" / "manifest.jsonl")[0]) == 3
+
+
+def test_shards_and_processes_write_what_one_process_writes(tmp_path, model_root):
+    """--processes N: clips split round-robin over N processes sharing one out folder; the merged manifest
+    lists what a single process lists (same items, same latents), and a re-run finds everything done."""
+    import argparse
+
+    from ttt_video.ttt_core.training import cli
+
+    vids = tmp_path / "videos"
+    vids.mkdir()
+    rng = np.random.default_rng()
+    entries = []
+    for i in range(5):
+        offset = int(rng.integers(0, 100))
+        make_video(vids / f"v{i}.mp4", 96, fps=16, level=lambda k, o=offset: (o + 3 * k) % 250)
+        entries.append({"video": f"v{i}.mp4", "segments": [{"text": f"clip {i} part {j}"} for j in range(2)]})
+    ann = _write_ann(vids, entries)
+    kw = dict(annotations=ann, model_root=model_root, preset_name="tiny", device="cpu", segments_per_item=1,
+              progress=False, store_dtype="fp32")  # fmt: skip
+    one = prep.prepare_dataset(out=tmp_path / "one", **kw)
+    assert one.written == 10
+    # three shards in turn into one folder (what three processes do side by side), then the merge
+    for i in range(3):
+        prep.prepare_dataset(out=tmp_path / "sharded", shard=(i, 3), **kw)
+    assert not (tmp_path / "sharded" / "manifest.jsonl").exists()
+    assert prep.merge_shard_manifests(tmp_path / "sharded") == 10
+    assert not list((tmp_path / "sharded").glob("manifest.shard-*"))
+    with pytest.raises(ValueError, match="shard 3/3"):
+        prep.prepare_dataset(out=tmp_path / "bad", shard=(3, 3), **kw)
+
+    ns = argparse.Namespace(annotations=str(ann), videos=None, out=str(tmp_path / "procs"), model=str(model_root),
+                            preset="tiny", segments=1, device="cpu", store_dtype="fp32", limit=0, max_minutes=0.0,
+                            processes=2)  # fmt: skip
+    assert cli.run_prepare(ns) == 0
+    from safetensors.torch import load_file
+
+    ref = {r["id"]: r for r in prep.read_manifest_records(tmp_path / "one" / "manifest.jsonl")}
+    for folder in ("sharded", "procs"):
+        got = {r["id"]: r for r in prep.read_manifest_records(tmp_path / folder / "manifest.jsonl")}
+        assert got.keys() == ref.keys()
+        for item_id, rec in got.items():
+            a = load_file(tmp_path / "one" / ref[item_id]["vid_emb"])["latent_dist"]
+            assert torch.equal(load_file(tmp_path / folder / rec["vid_emb"])["latent_dist"], a)
+    again = prep.prepare_dataset(out=tmp_path / "procs", shard=(1, 2), **kw)  # a re-run reads the merged manifest
+    assert again.written == 0 and again.already_done == 4

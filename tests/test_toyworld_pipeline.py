@@ -133,9 +133,33 @@ def test_videos_and_prepare_budget_reach_the_commands(tp, tmp_path, monkeypatch)
     monkeypatch.setattr(tp.Job, "pack", lambda self: None)
     with pytest.raises(Stop):
         tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), "--stages", "63s",
-                 "--videos", "63s=400", "--prepare-seconds", "420", "--stage-seconds", "63s=560"])
+                 "--videos", "63s=400", "--prepare-seconds", "420", "--stage-seconds", "63s=560", "--device", "cuda"])
     data = [str(a) for a in ran["dataset-63s"]]
     assert data[data.index("--num") + 1] == "400"
     prep = [str(a) for a in ran["prepare-63s"]]
     assert prep[prep.index("--max-minutes") + 1] == "7.00"
     assert tp.BUDGET["63s"] == 560 and sorted(ran) == ["dataset-63s", "prepare-63s", "train-vae"]
+    # one small VAE leaves a GPU mostly idle: the GPU run prepares in several processes, a CPU run in one
+    assert prep[prep.index("--device") + 1] == "cuda" and prep[prep.index("--processes") + 1] == "4"
+    cpu = tp.Job(tmp_path / "w2", tmp_path / "e2", smoke=False, device="cpu")
+    assert cpu.prepare_processes() == 1
+    assert int(data[data.index("--workers") + 1]) >= 3
+
+
+def test_a_continued_run_is_evaluated_beside_where_it_started(tp, tmp_path, monkeypatch):
+    folders = {v: tmp_path / f"start-{v}" for v in tp.VARIANTS}
+    job = tp.Job(tmp_path / "w", tmp_path / "e", smoke=True, device="cpu", init=folders, stages=["63s"])
+    assembled, ran = {}, {}
+    monkeypatch.setattr(tp.Job, "assemble", lambda self, name, transformer: assembled.update({name: transformer}))
+    monkeypatch.setattr(tp.Job, "run_parallel", lambda self, commands, deadline_s=None: ran.update(commands) or {})
+    monkeypatch.setattr(tp.Job, "run", lambda self, name, args, deadline_s=None: ran.update({name: args}) or 1.0)
+    job.evaluate()
+    assert assembled == {"ttt": "runs/ttt/63s", "local": "runs/local/63s", "ttt-start": str(folders["ttt"]),
+                         "local-start": str(folders["local"])}
+    table = [str(a) for a in ran["eval-table"]]
+    models = [table[i + 1] for i, a in enumerate(table) if a == "--model"]
+    assert models == ["ttt=models/ttt", "local=models/local", "ttt-start=models/ttt-start",
+                      "local-start=models/local-start"]
+    assert sorted(ran) == ["eval-local", "eval-local-start", "eval-table", "eval-ttt", "eval-ttt-start"]
+    fresh = tp.Job(tmp_path / "w3", tmp_path / "e3", smoke=True, device="cpu")  # from scratch: the two chains only
+    assert fresh.eval_models() == list(tp.VARIANTS)

@@ -46,6 +46,9 @@ def configure_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=0, help="process at most this many clips (0 = all)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="start no new clip after this many minutes "
                    "(what is done is kept; a re-run continues); 0 = no limit")  # fmt: skip
+    p.add_argument("--processes", type=int, default=1, help="split the clips over this many processes (each "
+                   "loads its own VAE and text encoder; one small VAE leaves a GPU mostly idle, so 4 processes "
+                   "share it well); their records are merged into one manifest at the end")  # fmt: skip
 
 
 def _fail(err: Exception) -> int:
@@ -56,6 +59,10 @@ def _fail(err: Exception) -> int:
 def run_prepare(args: argparse.Namespace) -> int:
     from .prepare import AnnotationError, prepare_dataset
 
+    if args.processes < 1:
+        return _fail(ValueError(f"--processes must be >= 1, got {args.processes}"))
+    if args.processes > 1:
+        return _run_prepare_processes(args)
     try:
         summary = _prepare(args, prepare_dataset)
     except (AnnotationError, FileNotFoundError, ValueError, RuntimeError) as err:
@@ -63,7 +70,38 @@ def run_prepare(args: argparse.Namespace) -> int:
     return 0 if summary.written + summary.already_done > 0 else 1
 
 
-def _prepare(args, prepare_dataset):
+def _prepare_shard(args: argparse.Namespace, index: int, n: int) -> None:
+    """One process of ``--processes n`` (spawned; shard 0 shows the progress bar)."""
+    from .prepare import prepare_dataset
+
+    summary = _prepare(args, prepare_dataset, shard=(index, n), progress=index == 0)
+    if index:
+        print(f"[shard {index}/{n}] " + summary.text(), flush=True)
+
+
+def _run_prepare_processes(args: argparse.Namespace) -> int:
+    import multiprocessing
+
+    from .prepare import merge_shard_manifests
+
+    n = args.processes
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    procs = [ctx.Process(target=_prepare_shard, args=(args, i, n), name=f"prepare-shard-{i}") for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [i for i, p in enumerate(procs) if p.exitcode != 0]
+    # merge even after a failure: what the other shards wrote is kept and a re-run continues from it
+    total = merge_shard_manifests(args.out) if Path(args.out).is_dir() else 0
+    print(f"prepare: {n} processes, manifest {Path(args.out) / 'manifest.jsonl'} lists {total} item(s)", flush=True)
+    if failed:
+        return _fail(RuntimeError(f"prepare process(es) {failed} of {n} failed (their errors are above); "
+                                  "the items written so far are kept, run again to continue"))
+    return 0 if total > 0 else 1
+
+
+def _prepare(args, prepare_dataset, **kw):
     return prepare_dataset(
         annotations=args.annotations,
         out=args.out,
@@ -75,6 +113,7 @@ def _prepare(args, prepare_dataset):
         store_dtype=args.store_dtype,
         limit=args.limit,
         max_minutes=args.max_minutes,
+        **kw,
     )
 
 

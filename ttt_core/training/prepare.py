@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -421,10 +422,12 @@ def _item_id(clip: Clip, window: int, n_seg: int) -> str:
 def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, preset_name=None,
                     segments_per_item: int = 0, device: str = "auto", store_dtype: str = "bf16",
                     limit: int = 0, progress: bool = True, decode_workers: int | None = None,
-                    max_minutes: float = 0.0) -> PrepareSummary:  # fmt: skip
+                    max_minutes: float = 0.0, shard: tuple[int, int] = (0, 1)) -> PrepareSummary:  # fmt: skip
     """``decode_workers``: threads decoding the next clips while the current one is encoded (default
     min(4, cores)). ``max_minutes`` > 0: start no new clip after that much time (what is done is kept and
-    listed in the manifest; a re-run continues)."""
+    listed in the manifest; a re-run continues). ``shard`` (i, n): only clips i, i + n, i + 2n, ...; with
+    n > 1 the items go into the shared ``out`` folder and their records into ``manifest.shard-i-of-n.jsonl``
+    (``merge_shard_manifests`` folds them into manifest.jsonl), so n processes can share one GPU."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -438,6 +441,11 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
     clips = parse_annotations(annotations, videos_root)
     if limit:
         clips = clips[:limit]
+    shard_index, shards = shard
+    if not (shards >= 1 and 0 <= shard_index < shards):
+        raise ValueError(f"shard {shard_index}/{shards}: need 0 <= i < n")
+    clips = clips[shard_index::shards]
+    manifest_path = out / (shard_manifest_name(shard_index, shards) if shards > 1 else MANIFEST_NAME)
     summary = PrepareSummary()
 
     info = {
@@ -460,8 +468,10 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
                 f"{out} was prepared with other settings ({', '.join(f'{k}: {old.get(k)} vs {info.get(k)}' for k in diff)}); "
                 "use a new --out folder (nothing is overwritten)"
             )
-    records = read_manifest_records(out / MANIFEST_NAME) if (out / MANIFEST_NAME).is_file() else []
+    records = read_manifest_records(manifest_path) if manifest_path.is_file() else []
     done = {r["id"]: r for r in records if "id" in r}
+    if shards > 1 and (out / MANIFEST_NAME).is_file():  # items a merged earlier run already lists
+        done.update({r["id"]: r for r in read_manifest_records(out / MANIFEST_NAME) if "id" in r and r["id"] not in done})
 
     from ..pipeline import resolve_device
 
@@ -583,7 +593,7 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
             # toy clips); every few seconds bounds what a crash loses, and the item files themselves are kept.
             if time.perf_counter() - last_manifest_write > MANIFEST_WRITE_INTERVAL_S:
                 flush_pending()
-                write_manifest(out / MANIFEST_NAME, records)
+                write_manifest(manifest_path, records)
                 last_manifest_write = time.perf_counter()
             bar.set_postfix(items=summary.written + len(pending) + summary.already_done, skipped=len(summary.skipped))
         flush_pending()
@@ -591,14 +601,37 @@ def prepare_dataset(*, annotations, out, videos_root=None, model_root=None, pres
         reader.close()
     bar.close()
     if summary.written:
-        write_manifest(out / MANIFEST_NAME, records)
+        write_manifest(manifest_path, records)
     if not info_path.is_file() and (summary.written or summary.already_done):
         atomic_write_text(info_path, json.dumps(info, indent=1, sort_keys=True))
     summary.seconds = time.perf_counter() - t0
     report = {"written": summary.written, "already_done": summary.already_done,
               "skipped": [{"clip": c, "reason": r} for c, r in summary.skipped], "notes": summary.notes}  # fmt: skip
     if out.is_dir():
-        atomic_write_text(out / "prepare_report.json", json.dumps(report, indent=1))
+        report_name = "prepare_report.json" if shards == 1 else f"prepare_report.shard-{shard_index}-of-{shards}.json"
+        atomic_write_text(out / report_name, json.dumps(report, indent=1))
     if progress:
         print(summary.text(), flush=True)
     return summary
+
+
+def shard_manifest_name(index: int, shards: int) -> str:
+    return f"manifest.shard-{index}-of-{shards}.jsonl"
+
+
+def merge_shard_manifests(out: str | Path) -> int:
+    """Fold ``manifest.shard-*.jsonl`` (from ``prepare_dataset(shard=...)``) into ``manifest.jsonl``: records
+    in the order manifest.jsonl, then shard 0, 1, ...; the first record of an id wins. The merged manifest
+    is written (atomically) before the shard manifests are removed, so a crash loses nothing. Returns the
+    number of records in the merged manifest."""
+    out = Path(out)
+    parts = sorted(out.glob("manifest.shard-*-of-*.jsonl"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)])
+    records: dict[str, dict[str, Any]] = {}
+    for path in ([out / MANIFEST_NAME] if (out / MANIFEST_NAME).is_file() else []) + parts:
+        for r in read_manifest_records(path):
+            records.setdefault(r["id"], r)
+    if parts:
+        write_manifest(out / MANIFEST_NAME, list(records.values()))
+        for path in parts:
+            path.unlink()
+    return len(records)
