@@ -998,8 +998,11 @@ KERNEL_CONFIG = {
     # device-verified in bf16 on Triton 3.6 / H100 (docs/performance.md, session-5 probes): gmem with fc=64.
     # fc=32 builds are wrong there (illegal addresses at 8 warps, wrong b1 at 4 warps) although correct in
     # fp32 and in the interpreter. 4 warps beat 8 for the forward (178 vs 239 ms at the one-minute shape):
-    # at 8 warps each 64-row tile is split over two warp groups and spills more. out_pass: f(q; W_end) in a
-    # pass of its own (fewer live registers in the update pass).
+    # at 8 warps each 64-row tile is split over two warp groups and spills more (session 6, spill-free code:
+    # still 158 vs 142 ms). out_pass: f(q; W_end) in a pass of its own (1) or fused into the update pass (0):
+    # 1 won while the forward spilled (170 vs 175 ms). With the spill-free code 0 is faster (134.5 vs 141.8 ms)
+    # and passes the 640-token check, but on the device its backward gradients at 4,096 tokens are 3-4e-2
+    # (out_pass 1: 5.5-8.8e-3 over 6 seeds), a Hopper-only fault the interpreter does not show: 1 stays.
     "mlp_fwd": {"variant": "gmem", "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden

@@ -50,12 +50,20 @@ def test_gpu_kernel_matches_float64_reference(case):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
-def test_long_sequence_forward_bf16():
-    """4,096 tokens (64 mini-batches) forward: the bf16 error must not grow with the scan."""
+# Long-scan bound for every output and gradient: over 6 fixed seeds the default kernels reach 5.5-8.8e-3
+# (benchmarks/precision_seeds.py, session 6; one random draw reached 1.07e-2 in dk), while a forward variant
+# that passed the short cases (out_pass 0) reached 3-4e-2 in the gradients here. 1.5e-2 tells the two apart.
+LONG_TOL = 1.5e-2
+
+
+def test_long_sequence_bf16():
+    """4,096 tokens (64 mini-batches) forward and backward: the bf16 error must not grow with the scan."""
     errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=torch.seed() % 2**31)
     _log({"case": ["mlp-long", 1, 2, 4096, 64, 64, 16, "bf16"], "errs": errs})
     print("long", {k: f"{v:.1e}" for k, v in errs.items()})
     assert errs["out"] < 1e-2 and errs["final_W1"] < 1e-2 and errs["dq"] < 1e-2
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > LONG_TOL}
+    assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
 
 
 def test_auto_backend_picks_triton_on_cuda():

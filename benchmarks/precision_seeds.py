@@ -1,0 +1,82 @@
+"""Relative error of the Triton TTT-MLP kernels against float64, over several fixed seeds (device only).
+
+One seed is one draw; a bound like "< 1e-2 for bf16 operands" needs the spread over draws, and a kernel
+change needs the same draws before and after. This runs the long-sequence case of tests/gpu (4,096 tokens,
+64 chained mini-batches, bf16) for each seed with the repo's kernels and, with --other FILE, with another
+version of kernels/ttt_triton.py (e.g. `git show <commit>:kernels/ttt_triton.py > old.py`) on the same seeds.
+
+    python benchmarks/precision_seeds.py --seeds 6 [--other old.py] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "gpu"))
+from kernel_checks import check  # noqa: E402
+
+SHAPE = ("mlp", 1, 2, 4096, 64, 64, 16, torch.bfloat16)  # kind, B, H, N, D, mini-batch, group, dtype
+
+
+def _load_other(path: str):
+    """Load another ttt_triton.py as a module of the same package (its relative imports then resolve)."""
+    import ttt_video.kernels as pkg
+
+    spec = importlib.util.spec_from_file_location("ttt_video.kernels._other_ttt_triton", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return pkg, mod
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def run(seeds: int, label: str, tokens: int, device: str, dtype: str) -> list[dict]:
+    rows = []
+    kind, B, H, _, D, mb, G, _ = SHAPE
+    dt = DTYPES[dtype]
+    for seed in range(seeds):
+        errs = check(kind, B, H, tokens, D, mb, G, dt, device, seed=1000 + seed)
+        worst = max(errs, key=errs.get)
+        rows.append({"kernels": label, "seed": 1000 + seed, "max": errs[worst], "worst": worst, "errs": errs})
+        print(f"{label:6s} seed {1000 + seed}: max {errs[worst]:.2e} ({worst}); out {errs['out']:.1e}, "
+              f"dk {errs['dk']:.1e}, dW1 {errs['dW1']:.1e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--other", default=None, help="another kernels/ttt_triton.py to run on the same seeds")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--tokens", type=int, default=SHAPE[3], help="sequence length (a multiple of 64)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels under TRITON_INTERPRET=1")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="operand dtype (the interpreter: fp16)")
+    args = ap.parse_args()
+    rows = run(args.seeds, "repo", args.tokens, args.device, args.dtype)
+    if args.other:
+        pkg, other = _load_other(args.other)
+        repo_mod = pkg.ttt_triton
+        pkg.ttt_triton = other  # what kernel_checks.check imports
+        sys.modules["ttt_video.kernels.ttt_triton"] = other
+        try:
+            rows += run(args.seeds, "other", args.tokens, args.device, args.dtype)
+        finally:
+            pkg.ttt_triton = repo_mod
+            sys.modules["ttt_video.kernels.ttt_triton"] = repo_mod
+    for label in sorted({r["kernels"] for r in rows}):
+        m = [r["max"] for r in rows if r["kernels"] == label]
+        print(f"{label}: max rel err over {len(m)} seeds: mean {sum(m) / len(m):.2e}, worst {max(m):.2e}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"shape": [str(x) for x in SHAPE], "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
