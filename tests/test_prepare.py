@@ -343,3 +343,18 @@ def test_shards_and_processes_write_what_one_process_writes(tmp_path, model_root
             assert torch.equal(load_file(tmp_path / folder / rec["vid_emb"])["latent_dist"], a)
     again = prep.prepare_dataset(out=tmp_path / "procs", shard=(1, 2), **kw)  # a re-run reads the merged manifest
     assert again.written == 0 and again.already_done == 4
+
+
+def test_processes_report_a_bad_input_once_per_process_and_fail(tmp_path, model_root, capfd):
+    import argparse
+
+    from ttt_video.ttt_core.training import cli
+
+    ann = _write_ann(tmp_path, [{"video": "missing.mp4", "segments": "not a list"}])
+    ns = argparse.Namespace(annotations=str(ann), videos=None, out=str(tmp_path / "out"), model=str(model_root),
+                            preset="tiny", segments=1, device="cpu", store_dtype="fp32", limit=0, max_minutes=0.0,
+                            processes=2)  # fmt: skip
+    assert cli.run_prepare(ns) == 1
+    err = capfd.readouterr().err
+    assert "[shard 0/2] error:" in err and "[shard 1/2] error:" in err and "Traceback" not in err
+    assert "failed" in err

@@ -71,10 +71,15 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def _prepare_shard(args: argparse.Namespace, index: int, n: int) -> None:
-    """One process of ``--processes n`` (spawned; shard 0 shows the progress bar)."""
-    from .prepare import prepare_dataset
+    """One process of ``--processes n`` (spawned; shard 0 shows the progress bar). A bad input is one line
+    and exit status 1, as in a single-process run, not a traceback per process."""
+    from .prepare import AnnotationError, prepare_dataset
 
-    summary = _prepare(args, prepare_dataset, shard=(index, n), progress=index == 0)
+    try:
+        summary = _prepare(args, prepare_dataset, shard=(index, n), progress=index == 0)
+    except (AnnotationError, FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"[shard {index}/{n}] error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if index:
         print(f"[shard {index}/{n}] " + summary.text(), flush=True)
 
