@@ -82,7 +82,7 @@ class Job:
         self.timings: dict = {}
 
     # ---------------------------------------------------------------------------------------------
-    def run(self, name: str, args: list[str], *, deadline_s: float | None = None) -> float:
+    def run(self, name: str, args: list[str], *, deadline_s: float | None = None, env: dict | None = None) -> float:
         """Run one command with its output in logs/<name>.log; SIGTERM it at the deadline (the trainer then
         checkpoints and stops). Returns its wall time; raises on a non-zero exit."""
         path = self.work / "logs" / f"{name}.log"
@@ -91,7 +91,7 @@ class Job:
             f.write(f"$ {' '.join(map(str, args))}\n")
             f.flush()
             proc = subprocess.Popen([str(a) for a in args], stdout=f, stderr=subprocess.STDOUT, cwd=self.work,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
             stopped = False
             while proc.poll() is None:
                 time.sleep(1.0)
@@ -106,13 +106,14 @@ class Job:
         log(f"{name}: done in {dt:.1f} s")
         return dt
 
-    def run_parallel(self, commands: dict[str, list], deadline_s: float | None = None) -> dict[str, float]:
+    def run_parallel(self, commands: dict[str, list], deadline_s: float | None = None,
+                     env: dict | None = None) -> dict[str, float]:
         """Run the named commands side by side; wall time per name. The first failure is raised once all ended."""
         walls, errors = {}, []
 
         def go(name):
             try:
-                walls[name] = self.run(name, commands[name], deadline_s=deadline_s)
+                walls[name] = self.run(name, commands[name], deadline_s=deadline_s, env=env)
             except Exception as err:  # noqa: BLE001 -- raised below, after the other commands end
                 errors.append(err)
 
@@ -250,8 +251,11 @@ class Job:
                   self.size["eval_steps"], "--device", self.device, "--out", "eval", "--quiet"]
         # one process per model side by side (each resumes the shared folder), then one pass that only
         # scores what exists, adds the VAE round-trip ceiling and writes the combined table
+        # the host's cores shared by the side-by-side processes: the fourth run's four evals at torch's default
+        # thread count each scored a video in 3.7 s (0.4 s alone on a 2-core CPU) and ran out of lease
+        threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 4) // len(names)))}
         self.run_parallel({f"eval-{v}": [*CLI, "toyworld", "eval", "--model", f"{v}=models/{v}", *common,
-                                          "--no-vae-row"] for v in names})  # the table pass adds it, once
+                                          "--no-vae-row"] for v in names}, env=threads)  # the table pass adds it
         self.timings["eval"] = self.run("eval-table", [*CLI, "toyworld", "eval", *sum(
             (["--model", f"{v}=models/{v}"] for v in names), []), *common])
         self.mark("eval")

@@ -151,9 +151,17 @@ def test_a_continued_run_is_evaluated_beside_where_it_started(tp, tmp_path, monk
     job = tp.Job(tmp_path / "w", tmp_path / "e", smoke=True, device="cpu", init=folders, stages=["63s"])
     assembled, ran = {}, {}
     monkeypatch.setattr(tp.Job, "assemble", lambda self, name, transformer: assembled.update({name: transformer}))
-    monkeypatch.setattr(tp.Job, "run_parallel", lambda self, commands, deadline_s=None: ran.update(commands) or {})
-    monkeypatch.setattr(tp.Job, "run", lambda self, name, args, deadline_s=None: ran.update({name: args}) or 1.0)
+    envs = []
+
+    def run_parallel(self, commands, deadline_s=None, env=None):
+        envs.append(env)
+        return ran.update(commands) or {}
+
+    monkeypatch.setattr(tp.Job, "run_parallel", run_parallel)
+    monkeypatch.setattr(tp.Job, "run", lambda self, name, args, deadline_s=None, env=None: ran.update({name: args}) or 1.0)
+    monkeypatch.setattr(tp.os, "cpu_count", lambda: 16)
     job.evaluate()
+    assert envs == [{"OMP_NUM_THREADS": "4"}]  # 16 cores shared by the 4 side-by-side evals
     assert assembled == {"ttt": "runs/ttt/63s", "local": "runs/local/63s", "ttt-start": str(folders["ttt"]),
                          "local-start": str(folders["local"])}
     table = [str(a) for a in ran["eval-table"]]
