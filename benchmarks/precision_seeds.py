@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "gpu"))
 from kernel_checks import check  # noqa: E402
 
-SHAPE = ("mlp", 1, 2, 4096, 64, 64, 16, torch.bfloat16)  # kind, B, H, N, D, mini-batch, group, dtype
+SHAPE = ("mlp", 1, 2, 4096, 64, 64, 16, "bf16")  # kind, B, H, N (--tokens), D, mini-batch, group, dtype (--dtype)
 
 
 def _load_other(path: str):
@@ -75,7 +75,9 @@ def main() -> None:
         print(f"{label}: max rel err over {len(m)} seeds: mean {sum(m) / len(m):.2e}, worst {max(m):.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"shape": [str(x) for x in SHAPE], "rows": rows}, f, indent=1)
+            kind, B, H, _, D, mb, G, _ = SHAPE
+            json.dump({"case": [kind, B, H, args.tokens, D, mb, G, args.dtype], "device": args.device, "rows": rows},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

@@ -56,16 +56,21 @@ def _fail(err: Exception) -> int:
     return 1
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    from .prepare import AnnotationError, prepare_dataset
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What prepare raises for bad inputs (reported as one line, not a traceback)."""
+    from .prepare import AnnotationError
 
+    return (AnnotationError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
     if args.processes < 1:
         return _fail(ValueError(f"--processes must be >= 1, got {args.processes}"))
     if args.processes > 1:
         return _run_prepare_processes(args)
     try:
-        summary = _prepare(args, prepare_dataset)
-    except (AnnotationError, FileNotFoundError, ValueError, RuntimeError) as err:
+        summary = _prepare(args)
+    except _input_errors() as err:
         return _fail(err)
     return 0 if summary.written + summary.already_done > 0 else 1
 
@@ -73,11 +78,9 @@ def run_prepare(args: argparse.Namespace) -> int:
 def _prepare_shard(args: argparse.Namespace, index: int, n: int) -> None:
     """One process of ``--processes n`` (spawned; shard 0 shows the progress bar). A bad input is one line
     and exit status 1, as in a single-process run, not a traceback per process."""
-    from .prepare import AnnotationError, prepare_dataset
-
     try:
-        summary = _prepare(args, prepare_dataset, shard=(index, n), progress=index == 0)
-    except (AnnotationError, FileNotFoundError, ValueError, RuntimeError) as err:
+        summary = _prepare(args, shard=(index, n), progress=index == 0)
+    except _input_errors() as err:
         print(f"[shard {index}/{n}] error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if index:
@@ -106,7 +109,9 @@ def _run_prepare_processes(args: argparse.Namespace) -> int:
     return 0 if total > 0 else 1
 
 
-def _prepare(args, prepare_dataset, **kw):
+def _prepare(args, **kw):
+    from .prepare import prepare_dataset
+
     return prepare_dataset(
         annotations=args.annotations,
         out=args.out,
