@@ -26,7 +26,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-INT_ARGS = {"N", "H", "n_mb", "n_ck", "G"}
+INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin"}
+INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
 OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
@@ -39,6 +40,10 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
 
     ieee = op_dtype == "fp32"
     if name == "mlp_fwd":
+        if cfg.get("variant") == "split":
+            fs = cfg.get("fs", 64)
+            return tt._ttt_mlp_fwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, SAVE=True, IEEE=ieee,
+                                                       PARK=bool(cfg.get("park", 1)))
         if cfg.get("variant", "gmem") == "gmem":
             return tt._ttt_mlp_fwd_gmem_kernel, dict(D=D, F=F, FC=cfg.get("fc", 64), MB=64, SAVE=True,
                                                       W2T=bool(cfg.get("w2t", 1)), IEEE=ieee,
@@ -75,10 +80,12 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in FLOAT_ARGS:
             signature[arg] = "fp32"
         else:
-            signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "fp32")
+            signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "i32" if arg in INT32_PTRS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg"):
+        opts["maxnreg"] = cfg["maxnreg"]
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     return cfg, compiled
 

@@ -2,7 +2,9 @@
 
     python benchmarks/bench_ttt.py [--tokens 351168] [--heads 48] [--dim 64] [--json out.json]
 
-Prints one table: TTT-MLP Triton forward (both directions in one launch) and forward+backward, the torch
+Prints one table: TTT-MLP Triton forward (both directions in one launch) and forward+backward; the same as
+the DiT launches it (the reversed direction runs on the forward's output: 2 launches of H heads), with the
+default forward and with the gmem forward pinned; the torch
 reference (timed on a slice, extrapolated linearly: the scan is sequential in N), fla's
 chunk_gated_delta_rule and chunk_simple_gla at the same shape (both directions), SDPA local attention
 (21 windows of ~18,048 tokens), a bf16 matmul measured in the same run, the FLOP count of the explicit
@@ -202,6 +204,10 @@ def probe_one(spec: str, H: int, N: int, D: int, reps: int) -> dict:
         op = ttt_mlp if kind == "mlp" else ttt_linear
         res.update(bench_ttt(op, kind, 2, H, N, D, 4 * D if kind == "mlp" else D, mb, "triton", reps=reps,
                              with_bwd=name.endswith("bwd"), group=int(cfg.get("group", 16))))
+    from ttt_video.kernels import ttt_triton
+
+    if cfg.get("variant") == "split":
+        res["split"] = dict(ttt_triton.SPLIT_INFO)  # groups launched, registers, spills of the split forward
     return res
 
 
@@ -212,14 +218,18 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--torch-slice", type=int, default=4096, help="tokens for the extrapolated torch reference")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma list of: mlp,linear,torch,fla,gdn,gla,sdpa,bwd")
+    p.add_argument("--skip", default="", help="comma list of: mlp,dir,linear,torch,fla,gdn,gla,sdpa,bwd")
     p.add_argument("--json", default="")
     p.add_argument("--probe", default="", help="';'-separated kernel configs, each checked and timed in its own "
                    "subprocess (a crash or a wrong result does not stop the run)")
     p.add_argument("--probe-one", default="", help=argparse.SUPPRESS)
     p.add_argument("--variants", default="", help="';'-separated kernel configs to time first, e.g. "
                    "'mlp_fwd:variant=gmem,num_warps=8;linear_fwd:num_stages=3,mb=16'")
+    p.add_argument("--config", default="", help="';'-separated KERNEL_CONFIG changes for the whole run, e.g. "
+                   "'mlp_fwd:variant=split' (the table's TTT rows then time that variant)")
     a = p.parse_args(argv)
+    for spec in filter(None, a.config.split(";")):
+        _apply_config(spec)
     skip = set(filter(None, a.skip.split(",")))
     if a.probe_one:
         print("PROBE " + json.dumps(probe_one(a.probe_one, a.heads, a.tokens, a.dim, a.reps)), flush=True)
@@ -290,6 +300,26 @@ def main(argv=None):
             mlp = {"error": repr(e)[:300]}
         r.update({f"mlp_{k}": v for k, v in mlp.items()})
         print(f"ttt-mlp triton {mlp} ({time.time() - t0:.0f}s incl. compile)", flush=True)
+    if "mlp" not in skip and "dir" not in skip:
+        # The DiT runs the reversed direction on the forward direction's output: two launches of B x H heads
+        # (48 here), where the default forward splits each head over 4 programs; gmem pinned for comparison.
+        from ttt_video.kernels import ttt_triton
+
+        base = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
+        for key, spec in (("mlp_dir", ""), ("mlp_dir_gmem", "mlp_fwd:variant=gmem")):
+            if spec:
+                _apply_config(spec)
+            try:
+                one = bench_ttt(ttt_mlp, "mlp", 1, H, N, D, Fh, 64, "triton", reps=a.reps, with_bwd="bwd" not in skip)
+                r.update({f"{key}_{k}": 2 * v for k, v in one.items()})
+                if key == "mlp_dir":
+                    r["mlp_dir_split"] = dict(ttt_triton.SPLIT_INFO)
+            except Exception as e:  # noqa: BLE001 - report, then time the rest
+                r[f"{key}_error"] = repr(e)[:300]
+            print(f"ttt-mlp triton one direction per launch ({spec or 'default'}) x2: "
+                  f"{ {k: v for k, v in r.items() if k.startswith(key + '_')} }", flush=True)
+            ttt_triton.KERNEL_CONFIG.clear()
+            ttt_triton.KERNEL_CONFIG.update({k: dict(v) for k, v in base.items()})
     if "linear" not in skip:
         for mb in (16, 64):
             lin = bench_ttt(ttt_linear, "linear", B2, H, N, D, D, mb, "triton", reps=a.reps,
@@ -334,6 +364,10 @@ def main(argv=None):
     print("|------------------------------------------------------|------------|---------|")
     row("TTT-MLP triton forward", "mlp_fwd_ms", flops_fwd)
     row("TTT-MLP triton forward+backward (G=16)", "mlp_fwdbwd_ms", flops_fwd * 33 / 7)
+    row("TTT-MLP triton fwd, 2 launches of 1 direction (DiT)", "mlp_dir_fwd_ms", flops_fwd)
+    row("TTT-MLP triton fwd+bwd, 2 launches of 1 direction", "mlp_dir_fwdbwd_ms", flops_fwd * 33 / 7)
+    row("  same, gmem forward pinned: fwd", "mlp_dir_gmem_fwd_ms", flops_fwd)
+    row("  same, gmem forward pinned: fwd+bwd", "mlp_dir_gmem_fwdbwd_ms", flops_fwd * 33 / 7)
     row("TTT-MLP torch forward (extrapolated)", "torch_mlp_fwd_ms", flops_fwd)
     row("TTT-MLP torch forward+backward (extrapolated)", "torch_mlp_fwdbwd_ms")
     row("TTT-Linear mb16 triton forward", "lin16_fwd_ms", 2 * 3 * 2 * N * D * D * H)
@@ -349,6 +383,10 @@ def main(argv=None):
     ratios = {}
     if "gdn_fwd_ms" in r and "mlp_fwd_ms" in r:
         ratios["mlp_fwd / gdn_fwd (target <= 1.0, stretch 0.5)"] = r["mlp_fwd_ms"] / r["gdn_fwd_ms"]
+    if "gdn_fwd_ms" in r and "mlp_dir_fwd_ms" in r:
+        ratios["mlp_fwd as the DiT launches it (2 x one direction) / gdn_fwd"] = r["mlp_dir_fwd_ms"] / r["gdn_fwd_ms"]
+    if "gdn_fwdbwd_ms" in r and "mlp_dir_fwdbwd_ms" in r:
+        ratios["mlp_fwdbwd as the DiT launches it / gdn_fwdbwd"] = r["mlp_dir_fwdbwd_ms"] / r["gdn_fwdbwd_ms"]
     if "gdn_fwdbwd_ms" in r and "mlp_fwdbwd_ms" in r:
         ratios["mlp_fwdbwd / gdn_fwdbwd (target <= 1.5)"] = r["mlp_fwdbwd_ms"] / r["gdn_fwdbwd_ms"]
     if "gdn_fwd_ms" in r and "lin16_fwd_ms" in r:

@@ -498,6 +498,198 @@ def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constex
     tl.store(WW2 + fc[:, None] * D + dc[None, :], tl.load(RW2 + fc[:, None] * D + dc[None, :]))
 
 
+# ------------------------------------------------------------------------------------------------
+# TTT-MLP forward with each head's hidden units split over NSPLIT programs ("split")
+# ------------------------------------------------------------------------------------------------
+# One program per head leaves the forward bound by one SM's dot latency: ~32 dependent 64x64x64 dots per
+# mini-batch, 96 programs on 132 SMs. Here the F hidden units of a head are split over NSPLIT programs (a
+# "group"), each holding W1[:, slice] and W2[slice, :] (FS = 64 columns) in registers for the whole scan.
+# Everything but Z2 = gelu(k W1 + b1) W2 + b2 is local to a slice; Z2 is a sum over the slices, so the group
+# exchanges its partial sums once per mini-batch through global memory (one barrier). The output's sum,
+# f(q; W_end), is exchanged without a barrier of its own: each program writes its partial for mini-batch i and
+# reduces its share of the rows (MB / NSPLIT) after the next barrier, when every partial is complete.
+# Programs of a group wait on each other, so they must all be resident at once: the host launches at most
+# as many groups as fit on the GPU (the rest of the heads loop), and a bounded spin reports a stall instead
+# of hanging. Triton's interpreter runs programs one after another, so there NSPLIT is 1 (the exchange and
+# the deferred output still run); the cross-program path is checked on the device (tests/gpu).
+@triton.jit
+def _group_arrive(CNT):
+    """Tell the group this program's stores so far are done (release)."""
+    tl.debug_barrier()  # every thread's stores are issued before the arrival
+    tl.atomic_add(CNT, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _group_wait(CNT, ERR, target, max_spin):
+    """Wait until the group's counter reaches ``target`` (every program arrived; acquire).
+
+    Returns the poll budget for the next wait: 0 after a stall (a group member never arrived, e.g. not
+    resident), which is flagged in ERR; the program then runs to its end without waiting again."""
+    n = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (n < target) & (spins < max_spin):
+        n = tl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if n < target:
+        tl.atomic_xchg(ERR, 1)
+        max_spin = 0
+    tl.debug_barrier()
+    return max_spin
+
+
+@triton.jit
+def _split_out_partial(QP, PW1, PB1, PW2, b2, DST, part, tile, fc, o1, o2, DT: tl.constexpr, IEEE: tl.constexpr):
+    """This program's share of f(q; W) for one mini-batch (part 0 adds b2): gelu(q W1[:, s] + b1[s]) W2[s, :]."""
+    zq = _mm(_gelu(_mm(tl.load(QP + tile), tl.load(PW1 + o1), DT, IEEE) + tl.load(PB1 + fc)[None, :], IEEE),
+             tl.load(PW2 + o2), DT, IEEE)
+    if part == 0:
+        zq += b2[None, :]
+    tl.store(DST + tile, zq)
+
+
+@triton.jit
+def _finish_split_rows(OUT, QP, OPART, PLNW, PLNB, rtile, eps, SLOT_STRIDE: tl.constexpr,
+                       NSPLIT: tl.constexpr, D: tl.constexpr, RP: tl.constexpr):
+    """out = q + LN(f(q; W_end)) for this program's rows, f summed from the group's partials."""
+    zq = tl.load(OPART + rtile, cache_modifier=".cg")
+    for j in tl.static_range(1, NSPLIT):
+        zq += tl.load(OPART + j * SLOT_STRIDE + rtile, cache_modifier=".cg")
+    xq, rq = _ln_norm(zq, D, eps)
+    dc = tl.arange(0, D)
+    out = tl.load(QP + rtile).to(tl.float32) + tl.load(PLNW + dc)[None, :] * xq + tl.load(PLNB + dc)[None, :]
+    tl.store(OUT + rtile, out.to(OUT.dtype.element_ty))
+
+
+@triton.jit
+def _ttt_mlp_fwd_split_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    SW1, SB1, SW2, SB2,
+    OUT, CK_W1, CK_B1, CK_W2, CK_B2,
+    XCH, OPART, SCR, CNT, ERR,
+    BH, N, H, n_mb, n_ck, G, eps, max_spin,
+    D: tl.constexpr, FS: tl.constexpr, NSPLIT: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr,
+    IEEE: tl.constexpr, PARK: tl.constexpr,
+):
+    """SW1 (chunk-major, [BH, NSPLIT, D, FS]), SB1 [BH, F], SW2 [BH, F, D], SB2 [BH, D] hold the initial
+    state on entry and the final state on exit; each program updates its slices in place (L1/L2-resident:
+    held in registers they left too few for several programs per SM). XCH: per program 2 slots of [MB, D]
+    fp32 (Z2 partials, by mini-batch parity); OPART: 3 slots (output partials); CNT: a zeroed counter per group.
+    PARK: gelu(Z1) and its derivative wait in SCR (per program [2, MB, FS] fp32, L1) instead of registers
+    while the program waits for its group (fewer spills, more memory instructions).
+
+    Mini-batch i: Z2 partial -> arrive -> [output partial of mini-batch i-1 with the current state, W_end(i-1):
+    work that hides the wait] -> wait -> Z2 -> finish the rows of output i-2 (its partials were all written
+    before the group arrived at i) -> LN gradient -> update."""
+    F: tl.constexpr = FS * NSPLIT
+    RP: tl.constexpr = MB // NSPLIT
+    SLOT: tl.constexpr = MB * D
+    pid = tl.program_id(0)
+    grp = pid // NSPLIT
+    part = pid % NSPLIT
+    n_groups = tl.num_programs(0) // NSPLIT
+    DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, FS)
+    tile = rows[:, None] * D + dc[None, :]
+    rtile = (part * RP + tl.arange(0, RP))[:, None] * D + dc[None, :]  # this program's share of the rows
+    if FS == D and MB == D:  # every [64, 64] tile has the same offsets: one register tensor, not three
+        o1 = tile
+        o2 = tile
+    else:
+        o1 = dc[:, None] * FS + fc[None, :]
+        o2 = fc[:, None] * D + dc[None, :]
+    cnt = CNT + grp * 32  # one 128-byte line per group's counter: the groups' polls do not contend
+    xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 2 * SLOT  # [NSPLIT, 2, MB, D]
+    opart_grp = OPART + (grp * NSPLIT).to(tl.int64) * 3 * SLOT  # [NSPLIT, 3, MB, D]
+    xch_mine = xch_grp + part * 2 * SLOT
+    opart_mine = opart_grp + part * 3 * SLOT
+    scr_a = SCR + pid.to(tl.int64) * 2 * MB * FS
+    scr_da = scr_a + MB * FS
+    tile_f = rows[:, None] * FS + fc[None, :]
+    arrivals = 0
+    for t in range(0, tl.cdiv(BH - grp, n_groups)):  # the heads of this group: grp, grp + n_groups, ...
+        bh64 = grp.to(tl.int64) + t * n_groups
+        h = bh64 % H
+        pw1 = SW1 + bh64 * D * F + part * D * FS
+        pb1 = SB1 + bh64 * F + part * FS
+        pw2 = SW2 + bh64 * F * D + part * FS * D
+        # b1 and the LN parameters are re-read where used (L1 hits): registers are short
+        b2 = tl.load(SB2 + bh64 * D + dc)
+        plnw = LNW + h * D
+        plnb = LNB + h * D
+        tok = bh64 * N * D
+        for c in range(n_ck):
+            if SAVE:
+                ck = bh64 * n_ck + c
+                tl.store(CK_W1 + ck * D * F + part * D * FS + o1, tl.load(pw1 + o1))
+                tl.store(CK_B1 + ck * F + part * FS + fc, tl.load(pb1 + fc))
+                tl.store(CK_W2 + ck * F * D + part * FS * D + o2, tl.load(pw2 + o2))
+                if part == 0:
+                    tl.store(CK_B2 + ck * D + dc, b2)
+            i_end = tl.minimum(c * G + G, n_mb)
+            for i in range(c * G, i_end):
+                base = tok + i * MB * D
+                k = tl.load(K + base + tile)
+                z1 = _mm(k, tl.load(pw1 + o1), DT, IEEE) + tl.load(pb1 + fc)[None, :]
+                a, da = _gelu_and_grad(z1, IEEE)
+                a = a.to(DT)
+                if PARK:
+                    tl.store(scr_a + tile_f, a.to(tl.float32))
+                    tl.store(scr_da + tile_f, da)
+                tl.store(xch_mine + (i % 2) * SLOT + tile, _mm(a, tl.load(pw2 + o2), DT, IEEE))
+                arrivals += 1
+                _group_arrive(cnt)
+                if i > 0:
+                    _split_out_partial(Q + base - MB * D, pw1, pb1, pw2, b2, opart_mine + ((i - 1) % 3) * SLOT,
+                                       part, tile, fc, o1, o2, DT, IEEE)
+                max_spin = _group_wait(cnt, ERR, arrivals * NSPLIT, max_spin)
+                z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+                for j in tl.static_range(NSPLIT):
+                    z2 += tl.load(xch_grp + j * 2 * SLOT + (i % 2) * SLOT + tile, cache_modifier=".cg")
+                if i > 1:
+                    _finish_split_rows(OUT + base - 2 * MB * D, Q + base - 2 * MB * D, opart_grp + ((i - 2) % 3) * SLOT,
+                                       plnw, plnb, rtile, eps, 3 * SLOT, NSPLIT, D, RP)
+                if PARK:
+                    k = tl.load(K + base + tile)
+                    a = tl.load(scr_a + tile_f).to(DT)
+                    da = tl.load(scr_da + tile_f)
+                v = tl.load(V + base + tile).to(tl.float32)
+                e = tl.load(ETA + bh64 * N + i * MB + rows).to(tl.float32)
+                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), tl.load(plnw + dc)[None, :],
+                                                       tl.load(plnb + dc)[None, :], D, eps)
+                p2 = e[:, None] * gz2
+                b2 = b2 - tl.sum(p2, axis=0)
+                p2 = p2.to(DT)  # dot operands from here on: half the registers
+                gz2 = gz2.to(DT)
+                # W2, then W1: each slice is read, updated and written back in a phase of its own (a barrier
+                # between the last read and the first write), so only one updated slice is live at a time
+                w2 = tl.load(pw2 + o2)
+                p1 = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * da)
+                w2 = w2 - _mm(tl.trans(a), p2, DT, IEEE)
+                tl.debug_barrier()
+                tl.store(pw2 + o2, w2)
+                tl.store(pb1 + fc, tl.load(pb1 + fc) - tl.sum(p1, axis=0))
+                p1 = p1.to(DT)
+                w1 = tl.load(pw1 + o1) - _mm(tl.trans(k), p1, DT, IEEE)
+                tl.debug_barrier()
+                tl.store(pw1 + o1, w1)
+                tl.debug_barrier()  # W_end visible to every thread before the next mini-batch reads it
+        # the last mini-batch's output partial, then one more meeting: every partial of the head is written
+        last = tok + (n_mb - 1) * MB * D
+        _split_out_partial(Q + last, pw1, pb1, pw2, b2, opart_mine + ((n_mb - 1) % 3) * SLOT, part, tile, fc, o1, o2,
+                           DT, IEEE)
+        arrivals += 1
+        _group_arrive(cnt)
+        max_spin = _group_wait(cnt, ERR, arrivals * NSPLIT, max_spin)
+        if n_mb > 1:
+            _finish_split_rows(OUT + last - MB * D, Q + last - MB * D, opart_grp + ((n_mb - 2) % 3) * SLOT,
+                               plnw, plnb, rtile, eps, 3 * SLOT, NSPLIT, D, RP)
+        _finish_split_rows(OUT + last, Q + last, opart_grp + ((n_mb - 1) % 3) * SLOT, plnw, plnb, rtile, eps,
+                           3 * SLOT, NSPLIT, D, RP)
+        if part == 0:
+            tl.store(SB2 + bh64 * D + dc, b2)
+
 @triton.jit
 def _mlp_gmem_bwd_step(QP, KP, DQP, VP, e, DOP, RW1, RB1, RW2, b2, EW1, EB1, EW2, b2e, GW1, GB1, GW2, GB2,
                        LNWP, LNBP, GLNW, GLNB, eps, D: tl.constexpr, F: tl.constexpr, FC: tl.constexpr,
@@ -1003,7 +1195,13 @@ KERNEL_CONFIG = {
     # 1 won while the forward spilled (170 vs 175 ms). With the spill-free code 0 is faster (134.5 vs 141.8 ms)
     # and passes the 640-token check, but on the device its backward gradients at 4,096 tokens are 3-4e-2
     # (out_pass 1: 5.5-8.8e-3 over 6 seeds), a Hopper-only fault the interpreter does not show: 1 stays.
-    "mlp_fwd": {"variant": "gmem", "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
+    # split (session 7): each head's hidden units over fs-column slices in NSPLIT = F / fs programs that meet
+    # once per mini-batch. Used while every head gets its group at once (48 heads: 87.9 vs 136.6 ms for gmem,
+    # the H100 runs 66 groups at 255 registers); with more heads than that (96 heads: 189 vs 139 ms, two rounds)
+    # and off power-of-two slices it falls back to gmem. park: gelu(Z1) and its derivative wait in L1 during
+    # the meeting (14 vs 92 spill bytes, same speed). fc / w2t / out_pass are the gmem fallback's.
+    "mlp_fwd": {"variant": "split", "fs": 64, "park": 1, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1,
+                "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
     # sizes that are not powers of two).
@@ -1016,7 +1214,10 @@ KERNEL_CONFIG = {
 
 def _launch_opts(name: str) -> dict:
     cfg = KERNEL_CONFIG[name]
-    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg") and not _interpreting():
+        opts["maxnreg"] = cfg["maxnreg"]  # a register cap: more programs per SM, at the price of spills
+    return opts
 
 
 def _check(kind, q, mini_batch_size, D, F):
@@ -1058,6 +1259,99 @@ def _mlp_fc(kernel: str, Fh: int) -> int:
     return min(KERNEL_CONFIG[kernel].get("fc", 32), Fh // 2)
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# (device, kernel specialisation) -> how many groups of the split forward fit on the GPU at once
+_SPLIT_GROUP_CAPACITY: dict = {}
+# the last split launch: parts per head, groups, and the compiled kernel's registers / spills (benchmarks, tests)
+SPLIT_INFO: dict = {}
+# a group member that never arrives is reported after this many polls (~1 us each) instead of hanging
+_SPLIT_MAX_SPIN = 1 << 23
+
+
+def _split_group_capacity(args, consts, opts, nsplit, device) -> dict:
+    """Groups of the split forward that are resident at once: occupancy from the compiled kernel's registers
+    and shared memory (the recipe of Triton's fused-softmax tutorial) times the SM count, over NSPLIT."""
+    key = (device.index, tuple(sorted(consts.items())), tuple(sorted(opts.items())), args[0].dtype)
+    if key not in _SPLIT_GROUP_CAPACITY:
+        compiled = _ttt_mlp_fwd_split_kernel.warmup(*args, grid=(1,), **consts, **opts)
+        compiled._init_handles()
+        props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        warps = opts["num_warps"]
+        regs_per_warp = -(-compiled.n_regs * 32 // 256) * 256  # allocated in units of 256 per warp
+        by_regs = props["max_num_regs"] // (regs_per_warp * warps)
+        shared = compiled.metadata.shared
+        by_smem = props["max_shared_mem"] // (shared + 1024) if shared else 32  # 1 KB reserved per block
+        per_sm = min(by_regs, by_smem, 2048 // (32 * warps), 32)
+        _SPLIT_GROUP_CAPACITY[key] = dict(capacity=per_sm * props["multiprocessor_count"] // nsplit,
+                                          regs=compiled.n_regs, spills=compiled.n_spills, shared=shared,
+                                          programs_per_sm=per_sm)
+    return _SPLIT_GROUP_CAPACITY[key]
+
+
+def split_groups(heads: int, capacity: int, forced: int = 0) -> int | None:
+    """Groups to launch for the split forward, or None to use the gmem kernel instead.
+
+    Split only while every head gets a group of its own at once: a second round of heads doubles the time
+    (96 heads on the H100's 66 groups: 189 ms against gmem's 139), while one program per head (gmem) runs
+    every head at once. ``forced`` (tests) launches that many groups, looping over the heads."""
+    if forced:
+        return max(1, min(heads, capacity, forced))
+    return heads if heads <= capacity else None
+
+
+def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
+    """The split forward (see _ttt_mlp_fwd_split_kernel); None where it cannot run (the caller falls back)."""
+    W1, b1, W2, b2 = state
+    B, H, N, D = q.shape
+    BH, Fh = B * H, W1.shape[-1]
+    cfg = KERNEL_CONFIG["mlp_fwd"]
+    fs = cfg.get("fs", 64)
+    if _interpreting():
+        fs = Fh  # programs run one after another in the interpreter: a group of one
+    if Fh % fs or not _pow2(fs) or mb % (Fh // fs):
+        return None
+    nsplit = Fh // fs
+    dev = q.device
+    finals[0] = _w1_to_chunks(W1, fs)
+    for dst, src in zip(finals[1:], (b1, W2, b2)):
+        dst.copy_(src)
+    consts = dict(D=D, FS=fs, NSPLIT=nsplit, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32,
+                  PARK=bool(cfg.get("park", 1)))
+    opts = _launch_opts("mlp_fwd")
+    n_mb = N // mb
+    scalars = (BH, N, H, n_mb, -(-n_mb // G), G, LN_EPS, _SPLIT_MAX_SPIN)
+    err = torch.zeros(1, device=dev, dtype=torch.int32)
+    n_groups = BH
+    if not _interpreting():
+        probe = (q, k, v, eta, ln_w, ln_b, *finals, out, *cks, ln_w, ln_w, ln_w, err, err, *scalars)
+        cap = _split_group_capacity(probe, consts, opts, nsplit, dev)
+        SPLIT_INFO.clear()
+        SPLIT_INFO.update(cap)
+        n_groups = split_groups(BH, cap["capacity"], cfg.get("groups", 0))
+        if n_groups is None:
+            SPLIT_INFO.update(nsplit=nsplit, groups=0, heads=BH, fallback="gmem")
+            return None
+    xch = torch.empty(n_groups * nsplit * 2 * mb * D, device=dev, dtype=torch.float32)
+    opart = torch.empty(n_groups * nsplit * 3 * mb * D, device=dev, dtype=torch.float32)
+    park = bool(cfg.get("park", 1))
+    scratch = torch.empty(n_groups * nsplit * 2 * mb * fs if park else 1, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(n_groups * 32, device=dev, dtype=torch.int32)
+    _ttt_mlp_fwd_split_kernel[(n_groups * nsplit,)](
+        q, k, v, eta, ln_w, ln_b, *finals, out, *cks, xch, opart, scratch, cnt, err, *scalars, **consts, **opts,
+    )
+    SPLIT_INFO.update(nsplit=nsplit, groups=n_groups, heads=BH)
+    if err.item():
+        raise RuntimeError(
+            f"ttt_mlp triton: the split forward's {nsplit} programs per head did not all run at once "
+            f"({n_groups} groups launched); set KERNEL_CONFIG['mlp_fwd']['variant'] = 'gmem'"
+        )
+    finals[0] = _w1_from_chunks(finals[0], fs)
+    return out, finals, cks, fs  # the checkpoints' W1 are chunk-major with fs
+
+
 def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     B, H, N, D = q.shape
     Fh = state[0].shape[-1]
@@ -1073,6 +1367,11 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     else:
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
     variant = KERNEL_CONFIG["mlp_fwd"]["variant"]
+    if variant == "split":
+        split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)
+        if split is not None:
+            return split
+        variant = "gmem"  # this hidden size or this GPU cannot run the split kernel
     if variant == "gmem" and _pow2(Fh) and Fh >= 32:
         # state updated in place in the final-state buffers (they start as a copy of the initial state, W1
         # chunk-major); F-chunks of 64 columns (half of F at the small test shapes, so the chunk loop runs)

@@ -2,7 +2,7 @@
 # One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
 # variants (each in its own process: checked, then timed), then the benchmark table.
 # Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
-#   PROBE='mlp_fwd:num_warps=8;...' [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
+#   PROBE='mlp_fwd:num_warps=8;...' [GPU_TESTS_K=split] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
 #     bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail
@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,t
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   KERNEL_ERR_LOG="$OUT/errors.jsonl" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest \
-    -o addopts="" -n 4 tests/gpu > "$OUT/gpu_tests.log" 2>&1
+    -o addopts="" -n 4 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/gpu > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|Error|error:" "$OUT/gpu_tests.log" | grep -v "^E  " | tail -8
   python3 - "$OUT/errors.jsonl" <<'PY'
 import json, sys
@@ -56,6 +56,7 @@ if [ -n "${NCU_TOKENS:-}" ]; then
   # Nsight Compute on the default TTT-MLP forward kernel at a slice of the sequence (same per-mini-batch work).
   timeout "${NCU_TIMEOUT:-200}" ncu --kernel-name "regex:${NCU_KERNEL:-_ttt_mlp_fwd}" --launch-skip 1 --launch-count 1 --set full \
     -f -o "$OUT/ncu" python3 benchmarks/bench_ttt.py --tokens "$NCU_TOKENS" --reps 1 --skip "${NCU_SKIP:-linear,torch,fla,sdpa,bwd}" \
+    --config "${NCU_CONFIG:-}" \
     > "$OUT/ncu-run.log" 2>&1
   ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu-details.txt" 2>&1
   grep -E "Duration|Throughput|Registers|Local|Stall|stall|Occupancy|L2 Hit|Issued|Warp Cycles" "$OUT/ncu-details.txt" | head -60

@@ -25,20 +25,31 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 # kind, B, H, N, D, mini_batch, group, dtype name[, KERNEL_CONFIG changes]
-# The default MLP kernels are the "gmem" ones (state in global memory, F-chunks of FC columns; FC = F/2 at
-# these small shapes, so the chunk loops run). The cases with changes pin the other variants: the whole-state
-# "plain" backward (the fallback) and the forward with f(q; W_end) fused into the update pass.
+# The default MLP forward is the "split" one (each head's hidden units over F / 64 programs that meet every
+# mini-batch; here, where programs run one after another, a group of one program: the exchange, the deferred
+# output and the checkpoints still run, the cross-program meeting is checked on the device, tests/gpu). The
+# default backward is "gmem" (state in global memory, F-chunks of FC columns; FC = F/2 at these small shapes,
+# so the chunk loops run). The cases with changes pin the other variants: the gmem forward (the fallback where
+# a launch has more heads than the GPU runs groups at once), with f(q; W_end) fused into its update pass, the
+# whole-state "plain" forward and backward, and the split forward without parking.
 # The gmem kernels keep W1 chunk-major ([F / FC, D, FC]); the checkpoints are re-laid out when the backward
 # reads another layout (plain backward: row-major; a plain forward's row-major checkpoints; another FC).
 PLAIN_BWD = {"mlp_bwd": {"variant": "plain"}}
-FUSED_OUT = {"mlp_fwd": {"out_pass": 0}}
+GMEM_FWD = {"mlp_fwd": {"variant": "gmem"}}
+FUSED_OUT = {"mlp_fwd": {"variant": "gmem", "out_pass": 0}}
 PLAIN_FWD = {"mlp_fwd": {"variant": "plain"}}
-NARROW_FWD_CHUNKS = {"mlp_fwd": {"fc": 16}}
+NARROW_FWD_CHUNKS = {"mlp_fwd": {"variant": "gmem", "fc": 16}}
+SPLIT_NO_PARK = {"mlp_fwd": {"park": 0}}
 CASES = [
-    ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64: FC=32
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
     ("mlp", 1, 2, 64, 32, 16, 3, "float16"),
-    ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128: chunks of 64 (the device's FC), mini-batch 32
+    ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128, mini-batch 32
+    ("mlp", 1, 2, 16, 16, 16, 1, "float32"),  # one mini-batch: every output is finished after the scan
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_NO_PARK),
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_FWD),
+    ("mlp", 1, 1, 96, 32, 32, 2, "float32", GMEM_FWD),  # F=128: chunks of 64 (the device's FC)
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_FWD),
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", PLAIN_BWD),
     ("mlp", 1, 2, 64, 16, 16, 3, "float16", PLAIN_BWD),
     ("mlp", 1, 1, 96, 32, 32, 2, "float32", FUSED_OUT),
@@ -79,10 +90,13 @@ def _worker() -> None:
     for i, (kind, B, H, N, D, mb, G, dt, *changes) in enumerate(CASES):
         for name, change in (changes[0] if changes else {}).items():
             ttt_triton.KERNEL_CONFIG[name].update(change)
-        # the case must run the MLP backward its config selects, not fall back to the other one
-        kernels = {n: getattr(ttt_triton, n) for n in ("_ttt_mlp_bwd_kernel", "_ttt_mlp_bwd_gmem_kernel")}
-        unused = "_ttt_mlp_bwd_gmem_kernel" if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] == "plain" else "_ttt_mlp_bwd_kernel"
-        setattr(ttt_triton, unused, _Refuse(unused))
+        # the case must run the MLP kernels its config selects, not fall back to others
+        fwd_kernels = {"split": "_ttt_mlp_fwd_split_kernel", "gmem": "_ttt_mlp_fwd_gmem_kernel"}
+        kernels = {n: getattr(ttt_triton, n) for n in ("_ttt_mlp_bwd_kernel", "_ttt_mlp_bwd_gmem_kernel", *fwd_kernels.values())}
+        unused = ["_ttt_mlp_bwd_gmem_kernel" if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] == "plain" else "_ttt_mlp_bwd_kernel"]
+        unused += [n for v, n in fwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] != v]
+        for n in unused:
+            setattr(ttt_triton, n, _Refuse(n))
         t0 = time.time()
         try:
             errs = check(kind, B, H, N, D, mb, G, getattr(torch, dt), "cpu", seed + i)
@@ -130,6 +144,20 @@ def test_auto_backend_is_torch_on_cpu():
     assert not triton_supports(q, 64, "mlp")
     assert resolve_backend("auto", q, 64, "mlp") == "torch"
     assert resolve_backend("auto", q, 16, "linear") == "torch"
+
+
+def test_split_forward_runs_only_while_every_head_has_its_group():
+    """The split forward's launch plan: one group per head while they all fit on the GPU at once, the gmem
+    kernel (None) beyond that (a second round of heads would double the time), forced counts clamped."""
+    from ttt_video.kernels.ttt_triton import split_groups
+
+    assert split_groups(48, 66) == 48
+    assert split_groups(66, 66) == 66
+    assert split_groups(96, 66) is None
+    assert split_groups(1, 0) is None  # a kernel that fits no group at all
+    assert split_groups(6, 66, forced=1) == 1
+    assert split_groups(6, 66, forced=10) == 6
+    assert split_groups(6, 4, forced=5) == 4
 
 
 def test_bad_shapes_raise_clear_errors():

@@ -66,6 +66,74 @@ def test_long_sequence_bf16():
     assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
 
 
+# The split forward (the default: each head's hidden units over 4 programs that exchange partial sums every
+# mini-batch): a group per head, one group looping over all heads, a register cap (more programs per SM), no
+# parking of gelu(Z1) in L1; and the gmem forward, its fallback where a launch has more heads than groups fit.
+SPLIT_CHANGES = [{}, {"groups": 1}, {"maxnreg": 168}, {"park": 0}]
+
+
+@pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
+def test_gmem_forward_matches_float64_reference(dt, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="gmem"))
+    monkeypatch.setattr(ttt_triton, "_ttt_mlp_fwd_split_kernel", None)  # must not run
+    errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-gmem", str(dt)], "errs": errs})
+    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
+    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
+
+
+def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
+    """More heads than groups that fit at once: the gmem forward runs (and is right)."""
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setattr(ttt_triton, "_split_group_capacity", lambda *a, **k: {"capacity": 2})
+    errs = check("mlp", 2, 3, 256, 64, 64, 2, BF16, "cuda", seed=torch.seed() % 2**31)
+    assert ttt_triton.SPLIT_INFO.get("fallback") == "gmem" and ttt_triton.SPLIT_INFO["heads"] == 6
+    bad = {k: v for k, v in errs.items() if not v < TOL[BF16]}
+    assert not bad, f"relative errors above {TOL[BF16]}: {bad}"
+
+
+@pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("change", SPLIT_CHANGES, ids=["capacity", "one-group", "maxnreg168", "no-park"])
+def test_split_forward_matches_float64_reference(change, dt, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split", **change))
+    ttt_triton.SPLIT_INFO.clear()
+    errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-split", str(change), str(dt)], "errs": errs, "split": dict(ttt_triton.SPLIT_INFO)})
+    print("split", change, dt, ttt_triton.SPLIT_INFO, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert ttt_triton.SPLIT_INFO.get("nsplit") == 4 and ttt_triton.SPLIT_INFO["heads"] == 6
+    assert ttt_triton.SPLIT_INFO["groups"] == (1 if change.get("groups") == 1 else 6)
+    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
+    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
+
+
+@pytest.mark.parametrize("n_tokens", [64, 128, 192])
+def test_split_forward_short_scans(n_tokens, monkeypatch):
+    """1-3 mini-batches: the outputs finished after the scan (the last two) cover the whole sequence."""
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split"))
+    errs = check("mlp", 1, 3, n_tokens, 64, 64, 2, BF16, "cuda", seed=torch.seed() % 2**31)
+    assert ttt_triton.SPLIT_INFO.get("nsplit") == 4
+    bad = {k: v for k, v in errs.items() if not v < TOL[BF16]}
+    assert not bad, f"relative errors above {TOL[BF16]}: {bad}"
+
+
+def test_split_forward_long_sequence_bf16(monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split"))
+    errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-split-long", 1, 2, 4096, 64, 64, 16, "bf16"], "errs": errs})
+    assert ttt_triton.SPLIT_INFO.get("nsplit") == 4
+    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > LONG_TOL}
+    assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
+
+
 def test_auto_backend_picks_triton_on_cuda():
     from ttt_video.kernels import ttt_triton
     from ttt_video.ttt_core import ops
