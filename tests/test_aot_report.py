@@ -40,7 +40,7 @@ def test_report_reads_registers_spills_and_sass(aot):
 
 def test_spills_by_line_points_at_kernel_source(aot):
     # the TTT-MLP forward at 4 warps with fused output spills (docs/performance.md): the lines must be found
-    rows = aot.spills_by_line("mlp_fwd:num_warps=4,out_pass=0")
+    rows = aot.spills_by_line("mlp_fwd:variant=gmem,num_warps=4,out_pass=0")
     assert rows and rows[0][0] > 0
     assert all(total >= n > 0 for n, total, _ in rows)
     assert any("ttt_triton.py:" in text for _, _, text in rows)
