@@ -1,18 +1,22 @@
 """Triton TTT-MLP / TTT-Linear: forward and backward kernels implementing the ``ttt_core.ops`` contract.
 
 Design (see docs/performance.md for the numbers behind it):
-- one program per (batch, head) sequence; both directions of the bidirectional block run in one launch
-  when the caller stacks them along the batch dim (the explicit W_end form is permutation-invariant
-  inside a mini-batch, so the reversed direction is just another sequence);
-- the state (W1, b1, W2, b2) lives in fp32 registers for the whole sequence; every matmul is a ``tl.dot``
+- one program per (batch, head) sequence (the TTT-Linear kernels, the MLP backward and the "gmem" MLP
+  forward); both directions of the bidirectional block run in one launch when the caller stacks them along
+  the batch dim (the explicit W_end form is permutation-invariant inside a mini-batch, so the reversed
+  direction is just another sequence);
+- the default MLP forward ("split") gives each head 4 programs, each owning a 64-wide slice of the hidden
+  units, which meet once per mini-batch through global memory (Triton has no DSMEM, so no clusters); it runs
+  while every head of the launch gets its 4 programs at once, else the gmem forward does;
+- the state is fp32 (registers, or L1/L2-resident buffers where registers run short); every matmul is a ``tl.dot``
   with operands in the input dtype (bf16/fp16) and fp32 accumulation; fp32 inputs use IEEE fp32 dots
   (tf32 would miss the fp32 accuracy target);
 - forward saves the state at the start of every G-th mini-batch (G = checkpoint_group_size, default 16,
   like the official scan checkpoints); the backward kernel walks the groups in reverse, recomputes the
   G states of a group into a per-program scratch buffer, then back-propagates through the group's
   mini-batches in reverse, carrying dL/dW_end in fp32 registers.
-The official kernel (ttt-tk, ThunderKittens) shards W1/W2 over 2 SMs of a cluster; Triton has no DSMEM,
-so here one program holds a whole head's state (simpler, runs on any CUDA GPU, not only Hopper).
+The official kernel (ttt-tk, ThunderKittens) shards W1/W2 over 2 SMs of a cluster through DSMEM; the split
+forward shards them over 4 programs through L2 instead (runs on any CUDA GPU, not only Hopper).
 """
 
 from __future__ import annotations
