@@ -507,15 +507,15 @@ def _copy_mlp_state(RW1, RB1, RW2, WW1, WB1, WW2, D: tl.constexpr, F: tl.constex
 # ------------------------------------------------------------------------------------------------
 # One program per head leaves the forward bound by one SM's dot latency: ~32 dependent 64x64x64 dots per
 # mini-batch, 96 programs on 132 SMs. Here the F hidden units of a head are split over NSPLIT programs (a
-# "group"), each holding W1[:, slice] and W2[slice, :] (FS = 64 columns) in registers for the whole scan.
-# Everything but Z2 = gelu(k W1 + b1) W2 + b2 is local to a slice; Z2 is a sum over the slices, so the group
-# exchanges its partial sums once per mini-batch through global memory (one barrier). The output's sum,
-# f(q; W_end), is exchanged without a barrier of its own: each program writes its partial for mini-batch i and
-# reduces its share of the rows (MB / NSPLIT) after the next barrier, when every partial is complete.
-# Programs of a group wait on each other, so they must all be resident at once: the host launches at most
-# as many groups as fit on the GPU (the rest of the heads loop), and a bounded spin reports a stall instead
-# of hanging. Triton's interpreter runs programs one after another, so there NSPLIT is 1 (the exchange and
-# the deferred output still run); the cross-program path is checked on the device (tests/gpu).
+# "group"), each owning W1[:, slice] and W2[slice, :] (FS = 64 columns) for the whole scan. Everything but
+# Z2 = gelu(k W1 + b1) W2 + b2 is local to a slice; Z2 is a sum over the slices, so the group exchanges its
+# partial sums once per mini-batch through global memory (one meeting). The output's sum, f(q; W_end), needs no
+# meeting of its own: each program computes its partial while it waits at the next meeting and reduces its
+# share of the rows (MB / NSPLIT) one meeting later, when every partial is written.
+# Programs of a group wait on each other, so they must all be resident at once: the host launches the split
+# only where every head's group fits on the GPU at once (split_groups), and a bounded spin reports a stall
+# instead of hanging. Triton's interpreter runs programs one after another, so there NSPLIT is 1 (the exchange
+# and the deferred output still run); the cross-program path is checked on the device (tests/gpu).
 @triton.jit
 def _group_arrive(CNT):
     """Tell the group this program's stores so far are done (release)."""
@@ -1345,8 +1345,7 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
             return None
     xch = torch.empty(n_groups * nsplit * 2 * mb * D, device=dev, dtype=torch.float32)
     opart = torch.empty(n_groups * nsplit * 3 * mb * D, device=dev, dtype=torch.float32)
-    park = bool(cfg.get("park", 1))
-    scratch = torch.empty(n_groups * nsplit * 2 * mb * fs if park else 1, device=dev, dtype=torch.float32)
+    scratch = torch.empty(n_groups * nsplit * 2 * mb * fs if consts["PARK"] else 1, device=dev, dtype=torch.float32)
     cnt = torch.zeros(n_groups * 32, device=dev, dtype=torch.int32)
     _ttt_mlp_fwd_split_kernel[(n_groups * nsplit,)](
         q, k, v, eta, ln_w, ln_b, *finals, out, *cks, xch, opart, scratch, cnt, err, *scalars, **consts, **opts,
@@ -1380,7 +1379,7 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)
         if split is not None:
             return split
-        variant = "gmem"  # this hidden size or this GPU cannot run the split kernel
+        variant = "gmem"  # a shape the split does not run, or more heads than the GPU runs groups at once
     if variant == "gmem" and _pow2(Fh) and Fh >= 32:
         # state updated in place in the final-state buffers (they start as a copy of the initial state, W1
         # chunk-major); F-chunks of 64 columns (half of F at the small test shapes, so the chunk loop runs)
