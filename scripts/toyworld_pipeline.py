@@ -76,6 +76,7 @@ class Job:
         self.vae, self.init = vae, init or {}
         self.stages = [(s, k) for s, k in STAGES if stages is None or s in stages]
         self.size = SMOKE if smoke else FULL
+        self.train_set: dict[str, list[str]] = {}  # stage -> trainer --set overrides (--train-set)
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "done").mkdir(exist_ok=True)
         export.mkdir(parents=True, exist_ok=True)
@@ -207,6 +208,8 @@ class Job:
         # where a step's time goes (runs/<variant>/<stage>/profile.txt)
         args += ["--set", f"stage.max_minutes={0 if self.fixed_steps else BUDGET[stage] / 60:.3f}",
                  "--set", f"logging.profile_steps={self.size['profile_steps']}"]
+        for item in self.train_set.get(stage, []):  # --train-set: the same override for both chains
+            args += ["--set", item]
         if self.smoke:
             args += ["--set", "logging.log_every=1", "--set", "checkpoint.interval=0"]
             if self.device == "cpu":  # checks the flow only; the GPU smoke run keeps the real batch (it is timed)
@@ -360,6 +363,9 @@ def main(argv=None) -> int:
                          "one-minute videos needed ~370 s, 194 were prepared in 180)")
     ap.add_argument("--stage-seconds", default=None, metavar="9s=S,18s=S,63s=S",
                     help="wall-time budget of each DiT stage that runs (default: BUDGET, BUDGET_NO_EVAL)")
+    ap.add_argument("--train-set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                    help="a trainer --set for one stage of both chains (repeatable), e.g. "
+                         "63s:optimizer.lr_ttt=0.001")
     args = ap.parse_args(argv)
     if args.no_eval and not args.smoke:
         BUDGET.update(BUDGET_NO_EVAL)
@@ -377,6 +383,12 @@ def main(argv=None) -> int:
     if args.vae and not (args.vae / "config.json").is_file():
         ap.error(f"--vae {args.vae}: not a VAE folder (no config.json)")
     dit_steps = per_stage(ap, "--dit-steps", args.dit_steps, stages)
+    train_set: dict[str, list[str]] = {}
+    for item in args.train_set:
+        stage, _, setting = item.partition(":")
+        if stage not in stages or "=" not in setting:
+            ap.error(f"--train-set takes STAGE:KEY=VALUE for a stage that runs ({stages}), got {item!r}")
+        train_set.setdefault(stage, []).append(setting)
     if args.prepare_seconds is not None:
         if args.prepare_seconds < 1:
             ap.error("--prepare-seconds must be positive")
@@ -385,6 +397,7 @@ def main(argv=None) -> int:
         BUDGET.update(per_stage(ap, "--stage-seconds", args.stage_seconds, stages))
     job = Job(args.work.resolve(), args.export.resolve(), args.smoke, args.device, fixed_steps=bool(dit_steps),
               vae=args.vae.resolve() if args.vae else None, init=init, stages=stages)
+    job.train_set = train_set
     if dit_steps:
         job.size = {**job.size, "steps": dit_steps}
     if args.videos:

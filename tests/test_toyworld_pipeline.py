@@ -98,11 +98,38 @@ def test_continuing_a_run_starts_each_chain_from_its_model_and_keeps_the_vae(tp,
 
 @pytest.mark.parametrize("bad", [["--stages", "9s,27s"], ["--init", "ttt=/nonexistent,local=/nonexistent"],
                                  ["--stages", "63s", "--dit-steps", "3s=5,63s=5"], ["--vae", "/nonexistent"],
-                                 ["--stages", "18s,63s", "--stage-seconds", "18s=300,63s=0"]])
+                                 ["--stages", "18s,63s", "--stage-seconds", "18s=300,63s=0"],
+                                 ["--stages", "63s", "--train-set", "3s:optimizer.lr_ttt=0.001"],
+                                 ["--stages", "63s", "--train-set", "63s:optimizer.lr_ttt"]])
 def test_continuation_options_are_checked_before_anything_runs(tp, tmp_path, bad):
     with pytest.raises(SystemExit):
         tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), *bad])
     assert not (tmp_path / "w").exists()
+
+
+def test_train_set_reaches_both_chains_of_its_stage_only(tp, tmp_path, monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, steps):
+        for v in tp.VARIANTS:
+            for stage in ("3s", "63s"):
+                seen[v, stage] = [str(a) for a in self.train_args(v, stage, 10)]
+        raise Stop
+
+    monkeypatch.setattr(tp.Job, "vae_and_data", lambda self, steps: None)
+    monkeypatch.setattr(tp, "vae_step_time", lambda work: None)
+    monkeypatch.setattr(tp.Job, "prepare", lambda self: None)
+    monkeypatch.setattr(tp.Job, "train", capture)
+    monkeypatch.setattr(tp.Job, "pack", lambda self: None)
+    with pytest.raises(Stop):
+        tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), "--stages", "3s,63s",
+                 "--train-set", "63s:optimizer.lr_ttt=0.001", "--train-set", "63s:optimizer.warmup_steps=50"])
+    for v in tp.VARIANTS:
+        assert "optimizer.lr_ttt=0.001" in seen[v, "63s"] and "optimizer.warmup_steps=50" in seen[v, "63s"]
+        assert not any(a.startswith("optimizer.") for a in seen[v, "3s"])
 
 
 def test_stage_values_are_one_positive_integer_per_stage(tp):
