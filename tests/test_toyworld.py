@@ -222,3 +222,15 @@ def test_cli_render_storyboard_and_score(tmp_path, capsys):
     assert "**mean** (2 videos)" in (tmp_path / "t.md").read_text()
     assert cli.main(["score", str(out), "--storyboard", str(tmp_path / "missing.txt")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_dataset_of_held_out_stories_only(tmp_path, capsys):
+    # an eval on another machine needs the held-out set alone (--num 0): no training videos, no crash
+    from ttt_video.ttt_core import cli
+
+    assert cli.main(["toyworld", "dataset", "--out", str(tmp_path / "d"), "--num", "0", "--segments", "2",
+                     "--heldout", "2", "--workers", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 0 video(s)" in out and f"seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.start + 1}" in out
+    held = json.loads((tmp_path / "d" / "heldout" / "annotations.json").read_text())["videos"]
+    assert [v["seed"] for v in held] == [HELDOUT_SEEDS.start, HELDOUT_SEEDS.start + 1]

@@ -204,9 +204,10 @@ def run_toyworld(args: argparse.Namespace) -> int:
             info = make_dataset(args.out, args.num, seed=args.seed, num_segments=args.segments, size=args.size,
                                 heldout_videos=args.heldout, crf=DEFAULT_CRF if args.crf is None else args.crf,
                                 progress=not args.quiet, workers=args.workers)
-            for split, s in info["splits"].items():
-                print(f"{split}: {s['videos']} video(s), {s['segments']} segment(s), seeds {s['seeds'][0]}.."
-                      f"{s['seeds'][-1]} -> {os.path.join(args.out, s['annotations'])}")
+            for split, s in info["splits"].items():  # --num 0: a held-out set alone (an eval elsewhere)
+                seeds = f", seeds {s['seeds'][0]}..{s['seeds'][-1]}" if s["seeds"] else ""
+                print(f"{split}: {s['videos']} video(s), {s['segments']} segment(s){seeds} -> "
+                      f"{os.path.join(args.out, s['annotations'])}")
             print(f"done in {info['seconds']:.1f} s; next: ttt-video prepare --annotations "
                   f"{os.path.join(args.out, 'train', 'annotations.json')} --out <prepared folder> --segments N")
     except (OSError, ValueError) as e:
