@@ -43,7 +43,8 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_fwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, SAVE=True, IEEE=ieee,
-                                                       PARK=bool(cfg.get("park", 1)))
+                                                       PARK=bool(cfg.get("park", 1)),
+                                                       ROWSHARE=bool(cfg.get("rowshare", 0)))
         if cfg.get("variant", "gmem") == "gmem":
             return tt._ttt_mlp_fwd_gmem_kernel, dict(D=D, F=F, FC=cfg.get("fc", 64), MB=64, SAVE=True,
                                                       W2T=bool(cfg.get("w2t", 1)), IEEE=ieee,

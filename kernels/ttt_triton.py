@@ -569,10 +569,10 @@ def _ttt_mlp_fwd_split_kernel(
     Q, K, V, ETA, LNW, LNB,
     SW1, SB1, SW2, SB2,
     OUT, CK_W1, CK_B1, CK_W2, CK_B2,
-    XCH, OPART, SCR, CNT, ERR,
+    XCH, PXCH, OPART, SCR, CNT, ERR,
     BH, N, H, n_mb, n_ck, G, eps, max_spin,
     D: tl.constexpr, FS: tl.constexpr, NSPLIT: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr,
-    IEEE: tl.constexpr, PARK: tl.constexpr,
+    IEEE: tl.constexpr, PARK: tl.constexpr, ROWSHARE: tl.constexpr,
 ):
     """SW1 (chunk-major, [BH, NSPLIT, D, FS]), SB1 [BH, F], SW2 [BH, F, D], SB2 [BH, D] hold the initial
     state on entry and the final state on exit; each program updates its slices in place (L1/L2-resident:
@@ -580,10 +580,15 @@ def _ttt_mlp_fwd_split_kernel(
     fp32 (Z2 partials, by mini-batch parity); OPART: 3 slots (output partials); CNT: a zeroed counter per group.
     PARK: gelu(Z1) and its derivative wait in SCR (per program [2, MB, FS] fp32, L1) instead of registers
     while the program waits for its group (fewer spills, more memory instructions).
+    ROWSHARE: the row-wise work after the meeting (summing the Z2 partials, the LN target gradient) is shared
+    out: each program does its MB / NSPLIT rows and writes p2 = eta * dl/dZ2 for them to PXCH (per group 2 slots
+    of [MB, D] fp32, by mini-batch parity), and a second meeting hands every program the whole p2. Without it,
+    every program of the group does all the rows (bitwise alike).
 
     Mini-batch i: Z2 partial -> arrive -> [output partial of mini-batch i-1 with the current state, W_end(i-1):
     work that hides the wait] -> wait -> Z2 -> finish the rows of output i-2 (its partials were all written
-    before the group arrived at i) -> LN gradient -> update."""
+    before the group arrived at i) -> LN gradient -> update. With ROWSHARE: ... wait -> this program's rows of Z2,
+    their LN gradient and p2 -> arrive -> [finish the rows of output i-2] -> wait -> all of p2 -> update."""
     F: tl.constexpr = FS * NSPLIT
     RP: tl.constexpr = MB // NSPLIT
     SLOT: tl.constexpr = MB * D
@@ -607,6 +612,7 @@ def _ttt_mlp_fwd_split_kernel(
     xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 2 * SLOT  # [NSPLIT, 2, MB, D]
     opart_grp = OPART + (grp * NSPLIT).to(tl.int64) * 3 * SLOT  # [NSPLIT, 3, MB, D]
     xch_mine = xch_grp + part * 2 * SLOT
+    pxch_grp = PXCH + grp.to(tl.int64) * 2 * SLOT  # [2, MB, D]: only with ROWSHARE
     opart_mine = opart_grp + part * 3 * SLOT
     scr_a = SCR + pid.to(tl.int64) * 2 * MB * FS
     scr_da = scr_a + MB * FS
@@ -648,28 +654,60 @@ def _ttt_mlp_fwd_split_kernel(
                     _split_out_partial(Q + base - MB * D, pw1, pb1, pw2, b2, opart_mine + ((i - 1) % 3) * SLOT,
                                        part, tile, fc, o1, o2, DT, IEEE)
                 max_spin = _group_wait(cnt, ERR, arrivals * NSPLIT, max_spin)
-                z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
-                for j in tl.static_range(NSPLIT):
-                    z2 += tl.load(xch_grp + j * 2 * SLOT + (i % 2) * SLOT + tile, cache_modifier=".cg")
-                if i > 1:
-                    _finish_split_rows(OUT + base - 2 * MB * D, Q + base - 2 * MB * D, opart_grp + ((i - 2) % 3) * SLOT,
-                                       plnw, plnb, rtile, eps, 3 * SLOT, NSPLIT, D, RP)
-                if PARK:
-                    k = tl.load(K + base + tile)
-                    a = tl.load(scr_a + tile_f).to(DT)
-                    da = tl.load(scr_da + tile_f)
-                v = tl.load(V + base + tile).to(tl.float32)
-                e = tl.load(ETA + bh64 * N + i * MB + rows).to(tl.float32)
-                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), tl.load(plnw + dc)[None, :],
-                                                       tl.load(plnb + dc)[None, :], D, eps)
-                p2 = e[:, None] * gz2
-                b2 = b2 - tl.sum(p2, axis=0)
-                p2 = p2.to(DT)  # dot operands from here on: half the registers
-                gz2 = gz2.to(DT)
-                # W2, then W1: each slice is read, updated and written back in a phase of its own (a barrier
-                # between the last read and the first write), so only one updated slice is live at a time
-                w2 = tl.load(pw2 + o2)
-                p1 = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * da)
+                if ROWSHARE:
+                    # this program's rows: Z2 from the partials, the LN target gradient, p2 = eta * dl/dZ2
+                    rrows = part * RP + tl.arange(0, RP)
+                    z2r = tl.zeros([RP, D], dtype=tl.float32) + b2[None, :]
+                    for j in tl.static_range(NSPLIT):
+                        z2r += tl.load(xch_grp + j * 2 * SLOT + (i % 2) * SLOT + rtile, cache_modifier=".cg")
+                    _, _, _, _, gzr = _ln_target_grad(z2r, tl.load(V + base + rtile).to(tl.float32),
+                                                      tl.load(K + base + rtile).to(tl.float32),
+                                                      tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)
+                    er = tl.load(ETA + bh64 * N + i * MB + rrows).to(tl.float32)
+                    tl.store(pxch_grp + (i % 2) * SLOT + rtile, er[:, None] * gzr)
+                    # the second meeting: every program's rows of p2 written (the slot of mini-batch i + 2 is
+                    # written only after the first meeting of i + 1, which every program reaches after reading)
+                    arrivals += 1
+                    _group_arrive(cnt)
+                    if i > 1:  # work that hides this wait: the rows of output i - 2 (all partials written)
+                        _finish_split_rows(OUT + base - 2 * MB * D, Q + base - 2 * MB * D,
+                                           opart_grp + ((i - 2) % 3) * SLOT, plnw, plnb, rtile, eps, 3 * SLOT,
+                                           NSPLIT, D, RP)
+                    max_spin = _group_wait(cnt, ERR, arrivals * NSPLIT, max_spin)
+                    p2 = tl.load(pxch_grp + (i % 2) * SLOT + tile, cache_modifier=".cg")
+                    if PARK:
+                        k = tl.load(K + base + tile)
+                        a = tl.load(scr_a + tile_f).to(DT)
+                        da = tl.load(scr_da + tile_f)
+                    b2 = b2 - tl.sum(p2, axis=0)
+                    p2 = p2.to(DT)
+                    w2 = tl.load(pw2 + o2)
+                    # dl/dZ1 = (dl/dZ2 W2^T) * gelu'(Z1), scaled by eta row-wise: (p2 W2^T) * gelu'(Z1)
+                    p1 = _mm(p2, tl.trans(w2), DT, IEEE) * da
+                else:
+                    z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+                    for j in tl.static_range(NSPLIT):
+                        z2 += tl.load(xch_grp + j * 2 * SLOT + (i % 2) * SLOT + tile, cache_modifier=".cg")
+                    if i > 1:
+                        _finish_split_rows(OUT + base - 2 * MB * D, Q + base - 2 * MB * D,
+                                           opart_grp + ((i - 2) % 3) * SLOT, plnw, plnb, rtile, eps, 3 * SLOT,
+                                           NSPLIT, D, RP)
+                    if PARK:
+                        k = tl.load(K + base + tile)
+                        a = tl.load(scr_a + tile_f).to(DT)
+                        da = tl.load(scr_da + tile_f)
+                    v = tl.load(V + base + tile).to(tl.float32)
+                    e = tl.load(ETA + bh64 * N + i * MB + rows).to(tl.float32)
+                    xh, rstd, g, gx, gz2 = _ln_target_grad(z2, v, k.to(tl.float32), tl.load(plnw + dc)[None, :],
+                                                           tl.load(plnb + dc)[None, :], D, eps)
+                    p2 = e[:, None] * gz2
+                    b2 = b2 - tl.sum(p2, axis=0)
+                    p2 = p2.to(DT)  # dot operands from here on: half the registers
+                    gz2 = gz2.to(DT)
+                    # W2, then W1: each slice is read, updated and written back in a phase of its own (a barrier
+                    # between the last read and the first write), so only one updated slice is live at a time
+                    w2 = tl.load(pw2 + o2)
+                    p1 = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * da)
                 w2 = w2 - _mm(tl.trans(a), p2, DT, IEEE)
                 tl.debug_barrier()
                 tl.store(pw2 + o2, w2)
@@ -1203,9 +1241,12 @@ KERNEL_CONFIG = {
     # once per mini-batch. Used while every head gets its group at once (48 heads: 87.9 vs 136.6 ms for gmem,
     # the H100 runs 66 groups at 255 registers); with more heads than that (96 heads: 189 vs 139 ms, two rounds)
     # and off power-of-two slices it falls back to gmem. park: gelu(Z1) and its derivative wait in L1 during
-    # the meeting (14 vs 92 spill bytes, same speed). fc / w2t / out_pass are the gmem fallback's.
-    "mlp_fwd": {"variant": "split", "fs": 64, "park": 1, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1,
-                "out_pass": 1},
+    # the meeting (14 vs 92 spill bytes, same speed). rowshare: the row-wise work after the meeting (Z2 sum, LN
+    # target gradient) shared out over the group, with a second meeting (session 8: interpreter-checked, Triton
+    # 3.6 sm_90a SASS 4,880 -> 4,296 instructions, FP ops -27 %; off until the device has checked and timed it).
+    # fc / w2t / out_pass are the gmem fallback's.
+    "mlp_fwd": {"variant": "split", "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4,
+                "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
     # sizes that are not powers of two).
@@ -1328,14 +1369,14 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
     for dst, src in zip(finals[1:], (b1, W2, b2)):
         dst.copy_(src)
     consts = dict(D=D, FS=fs, NSPLIT=nsplit, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32,
-                  PARK=bool(cfg.get("park", 1)))
+                  PARK=bool(cfg.get("park", 1)), ROWSHARE=bool(cfg.get("rowshare", 0)))
     opts = _launch_opts("mlp_fwd")
     n_mb = N // mb
     scalars = (BH, N, H, n_mb, -(-n_mb // G), G, LN_EPS, _SPLIT_MAX_SPIN)
     err = torch.zeros(1, device=dev, dtype=torch.int32)
     n_groups = BH
     if not _interpreting():
-        probe = (q, k, v, eta, ln_w, ln_b, *finals, out, *cks, ln_w, ln_w, ln_w, err, err, *scalars)
+        probe = (q, k, v, eta, ln_w, ln_b, *finals, out, *cks, ln_w, ln_w, ln_w, ln_w, err, err, *scalars)
         cap = _split_group_capacity(probe, consts, opts, nsplit, dev)
         SPLIT_INFO.clear()
         SPLIT_INFO.update(cap)
@@ -1344,11 +1385,12 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
             SPLIT_INFO.update(nsplit=nsplit, groups=0, heads=BH, fallback="gmem")
             return None
     xch = torch.empty(n_groups * nsplit * 2 * mb * D, device=dev, dtype=torch.float32)
+    pxch = torch.empty(n_groups * 2 * mb * D if consts["ROWSHARE"] else 1, device=dev, dtype=torch.float32)
     opart = torch.empty(n_groups * nsplit * 3 * mb * D, device=dev, dtype=torch.float32)
     scratch = torch.empty(n_groups * nsplit * 2 * mb * fs if consts["PARK"] else 1, device=dev, dtype=torch.float32)
     cnt = torch.zeros(n_groups * 32, device=dev, dtype=torch.int32)
     _ttt_mlp_fwd_split_kernel[(n_groups * nsplit,)](
-        q, k, v, eta, ln_w, ln_b, *finals, out, *cks, xch, opart, scratch, cnt, err, *scalars, **consts, **opts,
+        q, k, v, eta, ln_w, ln_b, *finals, out, *cks, xch, pxch, opart, scratch, cnt, err, *scalars, **consts, **opts,
     )
     SPLIT_INFO.update(nsplit=nsplit, groups=n_groups, heads=BH)
     if err.item():

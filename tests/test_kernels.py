@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 # default backward is "gmem" (state in global memory, F-chunks of FC columns; FC = F/2 at these small shapes,
 # so the chunk loops run). The cases with changes pin the other variants: the gmem forward (the fallback where
 # a launch has more heads than the GPU runs groups at once), with f(q; W_end) fused into its update pass, the
-# whole-state "plain" forward and backward, and the split forward without parking.
+# whole-state "plain" forward and backward, and the split forward without parking or with its row-wise work
+# shared out (rowshare).
 # The gmem kernels keep W1 chunk-major ([F / FC, D, FC]); the checkpoints are re-laid out when the backward
 # reads another layout (plain backward: row-major; a plain forward's row-major checkpoints; another FC).
 PLAIN_BWD = {"mlp_bwd": {"variant": "plain"}}
@@ -40,6 +41,8 @@ FUSED_OUT = {"mlp_fwd": {"variant": "gmem", "out_pass": 0}}
 PLAIN_FWD = {"mlp_fwd": {"variant": "plain"}}
 NARROW_FWD_CHUNKS = {"mlp_fwd": {"variant": "gmem", "fc": 16}}
 SPLIT_NO_PARK = {"mlp_fwd": {"park": 0}}
+SPLIT_ROWSHARE = {"mlp_fwd": {"rowshare": 1}}  # rows of the LN work shared out, a second meeting for p2
+SPLIT_ROWSHARE_NO_PARK = {"mlp_fwd": {"rowshare": 1, "park": 0}}
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -47,6 +50,9 @@ CASES = [
     ("mlp", 1, 1, 96, 32, 32, 2, "float32"),  # D=32, F=128, mini-batch 32
     ("mlp", 1, 2, 16, 16, 16, 1, "float32"),  # one mini-batch: every output is finished after the scan
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_NO_PARK),
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", SPLIT_ROWSHARE),
+    ("mlp", 1, 2, 16, 16, 16, 1, "float32", SPLIT_ROWSHARE),  # one mini-batch
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_ROWSHARE_NO_PARK),
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_FWD),
     ("mlp", 1, 1, 96, 32, 32, 2, "float32", GMEM_FWD),  # F=128: chunks of 64 (the device's FC)
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_FWD),

@@ -69,7 +69,8 @@ def test_long_sequence_bf16():
 # The split forward (the default: each head's hidden units over 4 programs that exchange partial sums every
 # mini-batch): a group per head, one group looping over all heads, a register cap (more programs per SM), no
 # parking of gelu(Z1) in L1; and the gmem forward, its fallback where a launch has more heads than groups fit.
-SPLIT_CHANGES = [{}, {"groups": 1}, {"maxnreg": 168}, {"park": 0}]
+SPLIT_CHANGES = [{}, {"groups": 1}, {"maxnreg": 168}, {"park": 0}, {"rowshare": 1}, {"rowshare": 1, "groups": 1},
+                 {"rowshare": 1, "park": 0}]
 
 
 @pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
@@ -96,7 +97,8 @@ def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
 
 
 @pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("change", SPLIT_CHANGES, ids=["capacity", "one-group", "maxnreg168", "no-park"])
+@pytest.mark.parametrize("change", SPLIT_CHANGES, ids=["capacity", "one-group", "maxnreg168", "no-park", "rowshare",
+                                                     "rowshare-one-group", "rowshare-no-park"])
 def test_split_forward_matches_float64_reference(change, dt, monkeypatch):
     from ttt_video.kernels import ttt_triton
 
@@ -144,12 +146,14 @@ def test_split_forward_other_shapes(shape, monkeypatch):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
-def test_split_forward_long_sequence_bf16(monkeypatch):
+@pytest.mark.parametrize("rowshare", [0, 1])
+def test_split_forward_long_sequence_bf16(rowshare, monkeypatch):
     from ttt_video.kernels import ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split"))
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd",
+                        dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split", rowshare=rowshare))
     errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=torch.seed() % 2**31)
-    _log({"case": ["mlp-split-long", 1, 2, 4096, 64, 64, 16, "bf16"], "errs": errs})
+    _log({"case": ["mlp-split-long", 1, 2, 4096, 64, 64, 16, "bf16", f"rowshare={rowshare}"], "errs": errs})
     assert ttt_triton.SPLIT_INFO.get("nsplit") == 4
     bad = {k: f"{v:.1e}" for k, v in errs.items() if v > LONG_TOL}
     assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
