@@ -223,3 +223,42 @@ def test_bootstrap_ci_and_chance():
     ch = evaluate.chance_levels([{"events": generate_story(ws, 3)}])
     assert ch["consistency_gap"] == 0.25 and ch["smoothness"] is None
     assert 1 / 6 < ch["following"] < 0.25
+
+
+def test_fact_breakdown_tells_drawing_from_memory_failures(run):
+    from types import SimpleNamespace
+
+    rng = random.Random()
+    colours = ["blue", "pink", "red", "green", "yellow"]
+    rng.shuffle(colours)
+    kitchen, garden, unnamed = colours[:3]
+    story = {"events": {"facts": {"walls": {"kitchen": kitchen, "garden": garden}, "scarf": colours[3]}}}
+    named_at = rng.randrange(0, 3)
+
+    def check(fact, seg, room, expected, read):
+        return {"segment": named_at + seg, "fact": fact, "room": room, "expected": expected, "read": read,
+                "ok": read == expected, "revisit": True, "gap": False, "named_in_segment": named_at}
+
+    report = SimpleNamespace(
+        segments=[{"stated_walls_ok": True, "stated_scarf_ok": False}, {"stated_walls_ok": False},
+                  {"stated_walls_ok": None}, {}],
+        checks=[check("walls", 2, "kitchen", kitchen, garden),  # another room's colour: tied to the wrong room
+                check("walls", 3, "kitchen", kitchen, unnamed),  # a colour the story never named
+                check("walls", 6, "kitchen", kitchen, None),  # unreadable
+                check("walls", 12, "garden", garden, garden),
+                check("scarf", 16, None, colours[3], colours[3]),
+                check("scarf", 15, None, colours[3], kitchen)])
+    b = evaluate.fact_breakdown(report, story)
+    assert b["stated"] == {"scarf": [0, 1], "walls": [1, 2]}
+    assert b["later"]["walls"] == {"1-4": [0, 2], "5-9": [0, 1], "10-14": [1, 1], "15+": [0, 0]}
+    assert b["later"]["scarf"] == {"1-4": [0, 0], "5-9": [0, 0], "10-14": [0, 0], "15+": [1, 2]}
+    assert b["walls_wrong"] == 3 and b["walls_wrong_other_room"] == 1
+    # pooled over videos in the summary, and every ground-truth check is right
+    pooled = evaluate._pool_breakdowns([{"facts": b}, {"facts": b}, {}])
+    assert pooled["later"]["walls"]["1-4"] == [0, 4] and pooled["walls_wrong_other_room"] == 2
+    assert b["later"]["walls"]["1-4"] == [0, 2]  # the inputs are not changed by pooling
+    gt = run["results"]["ground truth"]["mean"]["facts"]
+    for fact in ("scarf", "walls"):
+        assert all(ok == n for ok, n in gt["later"][fact].values())
+        assert gt["stated"][fact][0] == gt["stated"][fact][1]
+    assert gt["walls_wrong"] == 0 and "Where the facts fail" in run["results"]["table"]

@@ -22,6 +22,7 @@ regenerates); a folder made with other settings is refused.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -168,6 +169,7 @@ def summarize_videos(videos: list[dict]) -> dict:
     out["consistency_pooled"] = ok / checks if checks else None
     out["gap_checks"] = gap
     out["consistency_gap_pooled"] = gap_ok / gap if gap else None
+    out["facts"] = _pool_breakdowns(videos)
     out["videos"] = len(videos)
     return out
 
@@ -196,6 +198,60 @@ def chance_levels(stories: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------
 # per-video records
 # --------------------------------------------------------------------------------------------------
+# segments between a fact's naming and its check, as table columns (the last one open-ended)
+DISTANCE_BUCKETS = ((1, 4), (5, 9), (10, 14), (15, None))
+
+
+def _bucket(distance: int) -> str:
+    for lo, hi in DISTANCE_BUCKETS:
+        if hi is None or distance <= hi:
+            return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+    raise AssertionError("unreachable")
+
+
+def fact_breakdown(report: ScoreReport, story: dict) -> dict:
+    """[ok, checks] counts that tell drawing from memory failures: each fact where its text names it, later by
+    distance in segments, and the wrong later wall reads that are another room's colour in the same story (the
+    colour is stored but tied to the wrong room) rather than a colour the story never named."""
+    stated = {fact: [0, 0] for fact in ("scarf", "walls")}
+    for seg in report.segments:
+        for fact in stated:
+            ok = seg.get(f"stated_{fact}_ok")
+            if ok is not None:
+                stated[fact][0] += bool(ok)
+                stated[fact][1] += 1
+    later = {fact: {_bucket(lo): [0, 0] for lo, _ in DISTANCE_BUCKETS} for fact in ("scarf", "walls")}
+    walls = story["events"].get("facts", {}).get("walls", {})
+    wrong_walls = other_room = 0
+    for c in report.checks:
+        cell = later[c["fact"]][_bucket(c["segment"] - c["named_in_segment"])]
+        cell[0] += bool(c["ok"])
+        cell[1] += 1
+        if c["fact"] == "walls" and not c["ok"]:
+            wrong_walls += 1
+            other_room += c["read"] is not None and c["read"] in {v for r, v in walls.items() if r != c["room"]}
+    return {"stated": stated, "later": later, "walls_wrong": wrong_walls, "walls_wrong_other_room": other_room}
+
+
+def _pool_breakdowns(rows: list[dict]) -> dict | None:
+    """fact_breakdown summed over videos (None if no row has one: records from before it existed)."""
+    parts = [row["facts"] for row in rows if row.get("facts")]
+    if not parts:
+        return None
+    pooled = copy.deepcopy(parts[0])
+    for b in parts[1:]:
+        for fact, (ok, n) in b["stated"].items():
+            pooled["stated"][fact][0] += ok
+            pooled["stated"][fact][1] += n
+        for fact, cells in b["later"].items():
+            for key, (ok, n) in cells.items():
+                pooled["later"][fact][key][0] += ok
+                pooled["later"][fact][key][1] += n
+        pooled["walls_wrong"] += b["walls_wrong"]
+        pooled["walls_wrong_other_room"] += b["walls_wrong_other_room"]
+    return pooled
+
+
 def video_row(report: ScoreReport, story: dict, **extra) -> dict:
     row = {"video": story["video"], "world_seed": story["world_seed"], "segments": report.num_segments}
     row.update({k: getattr(report, k) for k in VIDEO_METRICS})
@@ -203,6 +259,7 @@ def video_row(report: ScoreReport, story: dict, **extra) -> dict:
     row["consistency_ok"] = sum(bool(c["ok"]) for c in report.checks)
     row["gap_checks"] = sum(bool(c["gap"]) for c in report.checks)
     row["gap_ok"] = sum(bool(c["gap"] and c["ok"]) for c in report.checks)
+    row["facts"] = fact_breakdown(report, story)
     row.update(extra)
     return row
 
@@ -520,6 +577,31 @@ def _cell(summary: dict) -> str:
     return text
 
 
+def _ratio(cell) -> str:
+    ok, n = cell
+    return f"{100 * ok / n:.0f} ({ok}/{n})" if n else "n/a"
+
+
+def _fact_breakdown_lines(rows) -> list[str]:
+    """Drawing or memory? Each fact where its text names it, later by distance, and what wrong walls show."""
+    rows = [(label, mean["facts"]) for _, mean, label in rows if mean.get("facts")]
+    if not rows:
+        return []
+    buckets = list(rows[0][1]["later"]["walls"])
+    head = (["model", "scarf where named", "walls where named"] + [f"scarf later, {b} seg." for b in buckets]
+            + [f"walls later, {b} seg." for b in buckets] + ["wrong later walls: another room's colour"])
+    lines = ["", "Where the facts fail (pooled checks, percent (right/checks)): a fact wrong where its text names it "
+             "is a drawing failure; right there but wrong later (by segments since it was named) a memory failure; "
+             "a wrong wall that has another room's colour of the same story was remembered but tied to the wrong "
+             "room.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, b in rows:
+        cells = [_ratio(b["stated"]["scarf"]), _ratio(b["stated"]["walls"])]
+        cells += [_ratio(b["later"][fact][k]) for fact in ("scarf", "walls") for k in buckets]
+        cells.append(_ratio([b["walls_wrong_other_room"], b["walls_wrong"]]))
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines
+
+
 def results_markdown(results: dict) -> str:
     """The results table (one row per model + ground truth + chance), notes and the reproducing command."""
     s = results["settings"]
@@ -550,6 +632,7 @@ def results_markdown(results: dict) -> str:
         lines.append(f"- {name}: consistency {mean['consistency_checks']} checks in {mean['consistency']['n']} "
                      f"videos (pooled {_pct(mean['consistency_pooled'])}); beyond local reach {mean['gap_checks']} "
                      f"checks in {mean['consistency_gap']['n']} videos (pooled {_pct(mean['consistency_gap_pooled'])})")
+    lines += _fact_breakdown_lines(rows)
     if results["paired_differences"]:
         lines += ["", "Paired differences (same storyboards and seeds), percentage points, mean [95% bootstrap interval]:", "",
                   "| " + " | ".join(["models"] + [h for _, h in TABLE_COLUMNS]) + " |",
