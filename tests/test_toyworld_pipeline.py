@@ -132,6 +132,32 @@ def test_train_set_reaches_both_chains_of_its_stage_only(tp, tmp_path, monkeypat
         assert not any(a.startswith("optimizer.") for a in seen[v, "3s"])
 
 
+@pytest.mark.parametrize("flag, expected", [([], ["ttt", "local", "ttt-start", "local-start"]),
+                                           (["--no-start-eval"], ["ttt", "local"])])
+def test_no_start_eval_drops_the_start_models_from_a_continued_run(tp, tmp_path, monkeypatch, flag, expected):
+    evaluated = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, steps):
+        evaluated.extend(self.eval_models())
+        raise Stop
+
+    for v in tp.VARIANTS:
+        (tmp_path / v).mkdir()
+    monkeypatch.setattr(tp.Job, "vae_and_data", lambda self, steps: None)
+    monkeypatch.setattr(tp, "vae_step_time", lambda work: None)
+    monkeypatch.setattr(tp.Job, "prepare", lambda self: None)
+    monkeypatch.setattr(tp.Job, "assemble", lambda self, name, transformer: None)
+    monkeypatch.setattr(tp.Job, "train", capture)
+    monkeypatch.setattr(tp.Job, "pack", lambda self: None)
+    with pytest.raises(Stop):
+        tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), "--stages", "63s",
+                 "--init", f"ttt={tmp_path / 'ttt'},local={tmp_path / 'local'}", *flag])
+    assert evaluated == expected
+
+
 def test_stage_values_are_one_positive_integer_per_stage(tp):
     import argparse
 
@@ -198,3 +224,6 @@ def test_a_continued_run_is_evaluated_beside_where_it_started(tp, tmp_path, monk
     assert sorted(ran) == ["eval-local", "eval-local-start", "eval-table", "eval-ttt", "eval-ttt-start"]
     fresh = tp.Job(tmp_path / "w3", tmp_path / "e3", smoke=True, device="cpu")  # from scratch: the two chains only
     assert fresh.eval_models() == list(tp.VARIANTS)
+    job.eval_start = False  # --no-start-eval: the trained chains only, nothing assembled for the starts
+    assembled.clear()
+    assert job.eval_models() == list(tp.VARIANTS) and assembled == {}
