@@ -350,7 +350,7 @@ def main(argv=None) -> int:
                          "the DiT stages")
     ap.add_argument("--no-start-eval", action="store_true",
                     help="with --init: evaluate the trained models only, not where they started (the previous "
-                         "run's own evaluation has those scores; saves ~2 of the eval's ~4.5 minutes)")
+                         "run's own evaluation has those scores; two eval processes instead of four)")
     ap.add_argument("--vae", type=Path, default=None,
                     help="use this VAE folder instead of training one (e.g. models/embedded-default/vae)")
     ap.add_argument("--init", default=None, metavar="ttt=DIR,local=DIR",
