@@ -239,13 +239,20 @@ def test_fact_breakdown_tells_drawing_from_memory_failures(run):
         return {"segment": named_at + seg, "fact": fact, "room": room, "expected": expected, "read": read,
                 "ok": read == expected, "revisit": True, "gap": False, "named_in_segment": named_at}
 
+    # where the story is: the kitchen, except the garden just before the checks at +2 and +6 and at +12
+    rooms = ["kitchen"] * 20
+    for at in (1, 5, 12):
+        rooms[named_at + at] = "garden"
+    segments = [{"room": r} for r in rooms]
+    for seg, flags in zip(segments, [{"stated_walls_ok": True, "stated_scarf_ok": False}, {"stated_walls_ok": False},
+                                     {"stated_walls_ok": None}]):
+        seg.update(flags)
     report = SimpleNamespace(
-        segments=[{"stated_walls_ok": True, "stated_scarf_ok": False}, {"stated_walls_ok": False},
-                  {"stated_walls_ok": None}, {}],
-        checks=[check("walls", 2, "kitchen", kitchen, garden),  # another room's colour: tied to the wrong room
-                check("walls", 3, "kitchen", kitchen, unnamed),  # a colour the story never named
-                check("walls", 6, "kitchen", kitchen, None),  # unreadable
-                check("walls", 12, "garden", garden, garden),
+        segments=segments,
+        checks=[check("walls", 2, "kitchen", kitchen, garden),  # another room's colour: carried over from the garden
+                check("walls", 3, "kitchen", kitchen, unnamed),  # a colour the story never named (staying)
+                check("walls", 6, "kitchen", kitchen, None),  # unreadable (entering)
+                check("walls", 12, "garden", garden, garden),  # right on entering
                 check("scarf", 16, None, colours[3], colours[3]),
                 check("scarf", 15, None, colours[3], kitchen)])
     b = evaluate.fact_breakdown(report, story)
@@ -253,12 +260,15 @@ def test_fact_breakdown_tells_drawing_from_memory_failures(run):
     assert b["later"]["walls"] == {"1-4": [0, 2], "5-9": [0, 1], "10-14": [1, 1], "15+": [0, 0]}
     assert b["later"]["scarf"] == {"1-4": [0, 0], "5-9": [0, 0], "10-14": [0, 0], "15+": [1, 2]}
     assert b["walls_wrong"] == 3 and b["walls_wrong_other_room"] == 1
+    assert b["walls_entering"] == [1, 3] and b["walls_entering_wrong_previous_room"] == 1
     # pooled over videos in the summary, and every ground-truth check is right
     pooled = evaluate._pool_breakdowns([{"facts": b}, {"facts": b}, {}])
     assert pooled["later"]["walls"]["1-4"] == [0, 4] and pooled["walls_wrong_other_room"] == 2
+    assert pooled["walls_entering"] == [2, 6] and pooled["walls_entering_wrong_previous_room"] == 2
     assert b["later"]["walls"]["1-4"] == [0, 2]  # the inputs are not changed by pooling
     gt = run["results"]["ground truth"]["mean"]["facts"]
     for fact in ("scarf", "walls"):
         assert all(ok == n for ok, n in gt["later"][fact].values())
         assert gt["stated"][fact][0] == gt["stated"][fact][1]
     assert gt["walls_wrong"] == 0 and "Where the facts fail" in run["results"]["table"]
+    assert gt["walls_entering"][0] == gt["walls_entering"][1] and gt["walls_entering_wrong_previous_room"] == 0

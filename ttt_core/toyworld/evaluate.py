@@ -212,7 +212,9 @@ def _bucket(distance: int) -> str:
 def fact_breakdown(report: ScoreReport, story: dict) -> dict:
     """[ok, checks] counts that tell drawing from memory failures: each fact where its text names it, later by
     distance in segments, and the wrong later wall reads that are another room's colour in the same story (the
-    colour is stored but tied to the wrong room) rather than a colour the story never named."""
+    colour is stored but tied to the wrong room) rather than a colour the story never named. Later wall checks
+    in a segment the story has just entered from another room are counted apart ("entering"), with the wrong
+    ones that show the previous segment's room colour: the colour carried over from where the story was."""
     stated = {fact: [0, 0] for fact in ("scarf", "walls")}
     for seg in report.segments:
         for fact in stated:
@@ -222,15 +224,25 @@ def fact_breakdown(report: ScoreReport, story: dict) -> dict:
                 stated[fact][1] += 1
     later = {fact: {_bucket(lo): [0, 0] for lo, _ in DISTANCE_BUCKETS} for fact in ("scarf", "walls")}
     walls = story["events"].get("facts", {}).get("walls", {})
+    rooms = [seg.get("room") for seg in report.segments]
     wrong_walls = other_room = 0
+    entering, entering_wrong_previous = [0, 0], 0
     for c in report.checks:
         cell = later[c["fact"]][_bucket(c["segment"] - c["named_in_segment"])]
         cell[0] += bool(c["ok"])
         cell[1] += 1
-        if c["fact"] == "walls" and not c["ok"]:
+        if c["fact"] != "walls":
+            continue
+        if not c["ok"]:
             wrong_walls += 1
             other_room += c["read"] is not None and c["read"] in {v for r, v in walls.items() if r != c["room"]}
-    return {"stated": stated, "later": later, "walls_wrong": wrong_walls, "walls_wrong_other_room": other_room}
+        previous = rooms[c["segment"] - 1] if 0 < c["segment"] <= len(rooms) else None
+        if previous is not None and previous != c["room"]:
+            entering[0] += bool(c["ok"])
+            entering[1] += 1
+            entering_wrong_previous += not c["ok"] and c["read"] is not None and c["read"] == walls.get(previous)
+    return {"stated": stated, "later": later, "walls_wrong": wrong_walls, "walls_wrong_other_room": other_room,
+            "walls_entering": entering, "walls_entering_wrong_previous_room": entering_wrong_previous}
 
 
 def _pool_breakdowns(rows: list[dict]) -> dict | None:
@@ -238,17 +250,17 @@ def _pool_breakdowns(rows: list[dict]) -> dict | None:
     parts = [row["facts"] for row in rows if row.get("facts")]
     if not parts:
         return None
+
+    def add(total, part):
+        if isinstance(total, dict):
+            return {k: add(v, part[k]) for k, v in total.items()}
+        if isinstance(total, list):
+            return [a + b for a, b in zip(total, part)]
+        return total + part
+
     pooled = copy.deepcopy(parts[0])
     for b in parts[1:]:
-        for fact, (ok, n) in b["stated"].items():
-            pooled["stated"][fact][0] += ok
-            pooled["stated"][fact][1] += n
-        for fact, cells in b["later"].items():
-            for key, (ok, n) in cells.items():
-                pooled["later"][fact][key][0] += ok
-                pooled["later"][fact][key][1] += n
-        pooled["walls_wrong"] += b["walls_wrong"]
-        pooled["walls_wrong_other_room"] += b["walls_wrong_other_room"]
+        pooled = add(pooled, b)
     return pooled
 
 
@@ -589,15 +601,22 @@ def _fact_breakdown_lines(rows) -> list[str]:
         return []
     buckets = list(rows[0][1]["later"]["walls"])
     head = (["model", "scarf where named", "walls where named"] + [f"scarf later, {b} seg." for b in buckets]
-            + [f"walls later, {b} seg." for b in buckets] + ["wrong later walls: another room's colour"])
+            + [f"walls later, {b} seg." for b in buckets] + ["wrong later walls: another room's colour",
+                                                               "walls later, entering from another room",
+                                                               "wrong entering walls: the previous room's colour"])
     lines = ["", "Where the facts fail (pooled checks, percent (right/checks)): a fact wrong where its text names it "
              "is a drawing failure; right there but wrong later (by segments since it was named) a memory failure; "
              "a wrong wall that has another room's colour of the same story was remembered but tied to the wrong "
-             "room.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "room; a wrong wall, in a segment the story has just entered, that has the previous segment's room "
+             "colour was carried over from where the story was.", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
     for label, b in rows:
         cells = [_ratio(b["stated"]["scarf"]), _ratio(b["stated"]["walls"])]
         cells += [_ratio(b["later"][fact][k]) for fact in ("scarf", "walls") for k in buckets]
         cells.append(_ratio([b["walls_wrong_other_room"], b["walls_wrong"]]))
+        entering = b.get("walls_entering", [0, 0])  # absent from summaries written before it existed
+        cells += [_ratio(entering),
+                  _ratio([b.get("walls_entering_wrong_previous_room", 0), entering[1] - entering[0]])]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return lines
 
