@@ -78,6 +78,7 @@ class Job:
         self.size = SMOKE if smoke else FULL
         self.train_set: dict[str, list[str]] = {}  # stage -> trainer --set overrides (--train-set)
         self.eval_start = True  # a continued run also evaluates where it started (--no-start-eval: not)
+        self.max_scene_segments: dict[str, int] = {}  # stage -> shorter training scenes (--max-scene-segments)
         (work / "logs").mkdir(parents=True, exist_ok=True)
         (work / "done").mkdir(exist_ok=True)
         export.mkdir(parents=True, exist_ok=True)
@@ -152,6 +153,8 @@ class Job:
                     "--segments", k, "--seed", DATASET_SEEDS[stage], "--workers", self.render_workers(), "--quiet"]
             if stage == "63s":
                 args += ["--heldout", self.size["heldout"]]
+            if stage in self.max_scene_segments:  # the training split only: the held-out stories keep theirs
+                args += ["--max-scene-segments", self.max_scene_segments[stage]]
             commands[f"dataset-{stage}"] = args
         self.timings.update(self.run_parallel(commands))
         self.assemble("toymodel", None)
@@ -362,6 +365,9 @@ def main(argv=None) -> int:
                          "2026-11-23: 3s=600,9s=300,18s=250,63s=160)")
     ap.add_argument("--videos", default=None, metavar="63s=N",
                     help="training videos to render for each stage that runs (default: %s)" % FULL["videos"])
+    ap.add_argument("--max-scene-segments", default=None, metavar="63s=N",
+                    help="training stories' scenes last 1..N segments for each stage that runs (default 4; smaller: "
+                         "more room changes, each a moment where a wall colour must be tied to its room)")
     ap.add_argument("--prepare-seconds", type=int, default=None,
                     help=f"time budget of the prepare phase (default {BUDGET['prepare']} s; the third run's 400 "
                          "one-minute videos needed ~370 s, 194 were prepared in 180)")
@@ -403,6 +409,7 @@ def main(argv=None) -> int:
               vae=args.vae.resolve() if args.vae else None, init=init, stages=stages)
     job.train_set = train_set
     job.eval_start = not args.no_start_eval
+    job.max_scene_segments = per_stage(ap, "--max-scene-segments", args.max_scene_segments, stages) or {}
     if dit_steps:
         job.size = {**job.size, "steps": dit_steps}
     if args.videos:

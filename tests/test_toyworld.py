@@ -234,3 +234,56 @@ def test_cli_dataset_of_held_out_stories_only(tmp_path, capsys):
     assert "train: 0 video(s)" in out and f"seeds {HELDOUT_SEEDS.start}..{HELDOUT_SEEDS.start + 1}" in out
     held = json.loads((tmp_path / "d" / "heldout" / "annotations.json").read_text())["videos"]
     assert [v["seed"] for v in held] == [HELDOUT_SEEDS.start, HELDOUT_SEEDS.start + 1]
+
+
+def _scene_lengths(story):
+    lengths = []
+    for s in story["segments"]:
+        if s["scene_start"]:
+            lengths.append(0)
+        lengths[-1] += 1
+    return lengths
+
+
+def test_shorter_scenes_change_rooms_more_often_and_keep_the_rules():
+    seeds = fresh_seeds(20)
+    for seed in seeds:
+        default = generate_story(seed, 21)
+        assert generate_story(seed, 21, max_scene_segments=4) == default  # the default is 4, not recorded
+        assert "max_scene_segments" not in default and max(_scene_lengths(default)) <= 4
+        for n in (1, 2):
+            story = generate_story(seed, 21, max_scene_segments=n)
+            assert story["max_scene_segments"] == n and max(_scene_lengths(story)) <= n
+            segs = story["segments"]
+            assert all(a["room"] != b["room"] for a, b in zip(segs, segs[1:]) if b["scene_start"])
+            # still named once each: the scarf in segment 1, each room's walls on its first visit
+            first = {}
+            for s in segs:
+                first.setdefault(s["room"], s["index"])
+                assert ("walls" in s["states"]) == (first[s["room"]] == s["index"])
+            assert "scarf" in segs[0]["states"]
+    changes = lambda n: sum(len(_scene_lengths(generate_story(s, 21, max_scene_segments=n))) for s in seeds)  # noqa: E731
+    assert changes(1) == 21 * len(seeds) and changes(2) > changes(4)
+    with pytest.raises(ValueError, match="at least one segment"):
+        generate_story(seeds[0], 5, max_scene_segments=0)
+
+
+def test_dataset_max_scene_segments_shortens_training_stories_only(tmp_path, capsys):
+    from ttt_video.ttt_core import cli
+
+    offset = int(RNG.integers(0, 1000))
+    out = tmp_path / "d"
+    assert cli.main(["toyworld", "dataset", "--out", str(out), "--num", "2", "--segments", "4", "--heldout", "1",
+                     "--seed", str(offset), "--max-scene-segments", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    for v in json.loads((out / "train" / "annotations.json").read_text())["videos"]:
+        events = json.loads((out / "train" / "events" / f"{os.path.basename(v['video'])[:-4]}.events.json").read_text())
+        assert events == generate_story(v["seed"], 4, max_scene_segments=1) | {"height": 64, "width": 96}
+        assert v["segments"][1:] and all(s["requires_scene_transition"] for s in v["segments"][1:])
+    held = json.loads((out / "heldout" / "annotations.json").read_text())["videos"]
+    events = json.loads((out / "heldout" / "events" / f"{os.path.basename(held[0]['video'])[:-4]}.events.json").read_text())
+    assert events == generate_story(held[0]["seed"], 4) | {"height": 64, "width": 96}  # held-out: the default
+    # the folder remembers the setting: continuing it with another one is refused
+    assert cli.main(["toyworld", "dataset", "--out", str(out), "--num", "2", "--segments", "4", "--heldout", "1",
+                     "--seed", str(offset), "--quiet"]) == 1
+    assert "max_scene_segments: 1 vs 4" in capsys.readouterr().err

@@ -186,9 +186,10 @@ def test_videos_and_prepare_budget_reach_the_commands(tp, tmp_path, monkeypatch)
     monkeypatch.setattr(tp.Job, "pack", lambda self: None)
     with pytest.raises(Stop):
         tp.main(["--work", str(tmp_path / "w"), "--export", str(tmp_path / "e"), "--stages", "63s",
-                 "--videos", "63s=400", "--prepare-seconds", "420", "--stage-seconds", "63s=560", "--device", "cuda"])
+                 "--videos", "63s=400", "--prepare-seconds", "420", "--stage-seconds", "63s=560", "--device", "cuda",
+                 "--max-scene-segments", "63s=2"])
     data = [str(a) for a in ran["dataset-63s"]]
-    assert data[data.index("--num") + 1] == "400"
+    assert data[data.index("--num") + 1] == "400" and data[data.index("--max-scene-segments") + 1] == "2"
     prep = [str(a) for a in ran["prepare-63s"]]
     assert prep[prep.index("--max-minutes") + 1] == "7.00"
     assert tp.BUDGET["63s"] == 560 and sorted(ran) == ["dataset-63s", "prepare-63s", "train-vae"]

@@ -131,6 +131,8 @@ def run_score(args: argparse.Namespace) -> int:
 # toyworld
 # --------------------------------------------------------------------------------------------------
 def configure_toyworld(p: argparse.ArgumentParser) -> None:
+    from .world import MAX_SCENE_SEGMENTS
+
     sub = p.add_subparsers(dest="toyworld_command", metavar="ACTION")
     sub.required = True
     r = sub.add_parser("render", help="render one video (+ storyboard + ground-truth events) from a seed",
@@ -164,6 +166,9 @@ def configure_toyworld(p: argparse.ArgumentParser) -> None:
     d.add_argument("--size", type=_size, default=(64, 96), help="frame size HxW, 2:3 (default 64x96)")
     d.add_argument("--crf", type=int, default=None, help="h264 quality (default 10)")
     d.add_argument("--workers", type=int, default=0, help="render in this many processes (default 0: in this one)")
+    d.add_argument("--max-scene-segments", type=int, default=MAX_SCENE_SEGMENTS, metavar="N",
+                   help="training stories' scenes last 1..N segments (default 4; smaller: more room changes); the "
+                        "held-out split keeps the default")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
 
     from .evaluate import configure_eval
@@ -203,7 +208,8 @@ def run_toyworld(args: argparse.Namespace) -> int:
         else:
             info = make_dataset(args.out, args.num, seed=args.seed, num_segments=args.segments, size=args.size,
                                 heldout_videos=args.heldout, crf=DEFAULT_CRF if args.crf is None else args.crf,
-                                progress=not args.quiet, workers=args.workers)
+                                progress=not args.quiet, workers=args.workers,
+                                max_scene_segments=args.max_scene_segments)
             for split, s in info["splits"].items():  # --num 0: a held-out set alone (an eval elsewhere)
                 seeds = f", seeds {s['seeds'][0]}..{s['seeds'][-1]}" if s["seeds"] else ""
                 print(f"{split}: {s['videos']} video(s), {s['segments']} segment(s){seeds} -> "

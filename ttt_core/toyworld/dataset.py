@@ -26,7 +26,7 @@ import numpy as np
 
 from .render import DEFAULT_SIZE, check_size, iter_segment_frames, num_frames
 from .video_io import DEFAULT_CRF, read_video, write_mp4
-from .world import generate_story, storyboard_text
+from .world import MAX_SCENE_SEGMENTS, generate_story, storyboard_text
 
 TRAIN_SEEDS = range(0, 1_000_000)
 HELDOUT_SEEDS = range(1_000_000, 1_100_000)
@@ -89,10 +89,10 @@ def render_video(world_seed: int, num_segments: int, out_mp4, size=DEFAULT_SIZE,
 def _render_entry(job: tuple) -> dict:
     """Render one dataset video (and its storyboard and events) unless an identical one exists; return its
     annotation entry. A module-level function so worker processes can run it."""
-    root, ws, num_segments, size, crf = job
+    root, ws, num_segments, size, crf, max_scene_segments = job
     vid = video_id(ws)
     k = segments_for_seed(ws, num_segments)
-    story = generate_story(ws, k)
+    story = generate_story(ws, k, max_scene_segments)
     story["height"], story["width"] = size
     mp4 = root / "videos" / f"{vid}.mp4"
     events = root / "events" / f"{vid}.events.json"
@@ -116,8 +116,8 @@ def _render_entry(job: tuple) -> dict:
 
 
 def _write_split(root: Path, split: str, seeds: list[int], num_segments, size, crf: int, progress: bool,
-                 workers: int = 0) -> list[dict]:
-    jobs = [(root, ws, num_segments, size, crf) for ws in seeds]
+                 workers: int = 0, max_scene_segments: int = MAX_SCENE_SEGMENTS) -> list[dict]:
+    jobs = [(root, ws, num_segments, size, crf, max_scene_segments) for ws in seeds]
     for sub in ("videos", "events", "storyboards"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     bar = None
@@ -147,18 +147,22 @@ def _write_split(root: Path, split: str, seeds: list[int], num_segments, size, c
 
 
 def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), size=DEFAULT_SIZE,
-                 heldout_videos: int = 0, crf: int = DEFAULT_CRF, progress: bool = True, workers: int = 0) -> dict:
+                 heldout_videos: int = 0, crf: int = DEFAULT_CRF, progress: bool = True, workers: int = 0,
+                 max_scene_segments: int = MAX_SCENE_SEGMENTS) -> dict:
     """Write ``num_videos`` training videos (world seeds ``seed``, ``seed + 1``, ... of TRAIN_SEEDS) and
     ``heldout_videos`` held-out ones (the same offsets into HELDOUT_SEEDS), each with ``num_segments``
     segments (an int, or an inclusive (lo, hi) range drawn per video). Re-running continues an interrupted
     run; a folder made with other settings is refused. ``workers`` > 1 renders in that many processes (the
-    same stories and frames; h264 files are not byte-reproducible either way). Returns the dataset info (also written to
-    ``toyworld_dataset.json``)."""
+    same stories and frames; h264 files are not byte-reproducible either way). ``max_scene_segments`` shortens the
+    training stories' scenes (more room changes); the held-out split always keeps the default, so evaluations stay
+    comparable. Returns the dataset info (also written to ``toyworld_dataset.json``)."""
     t0 = time.perf_counter()
     size = check_size(size)
     out = Path(out_dir)
     seg_range = [num_segments, num_segments] if isinstance(num_segments, int) else [int(v) for v in num_segments]
     segments_for_seed(0, seg_range)  # validates the range
+    if max_scene_segments < 1:
+        raise ValueError(f"max_scene_segments must be >= 1, got {max_scene_segments}")
     info = {
         "format": "ttt-video-toyworld-dataset",
         "version": DATASET_VERSION,
@@ -168,6 +172,7 @@ def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), 
         "num_segments": seg_range,
         "crf": crf,
         "seed_offset": int(seed),
+        "max_scene_segments": int(max_scene_segments),  # of the training split
         "splits": {},
     }
     splits = {"train": split_seeds("train", seed, num_videos)}
@@ -176,7 +181,9 @@ def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), 
     info_path = out / INFO_NAME
     if info_path.is_file():
         old = json.loads(info_path.read_text(encoding="utf-8"))
-        diff = [k for k in ("height", "width", "num_segments", "crf", "seed_offset", "version") if old.get(k) != info.get(k)]
+        old.setdefault("max_scene_segments", MAX_SCENE_SEGMENTS)  # folders made before the option existed
+        diff = [k for k in ("height", "width", "num_segments", "crf", "seed_offset", "version", "max_scene_segments")
+                if old.get(k) != info.get(k)]
         if diff:
             raise ValueError(f"{out} holds a toy-world dataset made with other settings "
                              f"({', '.join(f'{k}: {old.get(k)} vs {info.get(k)}' for k in diff)}); use a new folder")
@@ -184,7 +191,8 @@ def make_dataset(out_dir, num_videos: int, seed: int = 0, num_segments=(1, 21), 
         raise FileExistsError(f"{out} exists and is not a toy-world dataset folder (no {INFO_NAME}); use a new folder")
     out.mkdir(parents=True, exist_ok=True)
     for split, seeds in splits.items():
-        entries = _write_split(out / split, split, seeds, seg_range, size, crf, progress, workers)
+        entries = _write_split(out / split, split, seeds, seg_range, size, crf, progress, workers,
+                               max_scene_segments if split == "train" else MAX_SCENE_SEGMENTS)
         info["splits"][split] = {
             "videos": len(entries),
             "seeds": [seeds[0], seeds[-1]] if seeds else [],

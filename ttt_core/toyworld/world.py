@@ -181,21 +181,28 @@ def _sleep(state: dict, prev_action: str | None, shot: str, prev_shot: str | Non
     return ok, {"x0": x, "x1": x, "pose": "sleep", "facing": facing, "jump": 0.0}, None, None
 
 
-def generate_story(seed: int, num_segments: int) -> dict:
-    """The events of one video, deterministic from ``seed`` and ``num_segments`` (numpy PCG64)."""
+MAX_SCENE_SEGMENTS = 4  # scenes last 1-4 segments unless a dataset asks for shorter ones
+
+
+def generate_story(seed: int, num_segments: int, max_scene_segments: int = MAX_SCENE_SEGMENTS) -> dict:
+    """The events of one video, deterministic from ``seed``, ``num_segments`` and ``max_scene_segments`` (numpy
+    PCG64). Shorter scenes mean more room changes, i.e. more moments where a remembered wall colour must be tied
+    to its room (a training-data option; the held-out stories keep the default)."""
     if num_segments < 1:
         raise ValueError(f"a video needs at least one segment, got {num_segments}")
+    if max_scene_segments < 1:
+        raise ValueError(f"a scene needs at least one segment, got max_scene_segments={max_scene_segments}")
     rng = np.random.default_rng([int(seed), 0x70E5])
     scarf = str(rng.choice(list(SCARF_COLOURS)))
     walls = {room: str(rng.choice(list(WALL_COLOURS))) for room in ROOMS}
     rooms_used = [str(r) for r in rng.permutation(ROOMS)[: int(rng.integers(2, 4))]]
 
-    # scenes: 1-4 segments each, never the same room twice in a row
+    # scenes: 1-max_scene_segments segments each, never the same room twice in a row
     scenes: list[tuple[str, int]] = []
     left = num_segments
     prev_room = None
     while left > 0:
-        n = min(left, int(rng.integers(1, 5)))
+        n = min(left, int(rng.integers(1, max_scene_segments + 1)))
         room = str(rng.choice([r for r in rooms_used if r != prev_room]))
         scenes.append((room, n))
         prev_room, left = room, left - n
@@ -248,7 +255,7 @@ def generate_story(seed: int, num_segments: int) -> dict:
                 else {"x": mouse["x1"], "facing": mouse["facing"]},
             }
             prev_action, prev_shot = action, shot
-    return {
+    story = {
         "format": EVENTS_FORMAT,
         "version": EVENTS_VERSION,
         "seed": int(seed),
@@ -256,6 +263,9 @@ def generate_story(seed: int, num_segments: int) -> dict:
         "facts": {"scarf": scarf, "walls": {r: walls[r] for r in ROOMS if r in seen_rooms}},
         "segments": segments,
     }
+    if max_scene_segments != MAX_SCENE_SEGMENTS:  # recorded only when set: events written before it stay valid
+        story["max_scene_segments"] = int(max_scene_segments)
+    return story
 
 
 # ------------------------------------------------------------------------------------------------------
