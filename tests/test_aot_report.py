@@ -3,25 +3,13 @@ registers and spills that decides which kernel variants are worth a device run).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("aot_report", ROOT / "benchmarks" / "aot_report.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
-def aot():
+def aot(load_script):
     pytest.importorskip("triton")
-    mod = _load()
+    mod = load_script("benchmarks/aot_report.py")
     try:
         mod.ptxas_path()
     except Exception as e:  # noqa: BLE001 - no bundled ptxas on this platform

@@ -25,16 +25,12 @@ ARCHITECTURE = {"num_attention_heads", "attention_head_dim", "in_channels", "out
                 "max_text_seq_length", "global_layer", "mini_batch_size", "mlp_expansion"}  # fmt: skip
 
 
-def _make_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_embedded_default", ROOT / "scripts" / "make_embedded_default.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def maker(load_script):
+    return load_script("scripts/make_embedded_default.py")
 
 
-def test_shipped_files_are_the_trained_toyworld_model():
+def test_shipped_files_are_the_trained_toyworld_model(maker):
     total = sum(p.stat().st_size for p in EMBEDDED.rglob("*") if p.is_file())
     assert total <= 30 * 1024 * 1024, f"embedded default is {total / 2**20:.1f} MB (> 30 MB)"
     index = json.loads((EMBEDDED / "model_index.json").read_text())
@@ -53,7 +49,7 @@ def test_shipped_files_are_the_trained_toyworld_model():
 
     # trained: every tensor finite, and far from the seeded initialisation the builder makes without weights
     shipped = load_file(str(EMBEDDED / "transformer" / "diffusion_pytorch_model.safetensors"))
-    init = _make_module().build_transformer(None, seed=20250407).state_dict()
+    init = maker.build_transformer(None, seed=20250407).state_dict()
     assert shipped.keys() == init.keys()
     assert all(torch.isfinite(t).all() for t in shipped.values())
     moved = [k for k in shipped if not torch.allclose(shipped[k].float(), init[k].float(), atol=1e-3)]
@@ -86,11 +82,11 @@ def _generate(storyboard, model, tmp_path, name):
     return frames
 
 
-def test_short_cpu_generation_draws_the_toy_world(one_segment, tmp_path):
+def test_short_cpu_generation_draws_the_toy_world(one_segment, tmp_path, maker):
     trained = _generate(one_segment, None, tmp_path, "trained")
     # the same folder with the untrained, seeded transformer: same VAE, same text encoder, same noise
     untrained_dir = tmp_path / "untrained"
-    _make_module().write(untrained_dir, transformer=None, vae=None, base=EMBEDDED, dtype="fp32", note=None,
+    maker.write(untrained_dir, transformer=None, vae=None, base=EMBEDDED, dtype="fp32", note=None,
                          seed=20250407, force=False)
     untrained = _generate(one_segment, untrained_dir, tmp_path, "untrained")
     fit_trained, fit_untrained = _palette_fit(trained), _palette_fit(untrained)

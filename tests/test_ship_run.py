@@ -3,7 +3,6 @@ shipped tensors checked against the export's (the check that catches shipping th
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
@@ -18,11 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ship_mod():
-    spec = importlib.util.spec_from_file_location("ship_toyworld_run", ROOT / "scripts" / "ship_toyworld_run.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ship_mod(load_script):
+    return load_script("scripts/ship_toyworld_run.py")
 
 
 def _perturbed(src: Path, dst: Path, seed: int) -> dict:

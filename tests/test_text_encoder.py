@@ -253,16 +253,12 @@ def test_cogvideox_style_folder_uses_existing_rows(tmp_path):
     torch.testing.assert_close(emb.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_embedded_assets_are_reproducible(tmp_path):
+def test_embedded_assets_are_reproducible(tmp_path, load_script):
     """scripts/build_embedded_assets.py is deterministic: a fresh build equals the committed files
     (tensors exactly, tokenizer files byte for byte, configs up to library version stamps)."""
-    import importlib.util
-
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("build_embedded_assets", ROOT / "scripts" / "build_embedded_assets.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/build_embedded_assets.py")
     fresh = tmp_path / "m"
     digests = mod.build(fresh)
     assert set(digests) == {

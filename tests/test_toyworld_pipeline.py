@@ -1,23 +1,16 @@
 """scripts/toyworld_pipeline.py: the commands of the two training chains and their time budgets (the whole job
 runs on the GPU machine; its CPU smoke run takes ~15 minutes, too long for CI)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from ttt_video.ttt_core.training.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def tp():
-    spec = importlib.util.spec_from_file_location("toyworld_pipeline", ROOT / "scripts" / "toyworld_pipeline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def tp(load_script):
+    return load_script("scripts/toyworld_pipeline.py")
 
 
 def test_step_times_skip_the_compile_step(tp, tmp_path):
