@@ -1,7 +1,6 @@
 """Segment Decoder: streamed decode == whole-video diffusers decode, mp4 read back with PyAV, file safety."""
 
 import json
-import os
 from pathlib import Path
 
 import av

@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from ttt_video.ttt_core.config import TTTDiTConfig, preset
+from ttt_video.ttt_core.config import preset
 from ttt_video.ttt_core.dit import TTTDiT
 from ttt_video.ttt_core.loading import (
-    TTT_INIT_SEED,
     CheckpointFormatError,
     LoadingError,
     StateDictMismatchError,

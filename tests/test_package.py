@@ -1,6 +1,5 @@
 """Project skeleton: segment geometry, presets, and how the pack installs and imports."""
 
-import importlib.util
 import re
 import subprocess
 import sys

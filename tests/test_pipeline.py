@@ -4,7 +4,6 @@ no output file; resume through the pipeline equals an uninterrupted run."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch

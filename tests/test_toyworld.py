@@ -18,7 +18,6 @@ from ttt_video.ttt_core.toyworld import (
     VOCABULARY,
     WALL_COLOURS,
     generate_story,
-    render_segment_frames,
     render_story,
     segment_frame_ranges,
     story_from_storyboard,
