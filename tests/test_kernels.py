@@ -43,6 +43,7 @@ NARROW_FWD_CHUNKS = {"mlp_fwd": {"variant": "gmem", "fc": 16}}
 SPLIT_NO_PARK = {"mlp_fwd": {"park": 0}}
 SPLIT_ROWSHARE = {"mlp_fwd": {"rowshare": 1}}  # rows of the LN work shared out, a second meeting for p2
 SPLIT_ROWSHARE_NO_PARK = {"mlp_fwd": {"rowshare": 1, "park": 0}}
+SPLIT_BWD = {"mlp_bwd": {"variant": "split"}}  # a group of one program here (the meetings run, alone)
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -53,6 +54,9 @@ CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", SPLIT_ROWSHARE),
     ("mlp", 1, 2, 16, 16, 16, 1, "float32", SPLIT_ROWSHARE),  # one mini-batch
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_ROWSHARE_NO_PARK),
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", SPLIT_BWD),
+    ("mlp", 1, 2, 16, 16, 16, 1, "float32", SPLIT_BWD),
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_BWD),
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_FWD),
     ("mlp", 1, 1, 96, 32, 32, 2, "float32", GMEM_FWD),  # F=128: chunks of 64 (the device's FC)
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_FWD),
@@ -98,8 +102,9 @@ def _worker() -> None:
             ttt_triton.KERNEL_CONFIG[name].update(change)
         # the case must run the MLP kernels its config selects, not fall back to others
         fwd_kernels = {"split": "_ttt_mlp_fwd_split_kernel", "gmem": "_ttt_mlp_fwd_gmem_kernel"}
-        kernels = {n: getattr(ttt_triton, n) for n in ("_ttt_mlp_bwd_kernel", "_ttt_mlp_bwd_gmem_kernel", *fwd_kernels.values())}
-        unused = ["_ttt_mlp_bwd_gmem_kernel" if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] == "plain" else "_ttt_mlp_bwd_kernel"]
+        bwd_kernels = {"split": "_ttt_mlp_bwd_split_kernel", "gmem": "_ttt_mlp_bwd_gmem_kernel", "plain": "_ttt_mlp_bwd_kernel"}
+        kernels = {n: getattr(ttt_triton, n) for n in (*bwd_kernels.values(), *fwd_kernels.values())}
+        unused = [n for v, n in bwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] != v]
         unused += [n for v, n in fwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] != v]
         for n in unused:
             setattr(ttt_triton, n, _Refuse(n))

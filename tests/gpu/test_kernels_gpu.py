@@ -146,6 +146,27 @@ def test_split_forward_other_shapes(shape, monkeypatch):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
+SPLIT_BWD = {"variant": "split", "num_warps": 4, "any_shape": 1}
+
+
+@pytest.mark.parametrize("case", [(2, 3, 640, BF16, {}), (1, 2, 384, FP32, {}), (2, 3, 640, BF16, {"groups": 1}),
+                                  (1, 3, 64, BF16, {}), (1, 2, 4096, BF16, {})],
+                         ids=["bf16", "fp32", "bf16-one-group", "one-minibatch", "long-bf16"])
+def test_split_backward_matches_float64_reference(case, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    B, H, N, dt, change = case
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], **SPLIT_BWD, **change))
+    ttt_triton.SPLIT_INFO.clear()
+    errs = check("mlp", B, H, N, 64, 64, 16 if N > 1000 else 4, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-split-bwd", B, H, N, str(dt), str(change)], "errs": errs, "split": dict(ttt_triton.SPLIT_INFO)})
+    print("split bwd", case, ttt_triton.SPLIT_INFO, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert ttt_triton.SPLIT_INFO.get("bwd_nsplit") == 4
+    tol = LONG_TOL if N > 1000 else TOL[dt]
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+
+
 @pytest.mark.parametrize("rowshare", [0, 1])
 def test_split_forward_long_sequence_bf16(rowshare, monkeypatch):
     from ttt_video.kernels import ttt_triton
