@@ -1550,6 +1550,42 @@ SPLIT_DEVICE_VERIFIED = {(64, 64), (64, 32), (64, 16), (32, 32), (128, 64)}
 SPLIT_BWD_DEVICE_VERIFIED: set = set()  # the split backward, likewise
 # a group member that never arrives is reported after this many polls (~1 us each) instead of hanging
 _SPLIT_MAX_SPIN = 1 << 23
+# per CUDA device: the split kernels' stall flag (set by a program that gave up waiting; never cleared: the
+# scan's results are wrong from then on) and a pinned host mirror of it. Reading the flag after every launch
+# (.item()) drained the stream: one host-device sync per TTT call (16 per toy-world training step, session 8's
+# profile). Each launch now queues a copy into the mirror and reads what the copies done so far show, so a
+# stall raises at a later call, without a sync; check_split_stalls() waits and reads it (tests, end of a run).
+_STALL_FLAGS: dict = {}
+_STALL_MESSAGE = ("ttt_mlp triton: a split launch's programs per head did not all run at once (a group member never "
+                  "arrived; its results are wrong); set KERNEL_CONFIG['mlp_fwd']['variant'] = 'gmem'")
+
+
+def _stall_flag(device: torch.device) -> tuple:
+    """(flag, host mirror) for the split kernels on ``device``; on a CPU (the interpreter) a fresh flag, no mirror."""
+    if device.type != "cuda":
+        return torch.zeros(1, device=device, dtype=torch.int32), None
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _STALL_FLAGS:
+        _STALL_FLAGS[key] = (torch.zeros(1, device=device, dtype=torch.int32),
+                             torch.zeros(1, dtype=torch.int32, pin_memory=True))
+    return _STALL_FLAGS[key]
+
+
+def _after_split_launch(flag, mirror) -> None:
+    if mirror is None:
+        stalled = flag.item()  # CPU: no stream to drain
+    else:
+        mirror.copy_(flag, non_blocking=True)
+        stalled = mirror.item()  # the flag as of the last copy the device has done
+    if stalled:
+        raise RuntimeError(_STALL_MESSAGE)
+
+
+def check_split_stalls() -> None:
+    """Wait for the work queued so far and raise if any split launch on any device stalled."""
+    for flag, _ in _STALL_FLAGS.values():
+        if flag.item():
+            raise RuntimeError(_STALL_MESSAGE)
 
 
 def _split_group_capacity(args, consts, opts, nsplit, device, kernel=None) -> dict:
@@ -1607,7 +1643,7 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
     opts = _launch_opts("mlp_fwd")
     n_mb = N // mb
     scalars = (BH, N, H, n_mb, -(-n_mb // G), G, LN_EPS, _SPLIT_MAX_SPIN)
-    err = torch.zeros(1, device=dev, dtype=torch.int32)
+    err, err_mirror = _stall_flag(dev)
     n_groups = BH
     if not _interpreting():
         probe = (q, k, v, eta, ln_w, ln_b, *finals, out, *cks, ln_w, ln_w, ln_w, ln_w, err, err, *scalars)
@@ -1627,11 +1663,7 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
         q, k, v, eta, ln_w, ln_b, *finals, out, *cks, xch, pxch, opart, scratch, cnt, err, *scalars, **consts, **opts,
     )
     SPLIT_INFO.update(nsplit=nsplit, groups=n_groups, heads=BH)
-    if err.item():
-        raise RuntimeError(
-            f"ttt_mlp triton: the split forward's {nsplit} programs per head did not all run at once "
-            f"({n_groups} groups launched); set KERNEL_CONFIG['mlp_fwd']['variant'] = 'gmem'"
-        )
+    _after_split_launch(err, err_mirror)
     finals[0] = _w1_from_chunks(finals[0], fs)
     return out, finals, cks, fs  # the checkpoints' W1 are chunk-major with fs
 

@@ -171,6 +171,22 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
     assert split_groups(6, 4, forced=5) == 4
 
 
+def test_a_split_stall_raises():
+    """A program that gave up waiting for its group sets the stall flag: the launch's caller raises (on a CPU at
+    once; on a GPU at a later call or at check_split_stalls(), tests/gpu), never returns silently wrong results."""
+    import torch
+
+    from ttt_video.kernels.ttt_triton import _after_split_launch, _stall_flag
+
+    flag, mirror = _stall_flag(torch.device("cpu"))
+    assert mirror is None and flag.item() == 0
+    _after_split_launch(flag, mirror)  # no stall: nothing raised
+    flag.fill_(1)
+    with pytest.raises(RuntimeError, match="did not all run at once"):
+        _after_split_launch(flag, mirror)
+    assert _stall_flag(torch.device("cpu"))[0].item() == 0  # each CPU launch gets a fresh flag
+
+
 def test_bad_shapes_raise_clear_errors():
     from ttt_video.kernels import ttt_linear_triton, ttt_mlp_triton
 

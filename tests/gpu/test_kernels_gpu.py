@@ -85,6 +85,28 @@ def test_gmem_forward_matches_float64_reference(dt, monkeypatch):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
+def test_a_split_stall_is_reported_without_a_sync_per_launch():
+    from ttt_video.kernels import ttt_triton
+
+    errs = check("mlp", 1, 2, 256, 64, 64, 4, BF16, "cuda", seed=torch.seed() % 2**31)
+    assert max(errs.values()) < TOL[BF16]
+    ttt_triton.check_split_stalls()  # a correct run leaves the flag clear
+    flag, mirror = ttt_triton._stall_flag(torch.device("cuda"))
+    flag.fill_(1)  # as a program that gave up waiting would
+    try:
+        with pytest.raises(RuntimeError, match="did not all run at once"):
+            ttt_triton.check_split_stalls()
+        with pytest.raises(RuntimeError, match="did not all run at once"):
+            for _ in range(3):  # seen at the latest at the launch after the device copied the flag
+                torch.cuda.synchronize()
+                check("mlp", 1, 2, 256, 64, 64, 4, BF16, "cuda", seed=1)
+    finally:
+        torch.cuda.synchronize()
+        flag.zero_()
+        torch.cuda.synchronize()
+        mirror.zero_()
+
+
 def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
     """More heads than groups that fit at once: the gmem forward runs (and is right)."""
     from ttt_video.kernels import ttt_triton
@@ -105,6 +127,7 @@ def test_split_forward_matches_float64_reference(change, dt, monkeypatch):
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split", **change))
     ttt_triton.SPLIT_INFO.clear()
     errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
+    ttt_triton.check_split_stalls()
     _log({"case": ["mlp-split", str(change), str(dt)], "errs": errs, "split": dict(ttt_triton.SPLIT_INFO)})
     print("split", change, dt, ttt_triton.SPLIT_INFO, {k: f"{v:.1e}" for k, v in errs.items()})
     assert ttt_triton.SPLIT_INFO.get("nsplit") == 4 and ttt_triton.SPLIT_INFO["heads"] == 6
