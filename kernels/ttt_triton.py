@@ -1557,7 +1557,7 @@ _SPLIT_MAX_SPIN = 1 << 23
 # stall raises at a later call, without a sync; check_split_stalls() waits and reads it (tests, end of a run).
 _STALL_FLAGS: dict = {}
 _STALL_MESSAGE = ("ttt_mlp triton: a split launch's programs per head did not all run at once (a group member never "
-                  "arrived; its results are wrong); set KERNEL_CONFIG['mlp_fwd']['variant'] = 'gmem'")
+                  "arrived; its results are wrong); set KERNEL_CONFIG['mlp_fwd'] and ['mlp_bwd']['variant'] = 'gmem'")
 
 
 def _stall_flag(device: torch.device) -> tuple:
@@ -1765,7 +1765,7 @@ def _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, cks, ck_fc, ends, mb, G, g
     scalars = (BH, N, H, n_mb, ckW1.shape[1], G, LN_EPS, _SPLIT_MAX_SPIN)
     consts = dict(D=D, FS=fs, NSPLIT=nsplit, MB=mb, IEEE=q.dtype == torch.float32)
     opts = _launch_opts("mlp_bwd")
-    err = torch.zeros(1, device=dev, dtype=torch.int32)
+    err, err_mirror = _stall_flag(dev)
 
     def buffers(programs):
         scratch = [_empty(programs, G + 1, *s, device=dev) for s in ((D, fs), (fs,), (fs, D), (D,))]
@@ -1792,11 +1792,7 @@ def _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, cks, ck_fc, ends, mb, G, g
         dstate[3], dlnw, dlnb, *exch, cnt, err, *scalars, **consts, **opts,
     )
     SPLIT_INFO.update(bwd_nsplit=nsplit, bwd_groups=n_groups, bwd_heads=BH)
-    if err.item():
-        raise RuntimeError(
-            f"ttt_mlp triton: the split backward's {nsplit} programs per head did not all run at once "
-            f"({n_groups} groups launched); set KERNEL_CONFIG['mlp_bwd']['variant'] = 'gmem'"
-        )
+    _after_split_launch(err, err_mirror)
     dstate[:3] = [_w1_from_chunks(gw[0], fs), gw[1], gw[2]]
     return True
 
