@@ -51,6 +51,9 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
                                                       OUT_PASS=bool(cfg.get("out_pass", 0)))
         return tt._ttt_mlp_fwd_kernel, dict(D=D, F=F, MB=64, SAVE=True, IEEE=ieee)
     if name == "mlp_bwd":
+        if cfg.get("variant") == "split":
+            fs = cfg.get("fs", 64)
+            return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)
         if cfg.get("variant") == "gmem":
             return tt._ttt_mlp_bwd_gmem_kernel, dict(D=D, F=F, FC=cfg.get("fc", 64), MB=64,
                                                       W2T=bool(cfg.get("w2t", 1)), IEEE=ieee)

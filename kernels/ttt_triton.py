@@ -931,6 +931,238 @@ def _ttt_mlp_bwd_gmem_kernel(
 
 
 @triton.jit
+def _ttt_mlp_bwd_split_kernel(
+    Q, K, V, ETA, LNW, LNB, DOUT,
+    CK_W1, CK_B1, CK_W2, CK_B2,
+    SC_W1, SC_B1, SC_W2, SC_B2,
+    GW1, GB1, GW2, DB2_END,
+    DQ, DK, DV, DETA,
+    DB2, DLNW, DLNB,
+    XCH, XDE, DKX, CNT, ERR,
+    BH, N, H, n_mb, n_ck, G, eps, max_spin,
+    D: tl.constexpr, FS: tl.constexpr, NSPLIT: tl.constexpr, MB: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Backward of the TTT-MLP scan with each head's hidden units split over NSPLIT programs, as in the split
+    forward (its checkpoints: W1 chunk-major with FS). The gmem backward's F-chunk passes become one slice per
+    program; its sums over F meet: per mini-batch once in the recompute (Z2, phase A), twice in the backward
+    (Z2 and f(q; W_end) to start; dq, dp2, dL/dgz2 and deta partials before the LN double backward), and dk's
+    partials wait for the next meeting. Row-wise work (LN forward / backward / double backward, b2 and the LN
+    parameters' gradients) runs in every program alike; program 0 writes what is per head (dv, deta, db2, the
+    LN parameters' gradients), each program its share of the rows of dq and dk.
+    GW1 (chunk-major [BH, NSPLIT, D, FS]) / GB1 / GW2 hold dL/d(final W1, b1, W2) on entry, dL/d(initial) on exit.
+    Scratch per program: SC_* [G + 1] states of its slices; XCH [2, 3, MB, D] and XDE [2, MB] exchange slots
+    (by meeting parity); DKX [MB, D] its dk partial."""
+    F: tl.constexpr = FS * NSPLIT
+    RP: tl.constexpr = MB // NSPLIT
+    SLOT: tl.constexpr = MB * D
+    pid = tl.program_id(0)
+    grp = pid // NSPLIT
+    part = pid % NSPLIT
+    n_groups = tl.num_programs(0) // NSPLIT
+    DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, FS)
+    tile = rows[:, None] * D + dc[None, :]
+    my_rows = part * RP + tl.arange(0, RP)
+    rtile = my_rows[:, None] * D + dc[None, :]
+    if FS == D and MB == D:
+        o1 = tile
+        o2 = tile
+    else:
+        o1 = dc[:, None] * FS + fc[None, :]
+        o2 = fc[:, None] * D + dc[None, :]
+    cnt_ptr = CNT + grp * 32
+    xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 6 * SLOT  # [NSPLIT, 2, 3, MB, D]
+    xch_mine = xch_grp + part * 6 * SLOT
+    xde_grp = XDE + (grp * NSPLIT).to(tl.int64) * 2 * MB  # [NSPLIT, 2, MB]
+    xde_mine = xde_grp + part * 2 * MB
+    dkx_grp = DKX + (grp * NSPLIT).to(tl.int64) * SLOT  # [NSPLIT, MB, D]
+    dkx_mine = dkx_grp + part * SLOT
+    pid64 = pid.to(tl.int64)
+    s0 = pid64 * (G + 1)  # this program's scratch slots
+    arrivals = 0
+    for t in range(0, tl.cdiv(BH - grp, n_groups)):
+        bh64 = grp.to(tl.int64) + t * n_groups
+        h = bh64 % H
+        plnw = LNW + h * D
+        plnb = LNB + h * D
+        gw1 = GW1 + bh64 * D * F + part * D * FS
+        gb1 = GB1 + bh64 * F + part * FS
+        gw2 = GW2 + bh64 * F * D + part * FS * D
+        db2 = tl.load(DB2_END + bh64 * D + dc).to(tl.float32)
+        if part == 0:
+            tl.store(DLNW + bh64 * D + dc, tl.zeros([D], dtype=tl.float32))
+            tl.store(DLNB + bh64 * D + dc, tl.zeros([D], dtype=tl.float32))
+        tok = bh64 * N * D
+        eta_base = bh64 * N
+        for cc_ in range(n_ck):
+            c = n_ck - 1 - cc_
+            i0 = c * G
+            cnt = tl.minimum(G, n_mb - i0)
+            ck = bh64 * n_ck + c
+            # phase A: scratch slot j = the slices at the start of mini-batch i0 + j, slot cnt = after the group
+            tl.store(SC_W1 + s0 * D * FS + o1, tl.load(CK_W1 + ck * D * F + part * D * FS + o1))
+            tl.store(SC_B1 + s0 * FS + fc, tl.load(CK_B1 + ck * F + part * FS + fc))
+            tl.store(SC_W2 + s0 * FS * D + o2, tl.load(CK_W2 + ck * F * D + part * FS * D + o2))
+            tl.store(SC_B2 + s0 * D + dc, tl.load(CK_B2 + ck * D + dc))
+            tl.debug_barrier()
+            for j in range(cnt):
+                base = tok + (i0 + j) * MB * D
+                r = s0 + j
+                k = tl.load(K + base + tile)
+                z1 = _mm(k, tl.load(SC_W1 + r * D * FS + o1), DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :]
+                a, da = _gelu_and_grad(z1, IEEE)
+                a = a.to(DT)
+                m = arrivals % 2
+                tl.store(xch_mine + m * 3 * SLOT + tile, _mm(a, tl.load(SC_W2 + r * FS * D + o2), DT, IEEE))
+                arrivals += 1
+                _group_arrive(cnt_ptr)
+                max_spin = _group_wait(cnt_ptr, ERR, arrivals * NSPLIT, max_spin)
+                b2 = tl.load(SC_B2 + r * D + dc)
+                z2 = tl.zeros([MB, D], dtype=tl.float32) + b2[None, :]
+                for p in tl.static_range(NSPLIT):
+                    z2 += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + tile, cache_modifier=".cg")
+                e = tl.load(ETA + eta_base + (i0 + j) * MB + rows).to(tl.float32)
+                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
+                                                       tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)
+                p2 = e[:, None] * gz2
+                tl.store(SC_B2 + (r + 1) * D + dc, b2 - tl.sum(p2, axis=0))
+                w2 = tl.load(SC_W2 + r * FS * D + o2)
+                p1 = e[:, None] * (_mm(gz2, tl.trans(w2), DT, IEEE) * da)
+                tl.store(SC_W2 + (r + 1) * FS * D + o2, w2 - _mm(tl.trans(a), p2, DT, IEEE))
+                tl.store(SC_B1 + (r + 1) * FS + fc, tl.load(SC_B1 + r * FS + fc) - tl.sum(p1, axis=0))
+                tl.store(SC_W1 + (r + 1) * D * FS + o1, tl.load(SC_W1 + r * D * FS + o1) - _mm(tl.trans(k), p1, DT, IEEE))
+                tl.debug_barrier()  # slot r + 1 complete before the next mini-batch reads it
+            # phase B: the group's mini-batches in reverse
+            for jj in range(cnt):
+                j = cnt - 1 - jj
+                i = i0 + j
+                r = s0 + j
+                base = tok + i * MB * D
+                # pass 1: inner forward at W (keys) and at W_end (queries), partial over this slice
+                k = tl.load(K + base + tile)
+                q = tl.load(Q + base + tile)
+                m = arrivals % 2
+                tl.store(xch_mine + m * 3 * SLOT + tile,
+                         _mlp_chunk_fwd_nt(k, tl.load(SC_W1 + r * D * FS + o1), tl.load(SC_B1 + r * FS + fc),
+                                           tl.load(SC_W2 + r * FS * D + o2), False, DT, IEEE))
+                tl.store(xch_mine + m * 3 * SLOT + SLOT + tile,
+                         _mlp_chunk_fwd_nt(q, tl.load(SC_W1 + (r + 1) * D * FS + o1), tl.load(SC_B1 + (r + 1) * FS + fc),
+                                           tl.load(SC_W2 + (r + 1) * FS * D + o2), False, DT, IEEE))
+                arrivals += 1
+                _group_arrive(cnt_ptr)
+                max_spin = _group_wait(cnt_ptr, ERR, arrivals * NSPLIT, max_spin)
+                if jj > 0:  # the dk partials of mini-batch i + 1 were all written before this meeting
+                    dk_r = tl.load(dkx_grp + rtile, cache_modifier=".cg")
+                    for p in tl.static_range(1, NSPLIT):
+                        dk_r += tl.load(dkx_grp + p * SLOT + rtile, cache_modifier=".cg")
+                    tl.store(DK + base + MB * D + rtile, dk_r.to(DK.dtype.element_ty))
+                z2 = tl.zeros([MB, D], dtype=tl.float32) + tl.load(SC_B2 + r * D + dc)[None, :]
+                zq2 = tl.zeros([MB, D], dtype=tl.float32) + tl.load(SC_B2 + (r + 1) * D + dc)[None, :]
+                for p in tl.static_range(NSPLIT):
+                    z2 += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + tile, cache_modifier=".cg")
+                    zq2 += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + SLOT + tile, cache_modifier=".cg")
+                xq, rq = _ln_norm(zq2, D, eps)
+                do = tl.load(DOUT + base + tile).to(tl.float32)
+                dgamma = tl.sum(do * xq, axis=0)
+                dbeta = tl.sum(do, axis=0)
+                dzq2 = _ln_bwd(do * tl.load(plnw + dc)[None, :], xq, rq, D)
+                db2 = db2 + tl.sum(dzq2, axis=0)
+                dzq2 = dzq2.to(DT)
+                # pass 2a: the output path; completes dL/dW_end of this slice in GW1 / GB1 / GW2
+                w1e = tl.load(SC_W1 + (r + 1) * D * FS + o1)
+                w2e = tl.load(SC_W2 + (r + 1) * FS * D + o2)
+                zq1 = _mm(q, w1e, DT, IEEE) + tl.load(SC_B1 + (r + 1) * FS + fc)[None, :]
+                aq, gq1 = _gelu_and_grad(zq1, IEEE)
+                dw2e = tl.load(gw2 + o2) + _mm(tl.trans(aq.to(DT)), dzq2, DT, IEEE)
+                dzq1 = _mm(dzq2, tl.trans(w2e), DT, IEEE) * gq1
+                dw1e = tl.load(gw1 + o1) + _mm(tl.trans(q), dzq1.to(DT), DT, IEEE)
+                db1e = tl.load(gb1 + fc) + tl.sum(dzq1, axis=0)
+                m = arrivals % 2
+                tl.store(xch_mine + m * 3 * SLOT + tile, _mm(dzq1.to(DT), tl.trans(w1e), DT, IEEE))  # dq partial
+                tl.debug_barrier()
+                tl.store(gw2 + o2, dw2e)
+                tl.store(gw1 + o1, dw1e)
+                tl.store(gb1 + fc, db1e)
+                tl.debug_barrier()
+                # pass 2b: the sums over F of the update path, partial over this slice
+                e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
+                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
+                                                       tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)
+                gz2_op = gz2.to(DT)
+                w2 = tl.load(SC_W2 + r * FS * D + o2)
+                z1 = _mm(k, tl.load(SC_W1 + r * D * FS + o1), DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :]
+                a, gp = _gelu_and_grad(z1, IEEE)
+                gA = _mm(gz2_op, tl.trans(w2), DT, IEEE)
+                tl.store(xch_mine + m * 3 * SLOT + SLOT + tile, _mm(a.to(DT), tl.load(gw2 + o2), DT, IEEE))  # dp2
+                dp1 = -(_mm(k, tl.load(gw1 + o1), DT, IEEE) + tl.load(gb1 + fc)[None, :])
+                tl.store(xde_mine + m * MB + rows, tl.sum(dp1 * gA * gp, axis=1))
+                tl.store(xch_mine + m * 3 * SLOT + 2 * SLOT + tile,
+                         _mm((e[:, None] * dp1 * gp).to(DT), w2, DT, IEEE))  # dL/dgz2 through gz1
+                arrivals += 1
+                _group_arrive(cnt_ptr)
+                max_spin = _group_wait(cnt_ptr, ERR, arrivals * NSPLIT, max_spin)
+                dq_r = tl.load(DOUT + base + rtile).to(tl.float32)
+                for p in tl.static_range(NSPLIT):
+                    dq_r += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + rtile, cache_modifier=".cg")
+                tl.store(DQ + base + rtile, dq_r.to(DQ.dtype.element_ty))
+                dp2 = tl.zeros([MB, D], dtype=tl.float32) - db2[None, :]
+                gz2_acc = tl.zeros([MB, D], dtype=tl.float32)
+                de = tl.zeros([MB], dtype=tl.float32)
+                for p in tl.static_range(NSPLIT):
+                    dp2 -= tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + SLOT + tile, cache_modifier=".cg")
+                    gz2_acc += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + 2 * SLOT + tile, cache_modifier=".cg")
+                    de += tl.load(xde_grp + p * 2 * MB + m * MB + rows, cache_modifier=".cg")
+                de += tl.sum(dp2 * gz2, axis=1)
+                dz2, dg, dgm, dbt = _ln_double_bwd(e[:, None] * dp2 + gz2_acc, gx, g, xh, rstd, gz2,
+                                                   tl.load(plnw + dc)[None, :], D)
+                db2 = db2 + tl.sum(dz2, axis=0)
+                if part == 0:  # per-head results: every program computed them alike
+                    tl.store(DLNW + bh64 * D + dc, tl.load(DLNW + bh64 * D + dc) + dgamma + dgm)
+                    tl.store(DLNB + bh64 * D + dc, tl.load(DLNB + bh64 * D + dc) + dbeta + dbt)
+                    tl.store(DV + base + tile, (-dg).to(DV.dtype.element_ty))
+                    tl.store(DETA + eta_base + i * MB + rows, de)
+                dz2 = dz2.to(DT)
+                p2 = (e[:, None] * gz2).to(DT)
+                # pass 3: through the update and the inner forward at W; GW* become dL/dW_start of this slice
+                w1 = tl.load(SC_W1 + r * D * FS + o1)
+                dw1e = tl.load(gw1 + o1)
+                db1e = tl.load(gb1 + fc)
+                dw2e = tl.load(gw2 + o2)
+                a, gp, gp2 = _gelu_parts(_mm(k, w1, DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :], IEEE)
+                gA = _mm(gz2_op, tl.trans(w2), DT, IEEE)
+                p1 = e[:, None] * gA * gp
+                dA = _mm(dz2, tl.trans(w2), DT, IEEE) - _mm(p2, tl.trans(dw2e), DT, IEEE)
+                dgz1 = -e[:, None] * (_mm(k, dw1e, DT, IEEE) + db1e[None, :])
+                dgA = dgz1 * gp
+                dz1 = dgz1 * gA * gp2 + dA * gp
+                dz1_op = dz1.to(DT)
+                dkp = _mm(dz1_op, tl.trans(w1), DT, IEEE) - _mm(p1.to(DT), tl.trans(dw1e), DT, IEEE)
+                if part == 0:
+                    dkp += dg
+                dw2s = dw2e + _mm(tl.trans(dgA.to(DT)), gz2_op, DT, IEEE) + _mm(tl.trans(a.to(DT)), dz2, DT, IEEE)
+                dw1s = dw1e + _mm(tl.trans(k), dz1_op, DT, IEEE)
+                db1s = db1e + tl.sum(dz1, axis=0)
+                tl.debug_barrier()
+                tl.store(gw2 + o2, dw2s)
+                tl.store(gw1 + o1, dw1s)
+                tl.store(gb1 + fc, db1s)
+                tl.store(dkx_mine + tile, dkp)
+                tl.debug_barrier()
+            # one more meeting: the dk partials of the group's first mini-batch
+            arrivals += 1
+            _group_arrive(cnt_ptr)
+            max_spin = _group_wait(cnt_ptr, ERR, arrivals * NSPLIT, max_spin)
+            dk_r = tl.load(dkx_grp + rtile, cache_modifier=".cg")
+            for p in tl.static_range(1, NSPLIT):
+                dk_r += tl.load(dkx_grp + p * SLOT + rtile, cache_modifier=".cg")
+            tl.store(DK + tok + i0 * MB * D + rtile, dk_r.to(DK.dtype.element_ty))
+        if part == 0:
+            tl.store(DB2 + bh64 * D + dc, db2)
+
+
+@triton.jit
 def _ttt_mlp_bwd_kernel(
     Q, K, V, ETA, LNW, LNB, DOUT,
     CK_W1, CK_B1, CK_W2, CK_B2,
@@ -1251,7 +1483,12 @@ KERNEL_CONFIG = {
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
     # sizes that are not powers of two).
     # W2 chunks kept [FC, D] (w2t=0; the transposed form only matters at FC < 64): 1,142 vs 1,215 ms fwd+bwd.
-    "mlp_bwd": {"variant": "gmem", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1},
+    # split backward (session 7, default since session 10): the forward's split, with three meetings per
+    # mini-batch, under the same launch rule (split while every head gets its group at once, else gmem). Few
+    # heads is where it pays: the toy-world trainer's 12 heads at 8,064 tokens, fwd+bwd 9.9 vs 18.0 ms for gmem
+    # (session 10); at 48 heads 778 vs 787 ms (session 7). split_num_warps: its warps (8 leave room for 33 groups).
+    "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
+                "split_num_warps": 4},
     "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
@@ -1315,6 +1552,9 @@ SPLIT_INFO: dict = {}
 # (head dim, mini-batch) the split forward passed the GPU tests at (tests/gpu: H100, Triton 3.6, bf16 / fp16 /
 # fp32, session 7); other shapes take gmem on a GPU
 SPLIT_DEVICE_VERIFIED = {(64, 64), (64, 32), (64, 16), (32, 32), (128, 64)}
+# the split backward: GPU tests at (64, 64) in session 7 (bf16 5.1-6.2e-3, fp32 5.9e-7, one group looping
+# over the heads, one mini-batch, 4,096 tokens) and session 10's check of the sync-free version at 12 heads
+SPLIT_BWD_DEVICE_VERIFIED = {(64, 64)}
 # a group member that never arrives is reported after this many polls (~1 us each) instead of hanging
 _SPLIT_MAX_SPIN = 1 << 23
 # per CUDA device: the split kernels' stall flag (set by a program that gave up waiting; never cleared: the
@@ -1324,7 +1564,7 @@ _SPLIT_MAX_SPIN = 1 << 23
 # stall raises at a later call, without a sync; check_split_stalls() waits and reads it (tests, end of a run).
 _STALL_FLAGS: dict = {}
 _STALL_MESSAGE = ("ttt_mlp triton: a split launch's programs per head did not all run at once (a group member never "
-                  "arrived; its results are wrong); set KERNEL_CONFIG['mlp_fwd']['variant'] = 'gmem'")
+                  "arrived; its results are wrong); set KERNEL_CONFIG['mlp_fwd'] and ['mlp_bwd']['variant'] = 'gmem'")
 
 
 def _stall_flag(device: torch.device) -> tuple:
@@ -1355,12 +1595,13 @@ def check_split_stalls() -> None:
             raise RuntimeError(_STALL_MESSAGE)
 
 
-def _split_group_capacity(args, consts, opts, nsplit, device) -> dict:
+def _split_group_capacity(args, consts, opts, nsplit, device, kernel=None) -> dict:
     """Groups of the split forward that are resident at once: occupancy from the compiled kernel's registers
     and shared memory (the recipe of Triton's fused-softmax tutorial) times the SM count, over NSPLIT."""
-    key = (device.index, tuple(sorted(consts.items())), tuple(sorted(opts.items())), args[0].dtype)
+    kernel = kernel or _ttt_mlp_fwd_split_kernel
+    key = (id(kernel), device.index, tuple(sorted(consts.items())), tuple(sorted(opts.items())), args[0].dtype)
     if key not in _SPLIT_GROUP_CAPACITY:
-        compiled = _ttt_mlp_fwd_split_kernel.warmup(*args, grid=(1,), **consts, **opts)
+        compiled = kernel.warmup(*args, grid=(1,), **consts, **opts)
         compiled._init_handles()
         props = triton.runtime.driver.active.utils.get_device_properties(device.index)
         warps = opts["num_warps"]
@@ -1395,7 +1636,7 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
     fs = cfg.get("fs", 64)
     if _interpreting():
         fs = Fh  # programs run one after another in the interpreter: a group of one
-    elif (D, mb) not in SPLIT_DEVICE_VERIFIED:
+    elif (D, mb) not in SPLIT_DEVICE_VERIFIED and not cfg.get("any_shape"):
         return None  # Triton 3.6 miscompiles some shapes on Hopper: only device-checked ones run split
     if Fh % fs or not _pow2(fs) or mb % (Fh // fs):
         return None
@@ -1509,6 +1750,61 @@ def _grad_or_zeros(g, like):
     return like.new_zeros(like.shape) if g is None else g.reshape(like.shape).to(torch.float32).contiguous()
 
 
+def _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, cks, ck_fc, ends, mb, G, grads, dstate, dlnw, dlnb) -> bool:
+    """The split backward (see _ttt_mlp_bwd_split_kernel) into grads (dq, dk, dv, deta), dstate, dlnw, dlnb;
+    False where it cannot run (the caller takes the gmem backward)."""
+    B, H, N, D = q.shape
+    BH, Fh = B * H, cks[0].shape[-1]
+    cfg = KERNEL_CONFIG["mlp_bwd"]
+    fs = Fh if _interpreting() else cfg.get("fs", 64)
+    if not _interpreting() and not cfg.get("any_shape") and (D, mb) not in SPLIT_BWD_DEVICE_VERIFIED:
+        return False  # any_shape: probes and tests of shapes not verified yet
+    if Fh % fs or not _pow2(fs) or mb % (Fh // fs):
+        return False
+    nsplit = Fh // fs
+    dev = q.device
+    ckW1, ckb1, ckW2, ckb2 = cks
+    if ck_fc != fs:  # W1 checkpoints chunk-major with fs
+        ckW1 = _w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1
+        ckW1 = _w1_to_chunks(ckW1, fs)
+    gw = [_w1_to_chunks(ends[0], fs), ends[1].clone(), ends[2].clone()]
+    n_mb = N // mb
+    scalars = (BH, N, H, n_mb, ckW1.shape[1], G, LN_EPS, _SPLIT_MAX_SPIN)
+    consts = dict(D=D, FS=fs, NSPLIT=nsplit, MB=mb, IEEE=q.dtype == torch.float32)
+    opts = dict(_launch_opts("mlp_bwd"), num_warps=cfg.get("split_num_warps", 4))
+    err, err_mirror = _stall_flag(dev)
+
+    def buffers(programs):
+        scratch = [_empty(programs, G + 1, *s, device=dev) for s in ((D, fs), (fs,), (fs, D), (D,))]
+        exch = [_empty(programs, 2, 3, mb, D, device=dev), _empty(programs, 2, mb, device=dev),
+                _empty(programs, mb, D, device=dev)]
+        return scratch, exch
+
+    n_groups = BH
+    if not _interpreting():
+        scratch, exch = buffers(1)
+        probe = (q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *gw, ends[3], *grads,
+                 dstate[3], dlnw, dlnb, *exch, err, err, *scalars)
+        cap = _split_group_capacity(probe, consts, opts, nsplit, dev, kernel=_ttt_mlp_bwd_split_kernel)
+        for key in [k_ for k_ in SPLIT_INFO if k_.startswith("bwd_")]:
+            del SPLIT_INFO[key]  # the forward's entries stay: tests read both after one call
+        SPLIT_INFO.update({f"bwd_{k_}": v_ for k_, v_ in cap.items()})
+        n_groups = split_groups(BH, cap["capacity"], cfg.get("groups", 0))
+        if n_groups is None:
+            SPLIT_INFO.update(bwd_fallback="gmem")
+            return False
+    scratch, exch = buffers(n_groups * nsplit)
+    cnt = torch.zeros(n_groups * 32, device=dev, dtype=torch.int32)
+    _ttt_mlp_bwd_split_kernel[(n_groups * nsplit,)](
+        q, k, v, eta, lnw, lnb, dout, ckW1, ckb1, ckW2, ckb2, *scratch, *gw, ends[3], *grads,
+        dstate[3], dlnw, dlnb, *exch, cnt, err, *scalars, **consts, **opts,
+    )
+    SPLIT_INFO.update(bwd_nsplit=nsplit, bwd_groups=n_groups, bwd_heads=BH)
+    _after_split_launch(err, err_mirror)
+    dstate[:3] = [_w1_from_chunks(gw[0], fs), gw[1], gw[2]]
+    return True
+
+
 class _TTTMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, eta, W1, b1, W2, b2, ln_weight, ln_bias, mb, G):
@@ -1538,12 +1834,20 @@ class _TTTMLPFunction(torch.autograd.Function):
         dstate = [_empty(BH, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
         dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
         cfg = KERNEL_CONFIG["mlp_bwd"]
+        if cfg["variant"] == "split":
+            done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,
+                                       (dq, dk, dv, deta), dstate, dlnw, dlnb)
+            cfg = {"variant": "done" if done else "gmem"}
         gmem = cfg["variant"] == "gmem" and _pow2(Fh) and Fh >= 32
         FC = _mlp_fc("mlp_bwd", Fh) if gmem else 0
-        if ck_fc != FC:  # checkpoints' W1 in the layout the backward kernel reads (chunk-major for gmem)
+        if cfg["variant"] == "done":
+            pass
+        elif ck_fc != FC:  # checkpoints' W1 in the layout the backward kernel reads (chunk-major for gmem)
             ckW1 = _w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1
             ckW1 = _w1_to_chunks(ckW1, FC) if FC else ckW1
-        if gmem:
+        if cfg["variant"] == "done":
+            pass
+        elif gmem:
             scratch = [_empty(BH, G + 1, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
             # dL/dW_end in, dL/dW_start out (W1's chunk-major)
             gw = [_w1_to_chunks(ends[0], FC), ends[1].clone(), ends[2].clone()]

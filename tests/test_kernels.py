@@ -43,6 +43,7 @@ NARROW_FWD_CHUNKS = {"mlp_fwd": {"variant": "gmem", "fc": 16}}
 SPLIT_NO_PARK = {"mlp_fwd": {"park": 0}}
 SPLIT_ROWSHARE = {"mlp_fwd": {"rowshare": 1}}  # rows of the LN work shared out, a second meeting for p2
 SPLIT_ROWSHARE_NO_PARK = {"mlp_fwd": {"rowshare": 1, "park": 0}}
+GMEM_BWD = {"mlp_bwd": {"variant": "gmem"}}  # the backward's fallback (the default split runs as a group of one here)
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -53,6 +54,9 @@ CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", SPLIT_ROWSHARE),
     ("mlp", 1, 2, 16, 16, 16, 1, "float32", SPLIT_ROWSHARE),  # one mini-batch
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", SPLIT_ROWSHARE_NO_PARK),
+    ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_BWD),
+    ("mlp", 1, 2, 16, 16, 16, 1, "float32", GMEM_BWD),
+    ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_BWD),
     ("mlp", 2, 2, 80, 16, 16, 2, "float32", GMEM_FWD),
     ("mlp", 1, 1, 96, 32, 32, 2, "float32", GMEM_FWD),  # F=128: chunks of 64 (the device's FC)
     ("mlp", 1, 2, 64, 32, 16, 3, "float16", GMEM_FWD),
@@ -98,8 +102,9 @@ def _worker() -> None:
             ttt_triton.KERNEL_CONFIG[name].update(change)
         # the case must run the MLP kernels its config selects, not fall back to others
         fwd_kernels = {"split": "_ttt_mlp_fwd_split_kernel", "gmem": "_ttt_mlp_fwd_gmem_kernel"}
-        kernels = {n: getattr(ttt_triton, n) for n in ("_ttt_mlp_bwd_kernel", "_ttt_mlp_bwd_gmem_kernel", *fwd_kernels.values())}
-        unused = ["_ttt_mlp_bwd_gmem_kernel" if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] == "plain" else "_ttt_mlp_bwd_kernel"]
+        bwd_kernels = {"split": "_ttt_mlp_bwd_split_kernel", "gmem": "_ttt_mlp_bwd_gmem_kernel", "plain": "_ttt_mlp_bwd_kernel"}
+        kernels = {n: getattr(ttt_triton, n) for n in (*bwd_kernels.values(), *fwd_kernels.values())}
+        unused = [n for v, n in bwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] != v]
         unused += [n for v, n in fwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] != v]
         for n in unused:
             setattr(ttt_triton, n, _Refuse(n))
@@ -164,6 +169,17 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
     assert split_groups(6, 66, forced=1) == 1
     assert split_groups(6, 66, forced=10) == 6
     assert split_groups(6, 4, forced=5) == 4
+
+
+def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
+    """The forward and the backward take the split by default (under the launch rule above) and only at shapes
+    the device has checked; the backward's split runs with its own warp count, not the gmem fallback's."""
+    from ttt_video.kernels import ttt_triton
+
+    cfg = ttt_triton.KERNEL_CONFIG
+    assert cfg["mlp_fwd"]["variant"] == "split" and cfg["mlp_bwd"]["variant"] == "split"
+    assert (64, 64) in ttt_triton.SPLIT_DEVICE_VERIFIED and (64, 64) in ttt_triton.SPLIT_BWD_DEVICE_VERIFIED
+    assert cfg["mlp_bwd"]["split_num_warps"] == 4 and cfg["mlp_bwd"]["num_warps"] == 8
 
 
 def test_a_split_stall_raises():

@@ -85,6 +85,19 @@ def test_gmem_forward_matches_float64_reference(dt, monkeypatch):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
+@pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
+def test_gmem_backward_matches_float64_reference(dt, monkeypatch):
+    """The backward's fallback where a launch has more heads than groups fit (96 heads at the one-minute shape)."""
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="gmem"))
+    monkeypatch.setattr(ttt_triton, "_ttt_mlp_bwd_split_kernel", None)  # must not run
+    errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-gmem-bwd", str(dt)], "errs": errs})
+    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
+    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
+
+
 def test_a_split_stall_is_reported_without_a_sync_per_launch():
     from ttt_video.kernels import ttt_triton
 
@@ -114,6 +127,7 @@ def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
     monkeypatch.setattr(ttt_triton, "_split_group_capacity", lambda *a, **k: {"capacity": 2})
     errs = check("mlp", 2, 3, 256, 64, 64, 2, BF16, "cuda", seed=torch.seed() % 2**31)
     assert ttt_triton.SPLIT_INFO.get("fallback") == "gmem" and ttt_triton.SPLIT_INFO["heads"] == 6
+    assert ttt_triton.SPLIT_INFO.get("bwd_fallback") == "gmem"  # the backward follows the same rule
     bad = {k: v for k, v in errs.items() if not v < TOL[BF16]}
     assert not bad, f"relative errors above {TOL[BF16]}: {bad}"
 
@@ -167,6 +181,27 @@ def test_split_forward_other_shapes(shape, monkeypatch):
     assert ttt_triton.SPLIT_INFO.get("nsplit") == 4 * D // 64
     bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
+
+
+SPLIT_BWD = {"variant": "split", "split_num_warps": 4, "any_shape": 1}
+
+
+@pytest.mark.parametrize("case", [(2, 3, 640, BF16, {}), (1, 2, 384, FP32, {}), (2, 3, 640, BF16, {"groups": 1}),
+                                  (1, 3, 64, BF16, {}), (1, 2, 4096, BF16, {})],
+                         ids=["bf16", "fp32", "bf16-one-group", "one-minibatch", "long-bf16"])
+def test_split_backward_matches_float64_reference(case, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    B, H, N, dt, change = case
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], **SPLIT_BWD, **change))
+    ttt_triton.SPLIT_INFO.clear()
+    errs = check("mlp", B, H, N, 64, 64, 16 if N > 1000 else 4, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": ["mlp-split-bwd", B, H, N, str(dt), str(change)], "errs": errs, "split": dict(ttt_triton.SPLIT_INFO)})
+    print("split bwd", case, ttt_triton.SPLIT_INFO, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert ttt_triton.SPLIT_INFO.get("bwd_nsplit") == 4
+    tol = LONG_TOL if N > 1000 else TOL[dt]
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
 
 
 @pytest.mark.parametrize("rowshare", [0, 1])
