@@ -216,6 +216,11 @@ def test_a_continued_run_is_evaluated_beside_where_it_started(tp, tmp_path, monk
     assert models == ["ttt=models/ttt", "local=models/local", "ttt-start=models/ttt-start",
                       "local-start=models/local-start"]
     assert sorted(ran) == ["eval-local", "eval-local-start", "eval-table", "eval-ttt", "eval-ttt-start"]
+    assert "--no-vae-row" not in table  # a VAE trained in this run: its round trip is the table's ceiling row
+    job.vae, ran = tmp_path / "given-vae", {}  # --vae: measured when it was trained, not again
+    (job.work / "done" / "eval").unlink()  # run the phase again
+    job.evaluate()
+    assert "--no-vae-row" in [str(a) for a in ran["eval-table"]]
     fresh = tp.Job(tmp_path / "w3", tmp_path / "e3", smoke=True, device="cpu")  # from scratch: the two chains only
     assert fresh.eval_models() == list(tp.VARIANTS)
     job.eval_start = False  # --no-start-eval: the trained chains only, nothing assembled for the starts
