@@ -1596,7 +1596,7 @@ def check_split_stalls() -> None:
 
 
 def _split_group_capacity(args, consts, opts, nsplit, device, kernel=None) -> dict:
-    """Groups of the split forward that are resident at once: occupancy from the compiled kernel's registers
+    """Groups of a split kernel (forward or backward) resident at once: occupancy from the compiled kernel's registers
     and shared memory (the recipe of Triton's fused-softmax tutorial) times the SM count, over NSPLIT."""
     kernel = kernel or _ttt_mlp_fwd_split_kernel
     key = (id(kernel), device.index, tuple(sorted(consts.items())), tuple(sorted(opts.items())), args[0].dtype)
@@ -1617,7 +1617,7 @@ def _split_group_capacity(args, consts, opts, nsplit, device, kernel=None) -> di
 
 
 def split_groups(heads: int, capacity: int, forced: int = 0) -> int | None:
-    """Groups to launch for the split forward, or None to use the gmem kernel instead.
+    """Groups to launch for a split kernel (forward or backward), or None to use the gmem kernel instead.
 
     Split only while every head gets a group of its own at once: a second round of heads doubles the time
     (96 heads on the H100's 66 groups: 189 ms against gmem's 139), while one program per head (gmem) runs
