@@ -74,26 +74,17 @@ SPLIT_CHANGES = [{}, {"groups": 1}, {"maxnreg": 168}, {"park": 0}, {"rowshare": 
 
 
 @pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
-def test_gmem_forward_matches_float64_reference(dt, monkeypatch):
+@pytest.mark.parametrize("direction", ["fwd", "bwd"])
+def test_gmem_kernels_match_float64_reference(direction, dt, monkeypatch):
+    """The gmem forward / backward: the split's fallback where a launch has more heads than groups fit (96
+    heads at the one-minute shape)."""
     from ttt_video.kernels import ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="gmem"))
-    monkeypatch.setattr(ttt_triton, "_ttt_mlp_fwd_split_kernel", None)  # must not run
+    name = f"mlp_{direction}"
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, name, dict(ttt_triton.KERNEL_CONFIG[name], variant="gmem"))
+    monkeypatch.setattr(ttt_triton, f"_ttt_mlp_{direction}_split_kernel", None)  # must not run
     errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
-    _log({"case": ["mlp-gmem", str(dt)], "errs": errs})
-    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
-    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
-
-
-@pytest.mark.parametrize("dt", [BF16, FP32], ids=["bf16", "fp32"])
-def test_gmem_backward_matches_float64_reference(dt, monkeypatch):
-    """The backward's fallback where a launch has more heads than groups fit (96 heads at the one-minute shape)."""
-    from ttt_video.kernels import ttt_triton
-
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="gmem"))
-    monkeypatch.setattr(ttt_triton, "_ttt_mlp_bwd_split_kernel", None)  # must not run
-    errs = check("mlp", 2, 3, 640, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
-    _log({"case": ["mlp-gmem-bwd", str(dt)], "errs": errs})
+    _log({"case": [f"mlp-gmem-{direction}", str(dt)], "errs": errs})
     bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
