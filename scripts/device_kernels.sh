@@ -2,7 +2,7 @@
 # One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
 # variants (each in its own process: checked, then timed), then the benchmark table.
 # Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
-#   PROBE='mlp_fwd:num_warps=8;...' [GPU_TESTS_K=split] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
+#   PROBE='mlp_fwd:num_warps=8;...' [GPU_TESTS_K=split] [SKIP_WHEELS=1] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
 #     bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail
@@ -10,7 +10,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 REPO=$PWD
-if ls .whl/*.whl >/dev/null 2>&1; then
+# SKIP_WHEELS=1: leave /tmp/site alone (a toy-world job started in the same call imports from it)
+if [ "${SKIP_WHEELS:-0}" != 1 ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
