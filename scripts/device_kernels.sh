@@ -2,7 +2,7 @@
 # One device call (issue 4): GPU correctness tests of the Triton TTT kernels, optional probes of kernel
 # variants (each in its own process: checked, then timed), then the benchmark table.
 # Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
-#   PROBE='mlp_fwd:num_warps=8;...' [GPU_TESTS_K=split] [SKIP_WHEELS=1] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
+#   PROBE='mlp_fwd:num_warps=8;...' [PROBE_SHAPES='7616:12;351168:24'] [GPU_TESTS_K=split] [SKIP_WHEELS=1] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
 #     bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
 set -uo pipefail
@@ -51,7 +51,18 @@ if [ -n "${PROBE:-}" ]; then
     wait
     echo "probe warm-up (parallel compile of $n probes) done in $(( $(date +%s) - t0 )) s"
   fi
-  timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/probe.log"
+  if [ -n "${PROBE_SHAPES:-}" ]; then
+    # the same probes at several shapes, 'tokens:heads;...' (heads per direction: B = 2 stacks both)
+    IFS=';' read -ra shapes <<< "$PROBE_SHAPES"
+    for shape in "${shapes[@]}"; do
+      tag="${shape/:/x}"
+      echo "== probes at tokens:heads $shape"
+      timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --tokens "${shape%%:*}" \
+        --heads "${shape##*:}" --json "$OUT/bench-$tag.json" "$@" 2>&1 | tee "$OUT/probe-$tag.log"
+    done
+  else
+    timeout "${PROBE_TIMEOUT:-300}" python3 benchmarks/bench_ttt.py --probe "$PROBE" --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/probe.log"
+  fi
 fi
 if [ -n "${NCU_TOKENS:-}" ]; then
   # Nsight Compute on the default TTT-MLP forward kernel at a slice of the sequence (same per-mini-batch work).
