@@ -1486,14 +1486,12 @@ KERNEL_CONFIG = {
     # split backward (session 7, default since session 10): the forward's split, with three meetings per
     # mini-batch, under the same launch rule (split while every head gets its group at once, else gmem). Few
     # heads is where it pays: the toy-world trainer's 12 heads at 8,064 tokens, fwd+bwd 9.9 vs 18.0 ms for gmem
-    # (session 10); at 48 heads 778 vs 787 ms (session 7). split_num_warps: its warps (8 leave room for 33 groups).
-    # split_programs_per_sm: the split backward runs only while its programs get that many SMs' worth of room
-    # each (1: an SM of its own, 33 heads on the H100's 132 SMs), else gmem. Two programs sharing an SM cost
-    # more than the split saves: in the twelfth toy-world run (48 heads, 7,584 tokens, 2 programs per SM) the
-    # split backward took 22.4 ms a launch, ~190 us a mini-batch, against gmem's ~128 us at any head count
-    # up to one program per SM (session 10: 16.1 ms at 126 mini-batches). 0: the forward's rule.
+    # (session 10); at 48 heads 778 vs 787 ms (session 7). Session 11, fwd+bwd at 7,616 tokens for 12 / 24 / 32 /
+    # 48 heads: 9.4 / 12.2 / 14.6 / 17.9 ms against gmem's 16.9 / 17.2 / 17.6 / 18.2, and 776 vs 783 ms at the
+    # one-minute shape's 48: the gain shrinks as programs come to share SMs but never turns into a loss, so no
+    # limit of its own. split_num_warps: its warps (8 leave room for 33 groups).
     "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
-                "split_num_warps": 4, "split_programs_per_sm": 1},
+                "split_num_warps": 4},
     "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
@@ -1617,7 +1615,7 @@ def _split_group_capacity(args, consts, opts, nsplit, device, kernel=None) -> di
         per_sm = min(by_regs, by_smem, 2048 // (32 * warps), 32)
         _SPLIT_GROUP_CAPACITY[key] = dict(capacity=per_sm * props["multiprocessor_count"] // nsplit,
                                           regs=compiled.n_regs, spills=compiled.n_spills, shared=shared,
-                                          programs_per_sm=per_sm, sms=props["multiprocessor_count"])
+                                          programs_per_sm=per_sm)
     return _SPLIT_GROUP_CAPACITY[key]
 
 
@@ -1630,14 +1628,6 @@ def split_groups(heads: int, capacity: int, forced: int = 0) -> int | None:
     if forced:
         return max(1, min(heads, capacity, forced))
     return heads if heads <= capacity else None
-
-
-def split_bwd_capacity(cap: dict, nsplit: int, programs_per_sm: int) -> int:
-    """Groups the split backward may launch: what fits at once (``cap``), and with ``programs_per_sm`` no more
-    than that many of its programs per SM (KERNEL_CONFIG mlp_bwd split_programs_per_sm; 0: no such limit)."""
-    if not programs_per_sm:
-        return cap["capacity"]
-    return min(cap["capacity"], cap["sms"] * programs_per_sm // nsplit)
 
 
 def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
@@ -1802,8 +1792,7 @@ def _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, cks, ck_fc, ends, mb, G, g
         for key in [k_ for k_ in SPLIT_INFO if k_.startswith("bwd_")]:
             del SPLIT_INFO[key]  # the forward's entries stay: tests read both after one call
         SPLIT_INFO.update({f"bwd_{k_}": v_ for k_, v_ in cap.items()})
-        n_groups = split_groups(BH, split_bwd_capacity(cap, nsplit, cfg.get("split_programs_per_sm", 0)),
-                                cfg.get("groups", 0))
+        n_groups = split_groups(BH, cap["capacity"], cfg.get("groups", 0))
         if n_groups is None:
             SPLIT_INFO.update(bwd_fallback="gmem")
             return False

@@ -171,22 +171,6 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
     assert split_groups(6, 4, forced=5) == 4
 
 
-def test_split_backward_runs_only_while_each_program_has_an_sm():
-    """The split backward's launch limit: with split_programs_per_sm = 1 (the default) at most SMs / NSPLIT
-    groups (33 on the H100's 132 SMs: the toy-world trainer's 24 heads at batch 12 split, its 48 at batch 24
-    and the DiT's 48 take gmem); 0 leaves the forward's rule."""
-    from ttt_video.kernels import ttt_triton
-    from ttt_video.kernels.ttt_triton import split_bwd_capacity, split_groups
-
-    h100 = {"capacity": 66, "sms": 132}
-    assert ttt_triton.KERNEL_CONFIG["mlp_bwd"]["split_programs_per_sm"] == 1
-    assert split_bwd_capacity(h100, 4, 1) == 33
-    assert split_bwd_capacity(h100, 4, 0) == 66
-    assert split_bwd_capacity(h100, 4, 4) == 66  # never beyond what fits at once
-    assert split_groups(24, split_bwd_capacity(h100, 4, 1)) == 24
-    assert split_groups(48, split_bwd_capacity(h100, 4, 1)) is None
-
-
 def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
     """The forward and the backward take the split by default (under the launch rule above) and only at shapes
     the device has checked; the backward's split runs with its own warp count, not the gmem fallback's."""
