@@ -88,6 +88,8 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if name == "mlp_bwd" and cfg.get("variant") == "split":
+        opts["num_warps"] = cfg.get("split_num_warps", 4)  # as _mlp_split_backward launches it
     if cfg.get("maxnreg"):
         opts["maxnreg"] = cfg["maxnreg"]
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
