@@ -4,7 +4,7 @@
 # Run through the device tool from the repo root, carrying .whl (fla wheels: bash scripts/fetch_device_wheels.sh):
 #   PROBE='mlp_fwd:num_warps=8;...' [PROBE_SHAPES='7616:12;351168:24'] [GPU_TESTS_K=split] [SKIP_WHEELS=1] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
 #     bash scripts/device_kernels.sh [benchmark args...]
-# Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log, bench.log, bench*.json).
+# Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log or probe-<tokens>x<heads>.log, bench.log, bench*.json).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -65,7 +65,8 @@ if [ -n "${PROBE:-}" ]; then
   fi
 fi
 if [ -n "${NCU_TOKENS:-}" ]; then
-  # Nsight Compute on the default TTT-MLP forward kernel at a slice of the sequence (same per-mini-batch work).
+  # Nsight Compute on one TTT-MLP kernel (NCU_KERNEL, a regex; the forward by default) at a slice of the sequence
+  # (same per-mini-batch work).
   timeout "${NCU_TIMEOUT:-200}" ncu --kernel-name "regex:${NCU_KERNEL:-_ttt_mlp_fwd}" --launch-skip 1 --launch-count 1 --set full \
     -f -o "$OUT/ncu" python3 benchmarks/bench_ttt.py --tokens "$NCU_TOKENS" --reps 1 --skip "${NCU_SKIP:-linear,torch,fla,sdpa,bwd}" \
     --config "${NCU_CONFIG:-}" \
