@@ -1072,8 +1072,8 @@ def _ttt_mlp_bwd_split_kernel(
                 dzq2 = dzq2.to(DT)
                 # pass 2a: the output path; completes dL/dW_end of this slice in GW1 / GB1 / GW2
                 q = tl.load(Q + base + tile)  # reloaded: not held across the meeting
-                w1e = tl.load(SC_W1 + (r + 1) * D * FS + o1)
-                w2e = tl.load(SC_W2 + (r + 1) * FS * D + o2)
+                w1e = tl.load(SC_W1 + (r + 1) * D * FS + o1).to(DT)  # dot operands only: held in the operand type
+                w2e = tl.load(SC_W2 + (r + 1) * FS * D + o2).to(DT)
                 zq1 = _mm(q, w1e, DT, IEEE) + tl.load(SC_B1 + (r + 1) * FS + fc)[None, :]
                 aq, gq1 = _gelu_and_grad(zq1, IEEE)
                 dw2e = tl.load(gw2 + o2) + _mm(tl.trans(aq.to(DT)), dzq2, DT, IEEE)
@@ -1095,7 +1095,7 @@ def _ttt_mlp_bwd_split_kernel(
                 k = tl.load(K + base + tile)
                 gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
                                       tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)[4]
-                w2 = tl.load(SC_W2 + r * FS * D + o2)
+                w2 = tl.load(SC_W2 + r * FS * D + o2).to(DT)
                 z1 = _mm(k, tl.load(SC_W1 + r * D * FS + o1), DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :]
                 a, gp = _gelu_and_grad(z1, IEEE)
                 gA = _mm(gz2.to(DT), tl.trans(w2), DT, IEEE)
@@ -1136,13 +1136,13 @@ def _ttt_mlp_bwd_split_kernel(
                 # Ordered so that few [MB, FS] tiles are live at once: W2's gradient is accumulated and stored
                 # first (a, dgA and dL/dW2_end die there), W1's and dk's after it.
                 gz2_op = gz2.to(DT)
-                w1 = tl.load(SC_W1 + r * D * FS + o1)
+                w1 = tl.load(SC_W1 + r * D * FS + o1).to(DT)  # W1, W2 and dL/dW1_end as dot operands only
                 a, gp, gp2 = _gelu_parts(_mm(k, w1, DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :], IEEE)
-                w2 = tl.load(SC_W2 + r * FS * D + o2)
+                w2 = tl.load(SC_W2 + r * FS * D + o2).to(DT)
                 dw2 = tl.load(gw2 + o2)
                 dA = _mm(dz2, tl.trans(w2), DT, IEEE) - _mm(p2, tl.trans(dw2), DT, IEEE)
                 dw2 += _mm(tl.trans(a.to(DT)), dz2, DT, IEEE)
-                dw1e = tl.load(gw1 + o1)
+                dw1e = tl.load(gw1 + o1).to(DT)
                 db1e = tl.load(gb1 + fc)
                 dgz1 = -e[:, None] * (_mm(k, dw1e, DT, IEEE) + db1e[None, :])
                 dw2 += _mm(tl.trans((dgz1 * gp).to(DT)), gz2_op, DT, IEEE)
@@ -1154,7 +1154,7 @@ def _ttt_mlp_bwd_split_kernel(
                 dkp = _mm(dz1_op, tl.trans(w1), DT, IEEE) - _mm((e[:, None] * gA * gp).to(DT), tl.trans(dw1e), DT, IEEE)
                 if part == 0:
                     dkp += dg
-                dw1s = dw1e + _mm(tl.trans(k), dz1_op, DT, IEEE)
+                dw1s = tl.load(gw1 + o1) + _mm(tl.trans(k), dz1_op, DT, IEEE)  # fp32 accumulation
                 db1s = db1e + tl.sum(dz1, axis=0)
                 tl.debug_barrier()
                 tl.store(gw1 + o1, dw1s)
