@@ -1071,8 +1071,9 @@ def _ttt_mlp_bwd_split_kernel(
                 db2 = db2 + tl.sum(dzq2, axis=0)
                 dzq2 = dzq2.to(DT)
                 # pass 2a: the output path; completes dL/dW_end of this slice in GW1 / GB1 / GW2
-                w1e = tl.load(SC_W1 + (r + 1) * D * FS + o1)
-                w2e = tl.load(SC_W2 + (r + 1) * FS * D + o2)
+                q = tl.load(Q + base + tile)  # reloaded: not held across the meeting
+                w1e = tl.load(SC_W1 + (r + 1) * D * FS + o1).to(DT)  # dot operands only: held in the operand type
+                w2e = tl.load(SC_W2 + (r + 1) * FS * D + o2).to(DT)
                 zq1 = _mm(q, w1e, DT, IEEE) + tl.load(SC_B1 + (r + 1) * FS + fc)[None, :]
                 aq, gq1 = _gelu_and_grad(zq1, IEEE)
                 dw2e = tl.load(gw2 + o2) + _mm(tl.trans(aq.to(DT)), dzq2, DT, IEEE)
@@ -1086,15 +1087,18 @@ def _ttt_mlp_bwd_split_kernel(
                 tl.store(gw1 + o1, dw1e)
                 tl.store(gb1 + fc, db1e)
                 tl.debug_barrier()
-                # pass 2b: the sums over F of the update path, partial over this slice
+                # pass 2b: the sums over F of the update path, partial over this slice. Only z2 stays live across
+                # the meeting below (the LN pieces are recomputed after it, k, w2 and gz2's operand copy reloaded
+                # or recast where used): tiles held across a meeting were what this kernel spilled (session 11's
+                # Nsight Compute: 356 M local-memory requests, 99 % of its memory traffic)
                 e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
-                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
-                                                       tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)
-                gz2_op = gz2.to(DT)
-                w2 = tl.load(SC_W2 + r * FS * D + o2)
+                k = tl.load(K + base + tile)
+                gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
+                                      tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)[4]
+                w2 = tl.load(SC_W2 + r * FS * D + o2).to(DT)
                 z1 = _mm(k, tl.load(SC_W1 + r * D * FS + o1), DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :]
                 a, gp = _gelu_and_grad(z1, IEEE)
-                gA = _mm(gz2_op, tl.trans(w2), DT, IEEE)
+                gA = _mm(gz2.to(DT), tl.trans(w2), DT, IEEE)
                 tl.store(xch_mine + m * 3 * SLOT + SLOT + tile, _mm(a.to(DT), tl.load(gw2 + o2), DT, IEEE))  # dp2
                 dp1 = -(_mm(k, tl.load(gw1 + o1), DT, IEEE) + tl.load(gb1 + fc)[None, :])
                 tl.store(xde_mine + m * MB + rows, tl.sum(dp1 * gA * gp, axis=1))
@@ -1107,6 +1111,9 @@ def _ttt_mlp_bwd_split_kernel(
                 for p in tl.static_range(NSPLIT):
                     dq_r += tl.load(xch_grp + p * 6 * SLOT + m * 3 * SLOT + rtile, cache_modifier=".cg")
                 tl.store(DQ + base + rtile, dq_r.to(DQ.dtype.element_ty))
+                k = tl.load(K + base + tile)
+                xh, rstd, g, gx, gz2 = _ln_target_grad(z2, tl.load(V + base + tile).to(tl.float32), k.to(tl.float32),
+                                                       tl.load(plnw + dc)[None, :], tl.load(plnb + dc)[None, :], D, eps)
                 dp2 = tl.zeros([MB, D], dtype=tl.float32) - db2[None, :]
                 gz2_acc = tl.zeros([MB, D], dtype=tl.float32)
                 de = tl.zeros([MB], dtype=tl.float32)
@@ -1125,27 +1132,31 @@ def _ttt_mlp_bwd_split_kernel(
                     tl.store(DETA + eta_base + i * MB + rows, de)
                 dz2 = dz2.to(DT)
                 p2 = (e[:, None] * gz2).to(DT)
-                # pass 3: through the update and the inner forward at W; GW* become dL/dW_start of this slice
-                w1 = tl.load(SC_W1 + r * D * FS + o1)
-                dw1e = tl.load(gw1 + o1)
-                db1e = tl.load(gb1 + fc)
-                dw2e = tl.load(gw2 + o2)
+                # pass 3: through the update and the inner forward at W; GW* become dL/dW_start of this slice.
+                # Ordered so that few [MB, FS] tiles are live at once: W2's gradient is accumulated and stored
+                # first (a, dgA and dL/dW2_end die there), W1's and dk's after it.
+                gz2_op = gz2.to(DT)
+                w1 = tl.load(SC_W1 + r * D * FS + o1).to(DT)  # W1, W2 and dL/dW1_end as dot operands only
                 a, gp, gp2 = _gelu_parts(_mm(k, w1, DT, IEEE) + tl.load(SC_B1 + r * FS + fc)[None, :], IEEE)
-                gA = _mm(gz2_op, tl.trans(w2), DT, IEEE)
-                p1 = e[:, None] * gA * gp
-                dA = _mm(dz2, tl.trans(w2), DT, IEEE) - _mm(p2, tl.trans(dw2e), DT, IEEE)
+                w2 = tl.load(SC_W2 + r * FS * D + o2).to(DT)
+                dw2 = tl.load(gw2 + o2)
+                dA = _mm(dz2, tl.trans(w2), DT, IEEE) - _mm(p2, tl.trans(dw2), DT, IEEE)
+                dw2 += _mm(tl.trans(a.to(DT)), dz2, DT, IEEE)
+                dw1e = tl.load(gw1 + o1).to(DT)
+                db1e = tl.load(gb1 + fc)
                 dgz1 = -e[:, None] * (_mm(k, dw1e, DT, IEEE) + db1e[None, :])
-                dgA = dgz1 * gp
+                dw2 += _mm(tl.trans((dgz1 * gp).to(DT)), gz2_op, DT, IEEE)
+                tl.debug_barrier()  # every thread has read dL/dW2_end before it is overwritten
+                tl.store(gw2 + o2, dw2)
+                gA = _mm(gz2_op, tl.trans(w2), DT, IEEE)
                 dz1 = dgz1 * gA * gp2 + dA * gp
                 dz1_op = dz1.to(DT)
-                dkp = _mm(dz1_op, tl.trans(w1), DT, IEEE) - _mm(p1.to(DT), tl.trans(dw1e), DT, IEEE)
+                dkp = _mm(dz1_op, tl.trans(w1), DT, IEEE) - _mm((e[:, None] * gA * gp).to(DT), tl.trans(dw1e), DT, IEEE)
                 if part == 0:
                     dkp += dg
-                dw2s = dw2e + _mm(tl.trans(dgA.to(DT)), gz2_op, DT, IEEE) + _mm(tl.trans(a.to(DT)), dz2, DT, IEEE)
-                dw1s = dw1e + _mm(tl.trans(k), dz1_op, DT, IEEE)
+                dw1s = tl.load(gw1 + o1) + _mm(tl.trans(k), dz1_op, DT, IEEE)  # fp32 accumulation
                 db1s = db1e + tl.sum(dz1, axis=0)
                 tl.debug_barrier()
-                tl.store(gw2 + o2, dw2s)
                 tl.store(gw1 + o1, dw1s)
                 tl.store(gb1 + fc, db1s)
                 tl.store(dkx_mine + tile, dkp)
