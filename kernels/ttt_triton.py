@@ -1346,6 +1346,68 @@ def _ttt_linear_fwd_kernel(
 
 
 @triton.jit
+def _ttt_linear_fwd_pipe_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    W1, B1,
+    OUT, W1_OUT, B1_OUT,
+    CK_W1, CK_B1,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_ttt_linear_fwd_kernel with one dot fewer on each mini-batch's chain. The inner forward of mini-batch i
+    (k_i W) and the output of mini-batch i - 1 (q_{i-1} W, W after its update) read the same W, so they are one
+    [2 MB, D] x [D, D] dot: the top MB rows are k_i (the update), the bottom MB rows q_{i-1} (the output). The
+    LayerNorm runs on all rows; the update takes the top rows only (eta is zero on the bottom ones, so they add
+    nothing to W's and b's gradient sums), and the bottom rows are stored as mini-batch i - 1's output. At small
+    mini-batches (16) the forward is a chain of dependent small dots, so one link fewer per mini-batch is the
+    lever; the last mini-batch's output is computed after the loop."""
+    R: tl.constexpr = 2 * MB
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    rows2 = tl.arange(0, R)
+    top = rows2 < MB  # rows of the mini-batch being learned; the others are the previous one's queries
+    r_in = tl.where(top, rows2, rows2 - MB)
+    dc = tl.arange(0, D)
+    w_offs = dc[:, None] * D + dc[None, :]
+    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)
+    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
+    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile2 = r_in[:, None] * D + dc[None, :]
+    for c in range(n_ck):
+        if SAVE:
+            ck = pid64 * n_ck + c
+            tl.store(CK_W1 + ck * D * D + w_offs, w)
+            tl.store(CK_B1 + ck * D + dc[None, :], b)
+        i_end = tl.minimum(c * G + G, n_mb)
+        for i in range(c * G, i_end):
+            mb_of_row = tl.where(top, i, i - 1).to(tl.int64)
+            offs = tok + mb_of_row[:, None] * (MB * D) + tile2
+            has_out = (~top) & (i > 0)  # no previous mini-batch before the first
+            x = tl.load(tl.where(top[:, None], K + offs, Q + offs), mask=(top | (i > 0))[:, None], other=0.0)
+            v = tl.load(V + offs, mask=top[:, None], other=0.0).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + r_in, mask=top, other=0.0).to(tl.float32)
+            xf = x.to(tl.float32)
+            xh, rstd, g, gx, gz = _ln_target_grad(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
+            tl.store(OUT + offs, (xf + gamma * xh + beta).to(OUT.dtype.element_ty), mask=has_out[:, None])
+            p = e[:, None] * gz  # zero on the output rows
+            w = w - _mm(tl.trans(x), p, DT, IEEE)
+            b = b - tl.sum(p, axis=0)[None, :]
+    # the last mini-batch's output, at the final W
+    rows = tl.arange(0, MB)
+    offs = tok + (n_mb - 1) * MB * D + rows[:, None] * D + dc[None, :]
+    q = tl.load(Q + offs)
+    xq, rq = _ln_norm(_mm(q, w, DT, IEEE) + b, D, eps)
+    tl.store(OUT + offs, (q.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
+    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
+    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
+
+
+@triton.jit
 def _ttt_linear_bwd_kernel(
     Q, K, V, ETA, LNW, LNB, DOUT,
     CK_W1, CK_B1,
@@ -1492,7 +1554,10 @@ KERNEL_CONFIG = {
     # limit of its own. split_num_warps: its warps (8 leave room for 33 groups).
     "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
-    "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
+    # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
+    # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch; interpreter-checked, not yet timed
+    # or checked on the device, so off).
+    "linear_fwd": {"variant": "plain", "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1735,7 +1800,8 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [_empty(BH, n_ck, *s, device=q.device) for s in ((D, D), (D,))]
     else:
         cks = [W1, b1]
-    _ttt_linear_fwd_kernel[(BH,)](
+    pipe = KERNEL_CONFIG["linear_fwd"].get("variant", "plain") == "pipe"
+    (_ttt_linear_fwd_pipe_kernel if pipe else _ttt_linear_fwd_kernel)[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
         D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("linear_fwd"),
