@@ -1357,6 +1357,139 @@ def _ttt_linear_fwd_kernel(
 
 
 @triton.jit
+def _ttt_linear_fwd_pipe_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    W1, B1,
+    OUT, W1_OUT, B1_OUT,
+    CK_W1, CK_B1,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_ttt_linear_fwd_kernel with one dot fewer on each mini-batch's chain. The inner forward of mini-batch i
+    (k_i W) and the output of mini-batch i - 1 (q_{i-1} W, W after its update) read the same W, so they are one
+    [2 MB, D] x [D, D] dot: the top MB rows are k_i (the update), the bottom MB rows q_{i-1} (the output). The
+    LayerNorm runs on all rows; the update takes the top rows only (eta is zero on the bottom ones, so they add
+    nothing to W's and b's gradient sums), and the bottom rows are stored as mini-batch i - 1's output. At small
+    mini-batches (16) the forward is a chain of dependent small dots, so one link fewer per mini-batch is the
+    lever; the last mini-batch's output is computed after the loop."""
+    R: tl.constexpr = 2 * MB
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    rows2 = tl.arange(0, R)
+    top = rows2 < MB  # rows of the mini-batch being learned; the others are the previous one's queries
+    r_in = tl.where(top, rows2, rows2 - MB)
+    dc = tl.arange(0, D)
+    w_offs = dc[:, None] * D + dc[None, :]
+    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)
+    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
+    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile2 = r_in[:, None] * D + dc[None, :]
+    for c in range(n_ck):
+        if SAVE:
+            ck = pid64 * n_ck + c
+            tl.store(CK_W1 + ck * D * D + w_offs, w)
+            tl.store(CK_B1 + ck * D + dc[None, :], b)
+        i_end = tl.minimum(c * G + G, n_mb)
+        for i in range(c * G, i_end):
+            mb_of_row = tl.where(top, i, i - 1).to(tl.int64)
+            offs = tok + mb_of_row[:, None] * (MB * D) + tile2
+            has_out = (~top) & (i > 0)  # no previous mini-batch before the first
+            x = tl.load(tl.where(top[:, None], K + offs, Q + offs), mask=(top | (i > 0))[:, None], other=0.0)
+            v = tl.load(V + offs, mask=top[:, None], other=0.0).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + r_in, mask=top, other=0.0).to(tl.float32)
+            xf = x.to(tl.float32)
+            xh, rstd, g, gx, gz = _ln_target_grad(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
+            tl.store(OUT + offs, (xf + gamma * xh + beta).to(OUT.dtype.element_ty), mask=has_out[:, None])
+            p = e[:, None] * gz  # zero on the output rows
+            w = w - _mm(tl.trans(x), p, DT, IEEE)
+            b = b - tl.sum(p, axis=0)[None, :]
+    # the last mini-batch's output, at the final W
+    rows = tl.arange(0, MB)
+    offs = tok + (n_mb - 1) * MB * D + rows[:, None] * D + dc[None, :]
+    q = tl.load(Q + offs)
+    xq, rq = _ln_norm(_mm(q, w, DT, IEEE) + b, D, eps)
+    tl.store(OUT + offs, (q.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
+    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
+    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
+
+
+@triton.jit
+def _ttt_linear_fwd_dual_kernel(
+    Q, K, V, ETA, LNW, LNB,
+    W1, B1,
+    OUT, W1_OUT, B1_OUT,
+    CK_W1, CK_B1,
+    N, H, n_mb, n_ck, G, eps,
+    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+):
+    """_ttt_linear_fwd_kernel with a one-dot chain per mini-batch. With p_i = eta_i * dl/dz_i:
+        W_{i-1} = W_{i-2} - k_{i-1}^T p_{i-1},   b_{i-1} = b_{i-2} - 1^T p_{i-1}, so
+        z_i = k_i W_{i-1} + b_{i-1} = pre_i - (k_i k_{i-1}^T + 1) p_{i-1},   pre_i = k_i W_{i-2} + b_{i-2}.
+    Only the [MB, MB] x [MB, D] dot on p_{i-1} and the LayerNorm gradient stay on the chain from one mini-batch
+    to the next; W's update, the output of mini-batch i - 1 and pre_{i+1} (dots with W_{i-1}) do not depend on
+    z_i and are issued beside it. W is held one mini-batch behind: W_{i-2} on entry to mini-batch i."""
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    h = pid % H
+    DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    w_offs = dc[:, None] * D + dc[None, :]
+    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)  # W_{i-2}
+    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
+    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    tok = pid64 * N * D
+    eta_base = pid64 * N
+    tile = rows[:, None] * D + dc[None, :]
+    k_prev = tl.zeros([MB, D], dtype=DT)  # k_{i-1}, q_{i-1}, p_{i-1}: zero before the first mini-batch
+    q_prev = tl.zeros([MB, D], dtype=DT)
+    p_prev = tl.zeros([MB, D], dtype=tl.float32)
+    k = tl.load(K + tok + tile)
+    pre = _mm(k, w, DT, IEEE) + b
+    for c in range(n_ck):
+        i_end = tl.minimum(c * G + G, n_mb)
+        for i in range(c * G, i_end):
+            offs = tok + i * MB * D + tile
+            # the chain: z_i from pre_i and p_{i-1}
+            m = _mm(k, tl.trans(k_prev), DT, IEEE) + 1.0
+            z = pre - _mm(m, p_prev, DT, IEEE)
+            # beside it: W_{i-1}, b_{i-1}; mini-batch i - 1's output; pre_{i+1}
+            w = w - _mm(tl.trans(k_prev), p_prev, DT, IEEE)
+            b = b - tl.sum(p_prev, axis=0)[None, :]
+            if SAVE:
+                if i == c * G:  # the state before mini-batch i
+                    ck = pid64 * n_ck + c
+                    tl.store(CK_W1 + ck * D * D + w_offs, w)
+                    tl.store(CK_B1 + ck * D + dc[None, :], b)
+            if i > 0:
+                xq, rq = _ln_norm(_mm(q_prev, w, DT, IEEE) + b, D, eps)
+                tl.store(OUT + offs - MB * D, (q_prev.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
+            k_next = tl.load(K + offs + MB * D, mask=(rows[:, None] * 0 + i + 1) < n_mb, other=0.0)  # none after the last
+            pre = _mm(k_next, w, DT, IEEE) + b
+            v = tl.load(V + offs).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
+            gz = _ln_target_grad(z, v, k.to(tl.float32), gamma, beta, D, eps)[4]
+            p_prev = e[:, None] * gz
+            k_prev = k
+            q_prev = tl.load(Q + offs)
+            k = k_next
+    # the last update and the last mini-batch's output
+    w = w - _mm(tl.trans(k_prev), p_prev, DT, IEEE)
+    b = b - tl.sum(p_prev, axis=0)[None, :]
+    offs = tok + (n_mb - 1) * MB * D + tile
+    xq, rq = _ln_norm(_mm(q_prev, w, DT, IEEE) + b, D, eps)
+    tl.store(OUT + offs, (q_prev.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
+    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
+    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
+
+
+@triton.jit
 def _ttt_linear_bwd_kernel(
     Q, K, V, ETA, LNW, LNB, DOUT,
     CK_W1, CK_B1,
@@ -1503,7 +1636,10 @@ KERNEL_CONFIG = {
     # limit of its own. split_num_warps: its warps (8 leave room for 33 groups).
     "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
-    "linear_fwd": {"num_warps": 4, "num_stages": 3},  # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4)
+    # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
+    # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch); "dual": z_i from k_i W_{i-2} and
+    # p_{i-1}, a one-dot chain per mini-batch. Both interpreter-checked, not yet timed or checked on the device: off.
+    "linear_fwd": {"variant": "plain", "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1746,7 +1882,9 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [_empty(BH, n_ck, *s, device=q.device) for s in ((D, D), (D,))]
     else:
         cks = [W1, b1]
-    _ttt_linear_fwd_kernel[(BH,)](
+    kernel = {"pipe": _ttt_linear_fwd_pipe_kernel, "dual": _ttt_linear_fwd_dual_kernel}.get(
+        KERNEL_CONFIG["linear_fwd"].get("variant", "plain"), _ttt_linear_fwd_kernel)
+    kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
         D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("linear_fwd"),

@@ -44,6 +44,8 @@ SPLIT_NO_PARK = {"mlp_fwd": {"park": 0}}
 SPLIT_ROWSHARE = {"mlp_fwd": {"rowshare": 1}}  # rows of the LN work shared out, a second meeting for p2
 SPLIT_ROWSHARE_NO_PARK = {"mlp_fwd": {"rowshare": 1, "park": 0}}
 GMEM_BWD = {"mlp_bwd": {"variant": "gmem"}}  # the backward's fallback (the default split runs as a group of one here)
+LINEAR_PIPE = {"linear_fwd": {"variant": "pipe"}}  # each mini-batch's output computed in the next one's dot
+LINEAR_DUAL = {"linear_fwd": {"variant": "dual"}}  # z_i from k_i W_{i-2} and p_{i-1}: a one-dot chain
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -70,6 +72,14 @@ CASES = [
     ("linear", 1, 2, 192, 16, 64, 2, "float32"),  # mini-batch 64
     ("linear", 1, 2, 96, 32, 32, 1, "float32"),
     ("linear", 1, 2, 64, 16, 16, 3, "float16"),
+    ("linear", 2, 2, 80, 16, 16, 2, "float32", LINEAR_PIPE),
+    ("linear", 1, 2, 192, 16, 64, 2, "float32", LINEAR_PIPE),
+    ("linear", 1, 2, 16, 16, 16, 1, "float32", LINEAR_PIPE),  # one mini-batch: its output after the loop only
+    ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_PIPE),
+    ("linear", 2, 2, 80, 16, 16, 2, "float32", LINEAR_DUAL),
+    ("linear", 1, 2, 192, 16, 64, 2, "float32", LINEAR_DUAL),
+    ("linear", 1, 2, 16, 16, 16, 1, "float32", LINEAR_DUAL),
+    ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_DUAL),
 ]
 TOL = {"float32": 1e-4, "float16": 1e-2}
 

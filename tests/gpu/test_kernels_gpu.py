@@ -224,3 +224,22 @@ def test_auto_backend_picks_triton_on_cuda():
     out_auto, _ = ops.ttt_mlp(q, k, v, eta, st, lw, lb, mini_batch_size=64, backend="auto")
     out_tri, _ = ttt_triton.ttt_mlp_triton(q, k, v, eta, st, lw, lb, 64, 0)
     assert torch.equal(out_auto, out_tri)
+
+
+LINEAR_CASES = [c for c in CASES if c[0] == "linear"]
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in LINEAR_CASES])
+@pytest.mark.parametrize("variant", ["pipe", "dual"])
+def test_linear_forward_variants_match_float64_reference(variant, case, monkeypatch):
+    """The TTT-Linear forwards with a shorter chain per mini-batch: pipe (each mini-batch's output in the next
+    one's dot) and dual (z_i from k_i W_{i-2} and p_{i-1}, W's update beside the chain)."""
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant=variant))
+    monkeypatch.setattr(ttt_triton, "_ttt_linear_fwd_kernel", None)  # must not run
+    kind, B, H, N, D, mb, G, dt = case
+    errs = check(kind, B, H, N, D, mb, G, dt, "cuda", seed=torch.seed() % 2**31)
+    _log({"case": [f"linear-{variant}", B, H, N, D, mb, G, str(dt)], "errs": errs})
+    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
+    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
