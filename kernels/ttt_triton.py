@@ -1419,77 +1419,6 @@ def _ttt_linear_fwd_pipe_kernel(
 
 
 @triton.jit
-def _ttt_linear_fwd_dual_kernel(
-    Q, K, V, ETA, LNW, LNB,
-    W1, B1,
-    OUT, W1_OUT, B1_OUT,
-    CK_W1, CK_B1,
-    N, H, n_mb, n_ck, G, eps,
-    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
-):
-    """_ttt_linear_fwd_kernel with a one-dot chain per mini-batch. With p_i = eta_i * dl/dz_i:
-        W_{i-1} = W_{i-2} - k_{i-1}^T p_{i-1},   b_{i-1} = b_{i-2} - 1^T p_{i-1}, so
-        z_i = k_i W_{i-1} + b_{i-1} = pre_i - (k_i k_{i-1}^T + 1) p_{i-1},   pre_i = k_i W_{i-2} + b_{i-2}.
-    Only the [MB, MB] x [MB, D] dot on p_{i-1} and the LayerNorm gradient stay on the chain from one mini-batch
-    to the next; W's update, the output of mini-batch i - 1 and pre_{i+1} (dots with W_{i-1}) do not depend on
-    z_i and are issued beside it. W is held one mini-batch behind: W_{i-2} on entry to mini-batch i."""
-    pid = tl.program_id(0)
-    pid64 = pid.to(tl.int64)
-    h = pid % H
-    DT = Q.dtype.element_ty
-    rows = tl.arange(0, MB)
-    dc = tl.arange(0, D)
-    w_offs = dc[:, None] * D + dc[None, :]
-    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)  # W_{i-2}
-    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
-    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
-    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
-    tok = pid64 * N * D
-    eta_base = pid64 * N
-    tile = rows[:, None] * D + dc[None, :]
-    k_prev = tl.zeros([MB, D], dtype=DT)  # k_{i-1}, q_{i-1}, p_{i-1}: zero before the first mini-batch
-    q_prev = tl.zeros([MB, D], dtype=DT)
-    p_prev = tl.zeros([MB, D], dtype=tl.float32)
-    k = tl.load(K + tok + tile)
-    pre = _mm(k, w, DT, IEEE) + b
-    for c in range(n_ck):
-        i_end = tl.minimum(c * G + G, n_mb)
-        for i in range(c * G, i_end):
-            offs = tok + i * MB * D + tile
-            # the chain: z_i from pre_i and p_{i-1}
-            m = _mm(k, tl.trans(k_prev), DT, IEEE) + 1.0
-            z = pre - _mm(m, p_prev, DT, IEEE)
-            # beside it: W_{i-1}, b_{i-1}; mini-batch i - 1's output; pre_{i+1}
-            w = w - _mm(tl.trans(k_prev), p_prev, DT, IEEE)
-            b = b - tl.sum(p_prev, axis=0)[None, :]
-            if SAVE:
-                if i == c * G:  # the state before mini-batch i
-                    ck = pid64 * n_ck + c
-                    tl.store(CK_W1 + ck * D * D + w_offs, w)
-                    tl.store(CK_B1 + ck * D + dc[None, :], b)
-            if i > 0:
-                xq, rq = _ln_norm(_mm(q_prev, w, DT, IEEE) + b, D, eps)
-                tl.store(OUT + offs - MB * D, (q_prev.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
-            k_next = tl.load(K + offs + MB * D, mask=(rows[:, None] * 0 + i + 1) < n_mb, other=0.0)  # none after the last
-            pre = _mm(k_next, w, DT, IEEE) + b
-            v = tl.load(V + offs).to(tl.float32)
-            e = tl.load(ETA + eta_base + i * MB + rows).to(tl.float32)
-            gz = _ln_target_grad(z, v, k.to(tl.float32), gamma, beta, D, eps)[4]
-            p_prev = e[:, None] * gz
-            k_prev = k
-            q_prev = tl.load(Q + offs)
-            k = k_next
-    # the last update and the last mini-batch's output
-    w = w - _mm(tl.trans(k_prev), p_prev, DT, IEEE)
-    b = b - tl.sum(p_prev, axis=0)[None, :]
-    offs = tok + (n_mb - 1) * MB * D + tile
-    xq, rq = _ln_norm(_mm(q_prev, w, DT, IEEE) + b, D, eps)
-    tl.store(OUT + offs, (q_prev.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
-    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
-    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
-
-
-@triton.jit
 def _ttt_linear_bwd_kernel(
     Q, K, V, ETA, LNW, LNB, DOUT,
     CK_W1, CK_B1,
@@ -1637,9 +1566,13 @@ KERNEL_CONFIG = {
     "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
-    # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch); "dual": z_i from k_i W_{i-2} and
-    # p_{i-1}, a one-dot chain per mini-batch. Both interpreter-checked, not yet timed or checked on the device: off.
-    "linear_fwd": {"variant": "plain", "num_warps": 4, "num_stages": 3},
+    # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
+    # 12): mini-batch 16 pipe 32.4 vs plain 38.0 ms, mini-batch 64 pipe 28.5 vs plain 14.5 ms (the [128, 64] tile
+    # costs more than the link it saves), hence "auto": pipe up to pipe_max_mb. 4 warps beat 1 / 2 / 8 for both
+    # (pipe 141 / 68.7 / 32.4 / 38.3 ms). Tried and not kept (docs/performance.md, session 12): "dual" (z_i from
+    # k_i W_{i-2} and p_{i-1}, a one-dot chain: 61.4 ms) and transposed tiles (W^T as the A operand of Hopper
+    # warpgroup MMAs: 43.0 ms, with pipe's pairing 44.1).
+    "linear_fwd": {"variant": "auto", "pipe_max_mb": 16, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1871,6 +1804,14 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     return out, finals, cks, 0  # row-major checkpoints
 
 
+def _linear_fwd_kernel(mb: int):
+    """The TTT-Linear forward kernel KERNEL_CONFIG selects; "auto": pipe up to mini-batch 16, plain above."""
+    variant = KERNEL_CONFIG["linear_fwd"].get("variant", "auto")
+    if variant == "auto":
+        variant = "pipe" if mb <= KERNEL_CONFIG["linear_fwd"].get("pipe_max_mb", 16) else "plain"
+    return _ttt_linear_fwd_pipe_kernel if variant == "pipe" else _ttt_linear_fwd_kernel
+
+
 def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -1882,8 +1823,7 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [_empty(BH, n_ck, *s, device=q.device) for s in ((D, D), (D,))]
     else:
         cks = [W1, b1]
-    kernel = {"pipe": _ttt_linear_fwd_pipe_kernel, "dual": _ttt_linear_fwd_dual_kernel}.get(
-        KERNEL_CONFIG["linear_fwd"].get("variant", "plain"), _ttt_linear_fwd_kernel)
+    kernel = _linear_fwd_kernel(mb)
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,

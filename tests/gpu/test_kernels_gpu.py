@@ -230,14 +230,15 @@ LINEAR_CASES = [c for c in CASES if c[0] == "linear"]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in LINEAR_CASES])
-@pytest.mark.parametrize("variant", ["pipe", "dual"])
+@pytest.mark.parametrize("variant", ["pipe", "plain"])
 def test_linear_forward_variants_match_float64_reference(variant, case, monkeypatch):
-    """The TTT-Linear forwards with a shorter chain per mini-batch: pipe (each mini-batch's output in the next
-    one's dot) and dual (z_i from k_i W_{i-2} and p_{i-1}, W's update beside the chain)."""
+    """Both TTT-Linear forwards at every Linear shape, whichever the default ("auto") picks there: plain, and
+    pipe (each mini-batch's output in the next one's dot, one dependent dot fewer per mini-batch)."""
     from ttt_video.kernels import ttt_triton
 
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant=variant))
-    monkeypatch.setattr(ttt_triton, "_ttt_linear_fwd_kernel", None)  # must not run
+    other = {"pipe": "_ttt_linear_fwd_kernel", "plain": "_ttt_linear_fwd_pipe_kernel"}[variant]
+    monkeypatch.setattr(ttt_triton, other, None)  # must not run
     kind, B, H, N, D, mb, G, dt = case
     errs = check(kind, B, H, N, D, mb, G, dt, "cuda", seed=torch.seed() % 2**31)
     _log({"case": [f"linear-{variant}", B, H, N, D, mb, G, str(dt)], "errs": errs})
