@@ -61,10 +61,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
     if name == "linear_fwd":
         kernel = {"pipe": tt._ttt_linear_fwd_pipe_kernel, "plain": tt._ttt_linear_fwd_kernel}.get(
             cfg.get("variant"), tt._linear_fwd_kernel(cfg.get("mb", 16)))
-        consts = dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
-        if kernel is tt._ttt_linear_fwd_pipe_kernel:
-            consts["PREFETCH"] = bool(cfg.get("prefetch", 0))
-        return kernel, consts
+        return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
     if name == "linear_bwd":
         return tt._ttt_linear_bwd_kernel, dict(D=D, MB=cfg.get("mb", 16), IEEE=ieee)
     raise SystemExit(f"unknown kernel {name!r}")

@@ -565,30 +565,6 @@ def _finish_split_rows(OUT, QP, OPART, PLNW, PLNB, rtile, eps, SLOT_STRIDE: tl.c
 
 
 @triton.jit
-def _split_program(pid, D: tl.constexpr, FS: tl.constexpr, NSPLIT: tl.constexpr, MB: tl.constexpr):
-    """Where a split program (forward or backward) stands: its group and part, the number of groups, index
-    vectors, the [MB, D] tile offsets, its share of the rows (my_rows, rtile) and the offsets of its W1 / W2
-    slices (o1 [D, FS], o2 [FS, D])."""
-    RP: tl.constexpr = MB // NSPLIT
-    grp = pid // NSPLIT
-    part = pid % NSPLIT
-    n_groups = tl.num_programs(0) // NSPLIT
-    rows = tl.arange(0, MB)
-    dc = tl.arange(0, D)
-    fc = tl.arange(0, FS)
-    tile = rows[:, None] * D + dc[None, :]
-    my_rows = part * RP + tl.arange(0, RP)
-    rtile = my_rows[:, None] * D + dc[None, :]
-    if FS == D and MB == D:  # every [64, 64] tile has the same offsets: one register tensor, not three
-        o1 = tile
-        o2 = tile
-    else:
-        o1 = dc[:, None] * FS + fc[None, :]
-        o2 = fc[:, None] * D + dc[None, :]
-    return grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2
-
-
-@triton.jit
 def _ttt_mlp_fwd_split_kernel(
     Q, K, V, ETA, LNW, LNB,
     SW1, SB1, SW2, SB2,
@@ -617,8 +593,21 @@ def _ttt_mlp_fwd_split_kernel(
     RP: tl.constexpr = MB // NSPLIT
     SLOT: tl.constexpr = MB * D
     pid = tl.program_id(0)
-    grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2 = _split_program(pid, D, FS, NSPLIT, MB)
+    grp = pid // NSPLIT
+    part = pid % NSPLIT
+    n_groups = tl.num_programs(0) // NSPLIT
     DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, FS)
+    tile = rows[:, None] * D + dc[None, :]
+    rtile = (part * RP + tl.arange(0, RP))[:, None] * D + dc[None, :]  # this program's share of the rows
+    if FS == D and MB == D:  # every [64, 64] tile has the same offsets: one register tensor, not three
+        o1 = tile
+        o2 = tile
+    else:
+        o1 = dc[:, None] * FS + fc[None, :]
+        o2 = fc[:, None] * D + dc[None, :]
     cnt = CNT + grp * 32  # one 128-byte line per group's counter: the groups' polls do not contend
     xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 2 * SLOT  # [NSPLIT, 2, MB, D]
     opart_grp = OPART + (grp * NSPLIT).to(tl.int64) * 3 * SLOT  # [NSPLIT, 3, MB, D]
@@ -966,9 +955,26 @@ def _ttt_mlp_bwd_split_kernel(
     F: tl.constexpr = FS * NSPLIT
     RP: tl.constexpr = MB // NSPLIT
     SLOT: tl.constexpr = MB * D
+    # The same prologue as the split forward's, on purpose: a shared @triton.jit helper for both (session 12)
+    # passed the interpreter and kept the forward's SASS counts, yet on the H100 (Triton 3.6) the forward's
+    # 4,096-token gradients came out at 1.6-3.1e-2 instead of 0.6-0.7e-2 (docs/performance.md, session 12).
     pid = tl.program_id(0)
-    grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2 = _split_program(pid, D, FS, NSPLIT, MB)
+    grp = pid // NSPLIT
+    part = pid % NSPLIT
+    n_groups = tl.num_programs(0) // NSPLIT
     DT = Q.dtype.element_ty
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, FS)
+    tile = rows[:, None] * D + dc[None, :]
+    my_rows = part * RP + tl.arange(0, RP)
+    rtile = my_rows[:, None] * D + dc[None, :]
+    if FS == D and MB == D:
+        o1 = tile
+        o2 = tile
+    else:
+        o1 = dc[:, None] * FS + fc[None, :]
+        o2 = fc[:, None] * D + dc[None, :]
     cnt_ptr = CNT + grp * 32
     xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 6 * SLOT  # [NSPLIT, 2, 3, MB, D]
     xch_mine = xch_grp + part * 6 * SLOT
@@ -1354,27 +1360,13 @@ def _ttt_linear_fwd_kernel(
 
 
 @triton.jit
-def _pipe_tiles(K, Q, V, ETA, tok, eta_base, i, n_mb, top, r_in, tile2, MB: tl.constexpr, D: tl.constexpr):
-    """The pipe kernel's inputs at mini-batch i: rows [k_i; q_{i-1}], v_i (zero on the q rows), eta_i (zero there
-    too, so those rows add nothing to the update); all zero past the last mini-batch."""
-    offs = tok + tl.where(top, i, i - 1).to(tl.int64)[:, None] * (MB * D) + tile2
-    iv = r_in * 0 + i  # i per row: masks as tensors (the interpreter refuses Python bools in them)
-    cur = top & (iv < n_mb)
-    live = cur | ((~top) & (iv > 0) & (iv <= n_mb))
-    x = tl.load(tl.where(top[:, None], K + offs, Q + offs), mask=live[:, None], other=0.0)
-    v = tl.load(V + offs, mask=cur[:, None], other=0.0).to(tl.float32)
-    e = tl.load(ETA + eta_base + i * MB + r_in, mask=cur, other=0.0).to(tl.float32)
-    return x, v, e
-
-
-@triton.jit
 def _ttt_linear_fwd_pipe_kernel(
     Q, K, V, ETA, LNW, LNB,
     W1, B1,
     OUT, W1_OUT, B1_OUT,
     CK_W1, CK_B1,
     N, H, n_mb, n_ck, G, eps,
-    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
 ):
     """_ttt_linear_fwd_kernel with one dot fewer on each mini-batch's chain. The inner forward of mini-batch i
     (k_i W) and the output of mini-batch i - 1 (q_{i-1} W, W after its update) read the same W, so they are one
@@ -1400,8 +1392,6 @@ def _ttt_linear_fwd_pipe_kernel(
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile2 = r_in[:, None] * D + dc[None, :]
-    if PREFETCH:
-        x_n, v_n, e_n = _pipe_tiles(K, Q, V, ETA, tok, eta_base, 0, n_mb, top, r_in, tile2, MB, D)
     for c in range(n_ck):
         if SAVE:
             ck = pid64 * n_ck + c
@@ -1409,13 +1399,12 @@ def _ttt_linear_fwd_pipe_kernel(
             tl.store(CK_B1 + ck * D + dc[None, :], b)
         i_end = tl.minimum(c * G + G, n_mb)
         for i in range(c * G, i_end):
-            offs = tok + tl.where(top, i, i - 1).to(tl.int64)[:, None] * (MB * D) + tile2
+            mb_of_row = tl.where(top, i, i - 1).to(tl.int64)
+            offs = tok + mb_of_row[:, None] * (MB * D) + tile2
             has_out = (~top) & (i > 0)  # no previous mini-batch before the first
-            if PREFETCH:  # this mini-batch's tiles came in the last iteration; ask for the next one's now
-                x, v, e = x_n, v_n, e_n
-                x_n, v_n, e_n = _pipe_tiles(K, Q, V, ETA, tok, eta_base, i + 1, n_mb, top, r_in, tile2, MB, D)
-            else:
-                x, v, e = _pipe_tiles(K, Q, V, ETA, tok, eta_base, i, n_mb, top, r_in, tile2, MB, D)
+            x = tl.load(tl.where(top[:, None], K + offs, Q + offs), mask=(top | (i > 0))[:, None], other=0.0)
+            v = tl.load(V + offs, mask=top[:, None], other=0.0).to(tl.float32)
+            e = tl.load(ETA + eta_base + i * MB + r_in, mask=top, other=0.0).to(tl.float32)
             xf = x.to(tl.float32)
             xh, rstd, g, gx, gz = _ln_target_grad(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
             tl.store(OUT + offs, (xf + gamma * xh + beta).to(OUT.dtype.element_ty), mask=has_out[:, None])
@@ -1838,11 +1827,10 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     else:
         cks = [W1, b1]
     kernel = _linear_fwd_kernel(mb)
-    extra = dict(PREFETCH=bool(KERNEL_CONFIG["linear_fwd"].get("prefetch", 0))) if kernel is _ttt_linear_fwd_pipe_kernel else {}
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **extra, **_launch_opts("linear_fwd"),
+        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("linear_fwd"),
     )
     return out, finals, cks
 
