@@ -5,7 +5,7 @@ change needs the same draws before and after. This runs the long-sequence case o
 64 chained mini-batches, bf16) for each seed with the repo's kernels and, with --other FILE, with another
 version of kernels/ttt_triton.py (e.g. `git show <commit>:kernels/ttt_triton.py > old.py`) on the same seeds.
 
-    python benchmarks/precision_seeds.py --seeds 6 [--other old.py] [--json out.json]
+    python benchmarks/precision_seeds.py --seeds 6 [--other old.py] [--config mlp_bwd:variant=gmem] [--json out.json]
 """
 from __future__ import annotations
 
@@ -58,7 +58,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=SHAPE[3], help="sequence length (a multiple of 64)")
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels under TRITON_INTERPRET=1")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="operand dtype (the interpreter: fp16)")
+    ap.add_argument("--config", default="", help="';'-separated KERNEL_CONFIG changes for the repo's kernels, e.g. "
+                    "'mlp_bwd:variant=gmem' (bench_ttt.py's syntax)")
     args = ap.parse_args()
+    if args.config:
+        from bench_ttt import _apply_config
+
+        for spec in filter(None, args.config.split(";")):
+            _apply_config(spec)
     rows = run(args.seeds, "repo", args.tokens, args.device, args.dtype)
     if args.other:
         pkg, other = _load_other(args.other)

