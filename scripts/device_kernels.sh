@@ -5,6 +5,8 @@
 #   PROBE='mlp_fwd:num_warps=8;...' [PROBE_SHAPES='7616:12;351168:24'] [GPU_TESTS_K=split] [SKIP_WHEELS=1] [PROBE_WARM_TOKENS=2112] [NCU_TOKENS=21952] [SKIP_BENCH=1] [SKIP_TESTS=1] \
 #     bash scripts/device_kernels.sh [benchmark args...]
 # Logs go to $OUT (nvsmi.txt, gpu_tests.log, errors.jsonl, probe.log or probe-<tokens>x<heads>.log, bench.log, bench*.json).
+# TEST_TIMEOUT (default 450 s): the whole GPU suite took 401 s in session 12 before its long cases took 5 draws
+# each; a call has 600 s, so run the suite alone (SKIP_BENCH=1) and the table in a call of its own.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -23,7 +25,7 @@ export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used,temperature.gpu --format=csv | tee "$OUT/nvsmi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  KERNEL_ERR_LOG="$OUT/errors.jsonl" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider --noconftest \
+  KERNEL_ERR_LOG="$OUT/errors.jsonl" timeout "${TEST_TIMEOUT:-450}" python3 -m pytest -q -p no:cacheprovider --noconftest \
     -o addopts="" -n 4 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} tests/gpu > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|Error|error:" "$OUT/gpu_tests.log" | grep -v "^E  " | tail -8
   python3 - "$OUT/errors.jsonl" <<'PY'
