@@ -1311,6 +1311,28 @@ def _ttt_mlp_bwd_kernel(
 # TTT-Linear kernels
 # ------------------------------------------------------------------------------------------------
 @triton.jit
+def _linear_fwd_start(W1, B1, LNW, LNB, pid, H, D: tl.constexpr):
+    """A TTT-Linear forward program's start: feature indices, W's offsets, its initial state (fp32) and the LN
+    parameters of its head."""
+    h = pid % H
+    pid64 = pid.to(tl.int64)
+    dc = tl.arange(0, D)
+    w_offs = dc[:, None] * D + dc[None, :]
+    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)
+    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
+    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
+    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    return dc, w_offs, w, b, gamma, beta
+
+
+@triton.jit
+def _store_linear_state(PW, PB, slot, w, b, w_offs, dc, D: tl.constexpr):
+    """W and b into slot `slot` of [slots, D, D] / [slots, D] buffers (checkpoints, final states)."""
+    tl.store(PW + slot * D * D + w_offs, w)
+    tl.store(PB + slot * D + dc[None, :], b)
+
+
+@triton.jit
 def _ttt_linear_fwd_kernel(
     Q, K, V, ETA, LNW, LNB,
     W1, B1,
@@ -1321,23 +1343,15 @@ def _ttt_linear_fwd_kernel(
 ):
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
-    h = pid % H
     DT = Q.dtype.element_ty
     rows = tl.arange(0, MB)
-    dc = tl.arange(0, D)
-    w_offs = dc[:, None] * D + dc[None, :]
-    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)
-    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
-    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
-    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    dc, w_offs, w, b, gamma, beta = _linear_fwd_start(W1, B1, LNW, LNB, pid, H, D)
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile = rows[:, None] * D + dc[None, :]
     for c in range(n_ck):
         if SAVE:
-            ck = pid64 * n_ck + c
-            tl.store(CK_W1 + ck * D * D + w_offs, w)
-            tl.store(CK_B1 + ck * D + dc[None, :], b)
+            _store_linear_state(CK_W1, CK_B1, pid64 * n_ck + c, w, b, w_offs, dc, D)
         i_end = tl.minimum(c * G + G, n_mb)
         for i in range(c * G, i_end):
             offs = tok + i * MB * D + tile
@@ -1349,8 +1363,7 @@ def _ttt_linear_fwd_kernel(
             xq, rq = _ln_norm(_mm(q, w, DT, IEEE) + b, D, eps)
             out = q.to(tl.float32) + gamma * xq + beta
             tl.store(OUT + offs, out.to(OUT.dtype.element_ty))
-    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
-    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
+    _store_linear_state(W1_OUT, B1_OUT, pid64, w, b, w_offs, dc, D)
 
 
 @triton.jit
@@ -1372,25 +1385,17 @@ def _ttt_linear_fwd_pipe_kernel(
     R: tl.constexpr = 2 * MB
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
-    h = pid % H
     DT = Q.dtype.element_ty
     rows2 = tl.arange(0, R)
     top = rows2 < MB  # rows of the mini-batch being learned; the others are the previous one's queries
     r_in = tl.where(top, rows2, rows2 - MB)
-    dc = tl.arange(0, D)
-    w_offs = dc[:, None] * D + dc[None, :]
-    w = tl.load(W1 + pid64 * D * D + w_offs).to(tl.float32)
-    b = tl.load(B1 + pid64 * D + dc[None, :]).to(tl.float32)
-    gamma = tl.load(LNW + h * D + dc[None, :]).to(tl.float32)
-    beta = tl.load(LNB + h * D + dc[None, :]).to(tl.float32)
+    dc, w_offs, w, b, gamma, beta = _linear_fwd_start(W1, B1, LNW, LNB, pid, H, D)
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile2 = r_in[:, None] * D + dc[None, :]
     for c in range(n_ck):
         if SAVE:
-            ck = pid64 * n_ck + c
-            tl.store(CK_W1 + ck * D * D + w_offs, w)
-            tl.store(CK_B1 + ck * D + dc[None, :], b)
+            _store_linear_state(CK_W1, CK_B1, pid64 * n_ck + c, w, b, w_offs, dc, D)
         i_end = tl.minimum(c * G + G, n_mb)
         for i in range(c * G, i_end):
             mb_of_row = tl.where(top, i, i - 1).to(tl.int64)
@@ -1411,8 +1416,7 @@ def _ttt_linear_fwd_pipe_kernel(
     q = tl.load(Q + offs)
     xq, rq = _ln_norm(_mm(q, w, DT, IEEE) + b, D, eps)
     tl.store(OUT + offs, (q.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
-    tl.store(W1_OUT + pid64 * D * D + w_offs, w)
-    tl.store(B1_OUT + pid64 * D + dc[None, :], b)
+    _store_linear_state(W1_OUT, B1_OUT, pid64, w, b, w_offs, dc, D)
 
 
 @triton.jit
