@@ -59,8 +59,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
                                                       W2T=bool(cfg.get("w2t", 1)), IEEE=ieee)
         return tt._ttt_mlp_bwd_kernel, dict(D=D, F=F, MB=64, IEEE=ieee)
     if name == "linear_fwd":
-        kernel = {"pipe": tt._ttt_linear_fwd_pipe_kernel, "plain": tt._ttt_linear_fwd_kernel}.get(
-            cfg.get("variant"), tt._linear_fwd_kernel(cfg.get("mb", 16)))
+        kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
     if name == "linear_bwd":
         return tt._ttt_linear_bwd_kernel, dict(D=D, MB=cfg.get("mb", 16), IEEE=ieee)

@@ -1805,9 +1805,10 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     return out, finals, cks, 0  # row-major checkpoints
 
 
-def _linear_fwd_kernel(mb: int):
-    """The TTT-Linear forward kernel KERNEL_CONFIG selects; "auto": pipe up to mini-batch 16, plain above."""
-    variant = KERNEL_CONFIG["linear_fwd"].get("variant", "auto")
+def _linear_fwd_kernel(mb: int, variant: str | None = None):
+    """The TTT-Linear forward kernel for `variant` (default: KERNEL_CONFIG's); "auto": pipe up to mini-batch 16,
+    plain above."""
+    variant = variant or KERNEL_CONFIG["linear_fwd"].get("variant", "auto")
     if variant == "auto":
         variant = "pipe" if mb <= KERNEL_CONFIG["linear_fwd"].get("pipe_max_mb", 16) else "plain"
     return _ttt_linear_fwd_pipe_kernel if variant == "pipe" else _ttt_linear_fwd_kernel
