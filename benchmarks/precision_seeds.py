@@ -6,6 +6,9 @@ change needs the same draws before and after. This runs the long-sequence case o
 version of kernels/ttt_triton.py (e.g. `git show <commit>:kernels/ttt_triton.py > old.py`) on the same seeds.
 
     python benchmarks/precision_seeds.py --seeds 6 [--other old.py] [--config mlp_bwd:variant=gmem] [--json out.json]
+
+--shape B,H,N,D,MB,G picks another case of tests/gpu (e.g. 2,3,640,64,64,4); --repeat R runs every seed R times:
+a deterministic kernel gives the same numbers each time, a race does not.
 """
 from __future__ import annotations
 
@@ -37,16 +40,17 @@ def _load_other(path: str):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run(seeds: int, label: str, tokens: int, device: str, dtype: str) -> list[dict]:
+def run(seeds: int, label: str, shape: tuple, device: str, dtype: str, repeat: int = 1, seed0: int = 1000) -> list[dict]:
     rows = []
-    kind, B, H, _, D, mb, G, _ = SHAPE
+    kind, B, H, N, D, mb, G = shape
     dt = DTYPES[dtype]
-    for seed in range(seeds):
-        errs = check(kind, B, H, tokens, D, mb, G, dt, device, seed=1000 + seed)
-        worst = max(errs, key=errs.get)
-        rows.append({"kernels": label, "seed": 1000 + seed, "max": errs[worst], "worst": worst, "errs": errs})
-        print(f"{label:6s} seed {1000 + seed}: max {errs[worst]:.2e} ({worst}); out {errs['out']:.1e}, "
-              f"dk {errs['dk']:.1e}, dW1 {errs['dW1']:.1e}", flush=True)
+    for seed in range(seed0, seed0 + seeds):
+        for rep in range(repeat):
+            errs = check(kind, B, H, N, D, mb, G, dt, device, seed=seed)
+            worst = max(errs, key=errs.get)
+            rows.append({"kernels": label, "seed": seed, "rep": rep, "max": errs[worst], "worst": worst, "errs": errs})
+            print(f"{label:6s} seed {seed} rep {rep}: max {errs[worst]:.2e} ({worst}); out {errs['out']:.1e}, "
+                  f"dq {errs['dq']:.1e}, dk {errs['dk']:.1e}, dW1 {errs['dW1']:.1e}", flush=True)
     return rows
 
 
@@ -56,6 +60,11 @@ def main() -> None:
     ap.add_argument("--other", default=None, help="another kernels/ttt_triton.py to run on the same seeds")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tokens", type=int, default=SHAPE[3], help="sequence length (a multiple of 64)")
+    ap.add_argument("--shape", default="", help="B,H,N,D,MB,G (overrides --tokens)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each seed (a race gives different numbers)")
+    ap.add_argument("--seed0", type=int, default=1000)
+    ap.add_argument("--split-any-shape", action="store_true",
+                    help="let the split forward run at this (D, mini-batch) although the device has not verified it")
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels under TRITON_INTERPRET=1")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="operand dtype (the interpreter: fp16)")
     ap.add_argument("--config", default="", help="';'-separated KERNEL_CONFIG changes for the repo's kernels, e.g. "
@@ -66,24 +75,34 @@ def main() -> None:
 
         for spec in filter(None, args.config.split(";")):
             _apply_config(spec)
-    rows = run(args.seeds, "repo", args.tokens, args.device, args.dtype)
+    kind, B, H, _, D, mb, G, _ = SHAPE
+    shape = (kind, *map(int, args.shape.split(","))) if args.shape else (kind, B, H, args.tokens, D, mb, G)
+    if args.split_any_shape:
+        from ttt_video.kernels import ttt_triton
+
+        ttt_triton.SPLIT_DEVICE_VERIFIED = ttt_triton.SPLIT_DEVICE_VERIFIED | {(shape[4], shape[5])}
+    rows = run(args.seeds, "repo", shape, args.device, args.dtype, args.repeat, args.seed0)
     if args.other:
         pkg, other = _load_other(args.other)
         repo_mod = pkg.ttt_triton
         pkg.ttt_triton = other  # what kernel_checks.check imports
         sys.modules["ttt_video.kernels.ttt_triton"] = other
         try:
-            rows += run(args.seeds, "other", args.tokens, args.device, args.dtype)
+            rows += run(args.seeds, "other", shape, args.device, args.dtype, args.repeat, args.seed0)
         finally:
             pkg.ttt_triton = repo_mod
             sys.modules["ttt_video.kernels.ttt_triton"] = repo_mod
     for label in sorted({r["kernels"] for r in rows}):
         m = [r["max"] for r in rows if r["kernels"] == label]
-        print(f"{label}: max rel err over {len(m)} seeds: mean {sum(m) / len(m):.2e}, worst {max(m):.2e}")
+        print(f"{label}: max rel err over {len(m)} runs: mean {sum(m) / len(m):.2e}, worst {max(m):.2e}")
+        spread = [max(r["max"] for r in rows if r["kernels"] == label and r["seed"] == s)
+                  - min(r["max"] for r in rows if r["kernels"] == label and r["seed"] == s)
+                  for s in {r["seed"] for r in rows if r["kernels"] == label}]
+        if args.repeat > 1:
+            print(f"{label}: largest spread of one seed's max error over its {args.repeat} runs: {max(spread):.2e}")
     if args.json:
         with open(args.json, "w") as f:
-            kind, B, H, _, D, mb, G, _ = SHAPE
-            json.dump({"case": [kind, B, H, args.tokens, D, mb, G, args.dtype], "device": args.device, "rows": rows},
+            json.dump({"case": [*shape, args.dtype], "device": args.device, "rows": rows},
                       f, indent=1)
 
 
