@@ -136,6 +136,27 @@ def _ln_target_grad(z, v, k, gamma, beta, D: tl.constexpr, eps):
 
 
 @triton.jit
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _ln_target_grad_2r(z, v, k, gamma, beta, D: tl.constexpr, eps):
+    """_ln_target_grad with its four row sums in two reductions, each over a pair (sum z with sum z^2, then the
+    LN backward's two): where a row spans several warps each reduction is a shared-memory exchange and a barrier
+    on the mini-batch's chain, and a pair costs one. The variance comes from E[z^2] - E[z]^2 (one pass)."""
+    s_z, s_zz = tl.reduce((z, z * z), 1, _add2)
+    mu = s_z / D
+    rstd = 1.0 / tl.sqrt(tl.maximum(s_zz / D - mu * mu, 0.0) + eps)
+    xh = (z - mu[:, None]) * rstd[:, None]
+    g = gamma * xh + beta - (v - k)
+    gx = g * gamma
+    s1, s2 = tl.reduce((gx, gx * xh), 1, _add2)
+    gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+    return xh, rstd, g, gx, gz
+
+
+@triton.jit
 def _ln_double_bwd(G, gx, g, xh, rstd, gz, gamma, D: tl.constexpr):
     """Back-propagate G = dL/d(gz) through gz = LN_bwd(gx = (gamma xh + beta - y) gamma, xh(z), rstd(z)).
 
@@ -1373,7 +1394,7 @@ def _ttt_linear_fwd_pipe_kernel(
     OUT, W1_OUT, B1_OUT,
     CK_W1, CK_B1,
     N, H, n_mb, n_ck, G, eps,
-    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr,
+    D: tl.constexpr, MB: tl.constexpr, SAVE: tl.constexpr, IEEE: tl.constexpr, FUSED_SUMS: tl.constexpr,
 ):
     """_ttt_linear_fwd_kernel with one dot fewer on each mini-batch's chain. The inner forward of mini-batch i
     (k_i W) and the output of mini-batch i - 1 (q_{i-1} W, W after its update) read the same W, so they are one
@@ -1405,7 +1426,10 @@ def _ttt_linear_fwd_pipe_kernel(
             v = tl.load(V + offs, mask=top[:, None], other=0.0).to(tl.float32)
             e = tl.load(ETA + eta_base + i * MB + r_in, mask=top, other=0.0).to(tl.float32)
             xf = x.to(tl.float32)
-            xh, rstd, g, gx, gz = _ln_target_grad(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
+            if FUSED_SUMS:
+                xh, rstd, g, gx, gz = _ln_target_grad_2r(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
+            else:
+                xh, rstd, g, gx, gz = _ln_target_grad(_mm(x, w, DT, IEEE) + b, v, xf, gamma, beta, D, eps)
             tl.store(OUT + offs, (xf + gamma * xh + beta).to(OUT.dtype.element_ty), mask=has_out[:, None])
             p = e[:, None] * gz  # zero on the output rows
             w = w - _mm(tl.trans(x), p, DT, IEEE)
@@ -1826,10 +1850,13 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     else:
         cks = [W1, b1]
     kernel = _linear_fwd_kernel(mb)
+    extra = {}
+    if kernel is _ttt_linear_fwd_pipe_kernel:
+        extra["FUSED_SUMS"] = bool(KERNEL_CONFIG["linear_fwd"].get("fused_sums", 0))
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_launch_opts("linear_fwd"),
+        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **extra, **_launch_opts("linear_fwd"),
     )
     return out, finals, cks
 

@@ -48,6 +48,7 @@ GMEM_BWD = {"mlp_bwd": {"variant": "gmem"}}  # the backward's fallback (the defa
 # mini-batch 16 and plain above; the cases with changes pin the other choice.
 LINEAR_PIPE = {"linear_fwd": {"variant": "pipe"}}
 LINEAR_PLAIN = {"linear_fwd": {"variant": "plain"}}
+LINEAR_FUSED_SUMS = {"linear_fwd": {"fused_sums": 1}}  # pipe with its four row sums in two paired reductions
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -78,6 +79,9 @@ CASES = [
     ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_PLAIN),
     ("linear", 1, 2, 192, 16, 64, 2, "float32", LINEAR_PIPE),
     ("linear", 1, 2, 16, 16, 16, 1, "float32"),  # one mini-batch (pipe): its output after the loop only
+    ("linear", 2, 2, 80, 16, 16, 2, "float32", LINEAR_FUSED_SUMS),
+    ("linear", 1, 2, 16, 16, 16, 1, "float32", LINEAR_FUSED_SUMS),
+    ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_FUSED_SUMS),
 ]
 TOL = {"float32": 1e-4, "float16": 1e-2}
 

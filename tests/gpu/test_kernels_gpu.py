@@ -251,14 +251,15 @@ LINEAR_CASES = [c for c in CASES if c[0] == "linear"]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in LINEAR_CASES])
-@pytest.mark.parametrize("variant", ["pipe", "plain"])
+@pytest.mark.parametrize("variant", ["pipe", "plain", "pipe-fused-sums"])
 def test_linear_forward_variants_match_float64_reference(variant, case, monkeypatch):
     """Both TTT-Linear forwards at every Linear shape, whichever the default ("auto") picks there: plain, and
     pipe (each mini-batch's output in the next one's dot, one dependent dot fewer per mini-batch)."""
     from ttt_video.kernels import ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant=variant))
-    other = {"pipe": "_ttt_linear_fwd_kernel", "plain": "_ttt_linear_fwd_pipe_kernel"}[variant]
+    change = {"variant": "pipe", "fused_sums": 1} if variant == "pipe-fused-sums" else {"variant": variant}
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], **change))
+    other = {"plain": "_ttt_linear_fwd_pipe_kernel"}.get(variant, "_ttt_linear_fwd_kernel")
     monkeypatch.setattr(ttt_triton, other, None)  # must not run
     kind, B, H, N, D, mb, G, dt = case
     _checked([f"linear-{variant}", B, H, N, D, mb, G, str(dt)], *case)
