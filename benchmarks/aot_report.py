@@ -62,7 +62,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         consts = dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
         if kernel is tt._ttt_linear_fwd_pipe_kernel:
-            consts["FUSED_SUMS"] = bool(cfg.get("fused_sums", 0))
+            consts["FUSED_SUMS"] = bool(cfg.get("fused_sums", 1))
         return kernel, consts
     if name == "linear_bwd":
         return tt._ttt_linear_bwd_kernel, dict(D=D, MB=cfg.get("mb", 16), IEEE=ieee)

@@ -1411,12 +1411,25 @@ def _ttt_linear_fwd_pipe_kernel(
     top = rows2 < MB  # rows of the mini-batch being learned; the others are the previous one's queries
     r_in = tl.where(top, rows2, rows2 - MB)
     dc, w_offs, w, b, gamma, beta = _linear_fwd_start(W1, B1, LNW, LNB, pid, H, D)
+    if FUSED_SUMS:
+        # The one-pass variance cancels where a row of z = x W + b has a large mean against its spread (a bias
+        # of mean 30 cost 1.6e-3 in fp32). That mean is x (W 1) / D + mean(b) all along the scan: dl/dz has
+        # zero-mean rows (LayerNorm is shift-invariant), so no update moves W's row means or b's mean. W and b
+        # are carried with those means taken out (every z row shifts by a constant: each LayerNorm, hence every
+        # output, is unchanged, and z is centred); they go back in at every store.
+        w_mean = tl.sum(w, axis=1) / D
+        b_mean = tl.sum(b, axis=1) / D
+    else:
+        w_mean = tl.zeros([D], dtype=tl.float32)
+        b_mean = tl.zeros([1], dtype=tl.float32)
+    w = w - w_mean[:, None]
+    b = b - b_mean[:, None]
     tok = pid64 * N * D
     eta_base = pid64 * N
     tile2 = r_in[:, None] * D + dc[None, :]
     for c in range(n_ck):
         if SAVE:
-            _store_linear_state(CK_W1, CK_B1, pid64 * n_ck + c, w, b, w_offs, dc, D)
+            _store_linear_state(CK_W1, CK_B1, pid64 * n_ck + c, w + w_mean[:, None], b + b_mean[:, None], w_offs, dc, D)
         i_end = tl.minimum(c * G + G, n_mb)
         for i in range(c * G, i_end):
             mb_of_row = tl.where(top, i, i - 1).to(tl.int64)
@@ -1440,7 +1453,7 @@ def _ttt_linear_fwd_pipe_kernel(
     q = tl.load(Q + offs)
     xq, rq = _ln_norm(_mm(q, w, DT, IEEE) + b, D, eps)
     tl.store(OUT + offs, (q.to(tl.float32) + gamma * xq + beta).to(OUT.dtype.element_ty))
-    _store_linear_state(W1_OUT, B1_OUT, pid64, w, b, w_offs, dc, D)
+    _store_linear_state(W1_OUT, B1_OUT, pid64, w + w_mean[:, None], b + b_mean[:, None], w_offs, dc, D)
 
 
 @triton.jit
@@ -1597,7 +1610,11 @@ KERNEL_CONFIG = {
     # (pipe 141 / 68.7 / 32.4 / 38.3 ms). Tried and not kept (docs/performance.md, session 12): "dual" (z_i from
     # k_i W_{i-2} and p_{i-1}, a one-dot chain: 61.4 ms) and transposed tiles (W^T as the A operand of Hopper
     # warpgroup MMAs: 43.0 ms, with pipe's pairing 44.1).
-    "linear_fwd": {"variant": "auto", "pipe_max_mb": 16, "num_warps": 4, "num_stages": 3},
+    # fused_sums (session 13): pipe's four LayerNorm row sums as two paired reductions (a row spans the 4 warps, so
+    # each sum is a shared-memory exchange and a barrier on the chain), W and b carried centred so that the one-pass
+    # variance cannot cancel: 29.7 vs 32.9 ms at the one-minute shape (predicted ~5 %, measured 10 %). Not kept:
+    # padding the tile to 64 rows so each warp owns whole rows (min_rows=64: 43.7 ms; 255 registers, spills).
+    "linear_fwd": {"variant": "auto", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1852,7 +1869,7 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     kernel = _linear_fwd_kernel(mb)
     extra = {}
     if kernel is _ttt_linear_fwd_pipe_kernel:
-        extra["FUSED_SUMS"] = bool(KERNEL_CONFIG["linear_fwd"].get("fused_sums", 0))
+        extra["FUSED_SUMS"] = bool(KERNEL_CONFIG["linear_fwd"].get("fused_sums", 1))
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,

@@ -48,7 +48,12 @@ GMEM_BWD = {"mlp_bwd": {"variant": "gmem"}}  # the backward's fallback (the defa
 # mini-batch 16 and plain above; the cases with changes pin the other choice.
 LINEAR_PIPE = {"linear_fwd": {"variant": "pipe"}}
 LINEAR_PLAIN = {"linear_fwd": {"variant": "plain"}}
-LINEAR_FUSED_SUMS = {"linear_fwd": {"fused_sums": 1}}  # pipe with its four row sums in two paired reductions
+# pipe's LayerNorm row sums: two paired reductions (the default, "fused_sums") or four; "_inputs": check() options,
+# here LayerNorm inputs with large row means (bias mean 30: without pipe's centring the one-pass variance cost
+# 1.6e-3 in out). Those cases check the forward only (out, final state): the backward recomputes z uncentred with
+# two-pass statistics, and its fp32 gradients there (1.5e-4 in dk) are the problem's conditioning, not this choice.
+LINEAR_FOUR_SUMS = {"linear_fwd": {"fused_sums": 0}}
+LARGE_MEANS = {"_inputs": {"mean_shift": 30.0}}
 CASES = [
     ("mlp", 2, 2, 80, 16, 16, 2, "float32"),  # 5 mini-batches, groups of 2 (last group partial); F=64
     ("mlp", 1, 3, 64, 16, 16, 0, "float32"),  # default group size
@@ -79,9 +84,10 @@ CASES = [
     ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_PLAIN),
     ("linear", 1, 2, 192, 16, 64, 2, "float32", LINEAR_PIPE),
     ("linear", 1, 2, 16, 16, 16, 1, "float32"),  # one mini-batch (pipe): its output after the loop only
-    ("linear", 2, 2, 80, 16, 16, 2, "float32", LINEAR_FUSED_SUMS),
-    ("linear", 1, 2, 16, 16, 16, 1, "float32", LINEAR_FUSED_SUMS),
-    ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_FUSED_SUMS),
+    ("linear", 2, 2, 80, 16, 16, 2, "float32", LINEAR_FOUR_SUMS),
+    ("linear", 1, 2, 64, 16, 16, 3, "float16", LINEAR_FOUR_SUMS),
+    ("linear", 2, 2, 80, 16, 16, 2, "float32", LARGE_MEANS),
+    ("linear", 1, 2, 192, 16, 64, 2, "float32", LARGE_MEANS),  # plain (two-pass variance)
 ]
 TOL = {"float32": 1e-4, "float16": 1e-2}
 
@@ -110,7 +116,9 @@ def _worker() -> None:
     seed = int(os.environ.get("KERNEL_TEST_SEED", "0"))
     default = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
     for i, (kind, B, H, N, D, mb, G, dt, *changes) in enumerate(CASES):
-        for name, change in (changes[0] if changes else {}).items():
+        changes = dict(changes[0]) if changes else {}
+        inputs = changes.pop("_inputs", {})
+        for name, change in changes.items():
             ttt_triton.KERNEL_CONFIG[name].update(change)
         # the case must run the MLP kernels its config selects, not fall back to others
         fwd_kernels = {"split": "_ttt_mlp_fwd_split_kernel", "gmem": "_ttt_mlp_fwd_gmem_kernel"}
@@ -124,7 +132,7 @@ def _worker() -> None:
             setattr(ttt_triton, n, _Refuse(n))
         t0 = time.time()
         try:
-            errs = check(kind, B, H, N, D, mb, G, getattr(torch, dt), "cpu", seed + i)
+            errs = check(kind, B, H, N, D, mb, G, getattr(torch, dt), "cpu", seed + i, **inputs)
             print(json.dumps({"case": i, "errs": errs, "s": time.time() - t0}), flush=True)
         except AssertionError as e:
             print(json.dumps({"case": i, "fail": str(e)}), flush=True)
@@ -157,7 +165,8 @@ def test_triton_interpreter_matches_float64_reference(interpreter_results, case)
     tol = TOL[CASES[case][7]]
     names = {"out", "dq", "dk", "dv", "deta", "dW1", "db1", "dln_weight", "dln_bias", "final_W1", "final_b1"}
     assert names <= set(rec["errs"]), f"missing checks: {names - set(rec['errs'])}"
-    bad = {k: v for k, v in rec["errs"].items() if not v < tol}
+    forward_only = len(CASES[case]) > 8 and "_inputs" in CASES[case][8]
+    bad = {k: v for k, v in rec["errs"].items() if not v < tol and not (forward_only and k.startswith("d"))}
     assert not bad, f"relative errors above {tol}: {bad}"
 
 
@@ -230,10 +239,11 @@ def test_bad_shapes_raise_clear_errors():
 
 def test_linear_forward_default_picks_pipe_at_mini_batch_16_only():
     """The measured choice (docs/performance.md, session 12): pipe at mini-batch 16 (32.4 vs 38.0 ms at the
-    one-minute shape), plain at 64 (14.5 vs 28.5 ms)."""
+    one-minute shape), plain at 64 (14.5 vs 28.5 ms); pipe's row sums paired (session 13: 29.7 vs 32.9 ms)."""
     from ttt_video.kernels import ttt_triton
 
     assert ttt_triton.KERNEL_CONFIG["linear_fwd"]["variant"] == "auto"
+    assert ttt_triton.KERNEL_CONFIG["linear_fwd"]["fused_sums"] == 1
     assert ttt_triton._linear_fwd_kernel(16) is ttt_triton._ttt_linear_fwd_pipe_kernel
     assert ttt_triton._linear_fwd_kernel(32) is ttt_triton._ttt_linear_fwd_kernel
     assert ttt_triton._linear_fwd_kernel(64) is ttt_triton._ttt_linear_fwd_kernel

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
-def make_inputs(kind, B, H, N, D, dtype, device, generator):
-    """float64 draws rounded to `dtype` (the state stays fp32, like the model's parameters)."""
+def make_inputs(kind, B, H, N, D, dtype, device, generator, mean_shift=0.0):
+    """float64 draws rounded to `dtype` (the state stays fp32, like the model's parameters). ``mean_shift`` moves the
+    inner model's last bias by that much and its last weight's entries by a tenth of it: LayerNorm inputs whose rows
+    have large means against their spread (a one-pass variance cancels there)."""
 
     def r(*s, scale=1.0):
         return torch.randn(*s, generator=generator, dtype=torch.float64) * scale
@@ -29,6 +31,8 @@ def make_inputs(kind, B, H, N, D, dtype, device, generator):
         state = [r(B, H, D, Fh, scale=0.3), r(B, H, 1, Fh, scale=0.1), r(B, H, Fh, D, scale=0.3), r(B, H, 1, D, scale=0.1)]
     else:
         state = [r(B, H, D, D, scale=0.3), r(B, H, 1, D, scale=0.1)]
+    state[-2] = state[-2] + mean_shift / 10
+    state[-1] = state[-1] + mean_shift
     ln_w = 1.0 + r(H, D, scale=0.2)
     ln_b = r(H, D, scale=0.2)
     sdt = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
@@ -41,7 +45,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def check(kind, B, H, N, D, mb, group, dtype, device, seed):
+def check(kind, B, H, N, D, mb, group, dtype, device, seed, mean_shift=0.0):
     """Run the Triton kernel and the float64 torch reference; return {name: relative error}.
 
     Raises AssertionError if any kernel output (forward or backward) holds a NaN (= an unwritten,
@@ -50,7 +54,7 @@ def check(kind, B, H, N, D, mb, group, dtype, device, seed):
     from ttt_video.ttt_core import ops
 
     g = torch.Generator().manual_seed(seed)
-    xs = make_inputs(kind, B, H, N, D, dtype, device, g)
+    xs = make_inputs(kind, B, H, N, D, dtype, device, g, mean_shift)
     ns = 4 if kind == "mlp" else 2
     names = ["q", "k", "v", "eta"] + (["W1", "b1", "W2", "b2"] if kind == "mlp" else ["W1", "b1"]) + ["ln_weight", "ln_bias"]
     leaves = [t.detach().clone().requires_grad_(True) for t in xs]

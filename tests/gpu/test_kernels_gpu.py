@@ -251,15 +251,28 @@ LINEAR_CASES = [c for c in CASES if c[0] == "linear"]
 
 
 @pytest.mark.parametrize("case", LINEAR_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in LINEAR_CASES])
-@pytest.mark.parametrize("variant", ["pipe", "plain", "pipe-fused-sums"])
+@pytest.mark.parametrize("variant", ["pipe", "plain", "pipe-four-sums"])
 def test_linear_forward_variants_match_float64_reference(variant, case, monkeypatch):
     """Both TTT-Linear forwards at every Linear shape, whichever the default ("auto") picks there: plain, and
     pipe (each mini-batch's output in the next one's dot, one dependent dot fewer per mini-batch)."""
     from ttt_video.kernels import ttt_triton
 
-    change = {"variant": "pipe", "fused_sums": 1} if variant == "pipe-fused-sums" else {"variant": variant}
+    change = {"variant": "pipe", "fused_sums": 0} if variant == "pipe-four-sums" else {"variant": variant}
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], **change))
     other = {"plain": "_ttt_linear_fwd_pipe_kernel"}.get(variant, "_ttt_linear_fwd_kernel")
     monkeypatch.setattr(ttt_triton, other, None)  # must not run
     kind, B, H, N, D, mb, G, dt = case
     _checked([f"linear-{variant}", B, H, N, D, mb, G, str(dt)], *case)
+
+
+@pytest.mark.parametrize("variant", ["pipe", "plain"])
+def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
+    """LayerNorm inputs whose rows have means ~30x their spread (the bias moved by 30): pipe's one-pass variance
+    must not cancel (it carries W and b centred); forward only, fp32 (see tests/test_kernels.py's LARGE_MEANS)."""
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant=variant))
+    errs = check("linear", 2, 3, 320, 64, 16, 8, FP32, "cuda", seed=_fresh_seed(), mean_shift=30.0)
+    _log({"case": [f"linear-{variant}-large-means"], "errs": errs})
+    bad = {k: v for k, v in errs.items() if not k.startswith("d") and not v < TOL[FP32]}
+    assert not bad, f"forward errors above {TOL[FP32]}: {bad}"
