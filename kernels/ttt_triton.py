@@ -1975,7 +1975,9 @@ class _TTTMLPFunction(torch.autograd.Function):
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,
                                        (dq, dk, dv, deta), dstate, dlnw, dlnb)
-            cfg = {"variant": "done" if done else "gmem"}
+            # the gmem fallback keeps the configured w2t / fc (until session 13 it fell back with w2t = 1, the
+            # slower orientation: the one-launch fwd+bwd at 96 heads read ~1,090 ms, ~995 with w2t = 0)
+            cfg = dict(cfg, variant="done" if done else "gmem")
         gmem = cfg["variant"] == "gmem" and _pow2(Fh) and Fh >= 32
         FC = _mlp_fc("mlp_bwd", Fh) if gmem else 0
         if cfg["variant"] == "done":
