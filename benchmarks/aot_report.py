@@ -60,10 +60,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         return tt._ttt_mlp_bwd_kernel, dict(D=D, F=F, MB=64, IEEE=ieee)
     if name == "linear_fwd":
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
-        consts = dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee)
-        if kernel is tt._ttt_linear_fwd_pipe_kernel:
-            consts["FUSED_SUMS"] = bool(cfg.get("fused_sums", 1))
-        return kernel, consts
+        return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":
         return tt._ttt_linear_bwd_kernel, dict(D=D, MB=cfg.get("mb", 16), IEEE=ieee)
     raise SystemExit(f"unknown kernel {name!r}")

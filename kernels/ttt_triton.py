@@ -144,7 +144,8 @@ def _add2(a0, a1, b0, b1):
 def _ln_target_grad_2r(z, v, k, gamma, beta, D: tl.constexpr, eps):
     """_ln_target_grad with its four row sums in two reductions, each over a pair (sum z with sum z^2, then the
     LN backward's two): where a row spans several warps each reduction is a shared-memory exchange and a barrier
-    on the mini-batch's chain, and a pair costs one. The variance comes from E[z^2] - E[z]^2 (one pass)."""
+    on the mini-batch's chain, and a pair costs one. The variance comes from E[z^2] - E[z]^2 (one pass), which
+    cancels where a row's mean is large against its spread: the caller keeps z centred."""
     s_z, s_zz = tl.reduce((z, z * z), 1, _add2)
     mu = s_z / D
     rstd = 1.0 / tl.sqrt(tl.maximum(s_zz / D - mu * mu, 0.0) + eps)
@@ -1612,7 +1613,7 @@ KERNEL_CONFIG = {
     # warpgroup MMAs: 43.0 ms, with pipe's pairing 44.1).
     # fused_sums (session 13): pipe's four LayerNorm row sums as two paired reductions (a row spans the 4 warps, so
     # each sum is a shared-memory exchange and a barrier on the chain), W and b carried centred so that the one-pass
-    # variance cannot cancel: 29.7 vs 32.9 ms at the one-minute shape (predicted ~5 %, measured 10 %). Not kept:
+    # variance cannot cancel: 29.1-29.7 vs 32.6-32.9 ms at the one-minute shape (predicted ~5 %, measured 10 %). Not kept:
     # padding the tile to 64 rows so each warp owns whole rows (min_rows=64: 43.7 ms; 255 registers, spills).
     "linear_fwd": {"variant": "auto", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
@@ -1855,6 +1856,15 @@ def _linear_fwd_kernel(mb: int, variant: str | None = None):
     return _ttt_linear_fwd_pipe_kernel if variant == "pipe" else _ttt_linear_fwd_kernel
 
 
+def _linear_fwd_options(kernel, cfg: dict | None = None) -> dict:
+    """The variant-specific constexprs of a Linear forward kernel from ``cfg`` (default KERNEL_CONFIG's; launches
+    and aot_report)."""
+    cfg = KERNEL_CONFIG["linear_fwd"] if cfg is None else cfg
+    if kernel is _ttt_linear_fwd_pipe_kernel:
+        return {"FUSED_SUMS": bool(cfg.get("fused_sums", 1))}
+    return {}
+
+
 def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -1867,13 +1877,10 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     else:
         cks = [W1, b1]
     kernel = _linear_fwd_kernel(mb)
-    extra = {}
-    if kernel is _ttt_linear_fwd_pipe_kernel:
-        extra["FUSED_SUMS"] = bool(KERNEL_CONFIG["linear_fwd"].get("fused_sums", 1))
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **extra, **_launch_opts("linear_fwd"),
+        D=D, MB=mb, SAVE=save, IEEE=q.dtype == torch.float32, **_linear_fwd_options(kernel), **_launch_opts("linear_fwd"),
     )
     return out, finals, cks
 
