@@ -95,11 +95,13 @@ def main() -> None:
     for label in sorted({r["kernels"] for r in rows}):
         m = [r["max"] for r in rows if r["kernels"] == label]
         print(f"{label}: max rel err over {len(m)} runs: mean {sum(m) / len(m):.2e}, worst {max(m):.2e}")
-        spread = [max(r["max"] for r in rows if r["kernels"] == label and r["seed"] == s)
-                  - min(r["max"] for r in rows if r["kernels"] == label and r["seed"] == s)
-                  for s in {r["seed"] for r in rows if r["kernels"] == label}]
         if args.repeat > 1:
-            print(f"{label}: largest spread of one seed's max error over its {args.repeat} runs: {max(spread):.2e}")
+            by_seed = {}
+            for r in rows:
+                if r["kernels"] == label:
+                    by_seed.setdefault(r["seed"], []).append(r["max"])
+            spread = max(max(v) - min(v) for v in by_seed.values())
+            print(f"{label}: largest spread of one seed's max error over its {args.repeat} runs: {spread:.2e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"case": [*shape, args.dtype], "device": args.device, "rows": rows},
