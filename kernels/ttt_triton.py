@@ -1816,6 +1816,13 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     else:
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
     variant = KERNEL_CONFIG["mlp_fwd"]["variant"]
+    if variant == "smem":
+        from .ttt_gluon import gluon_supports, mlp_forward_gluon
+
+        if gluon_supports(q, D, Fh, mb):
+            return mlp_forward_gluon(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save,
+                                     num_warps=KERNEL_CONFIG["mlp_fwd"].get("smem_num_warps", 16))
+        variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
     if variant == "split":
         split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)
         if split is not None:

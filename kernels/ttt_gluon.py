@@ -1,0 +1,244 @@
+"""TTT-MLP forward in Gluon (Triton's explicit-layout dialect) for Hopper: one CTA per (sequence, head), the
+state in shared memory.
+
+Why a second language: the Triton kernels (kernels/ttt_triton.py) cannot keep a tensor in shared memory across
+loop iterations. The [64, 256] + [256, 64] fp32 state (128 KB) does not fit in one program's registers, so the
+gmem forward keeps it in L2 and re-reads it three times per mini-batch (~25 us a mini-batch at the one-minute
+shape), and the split forward spreads it over 4 programs that meet through global memory (66 groups fit on an
+H100, not the 96 heads of a bidirectional launch). Gluon can allocate shared memory explicitly, so here one CTA
+of 16 warps (4 warpgroups, one per 64 hidden units for the [64, 256] tiles) keeps:
+
+    W1 (fp32 master)  registers, in the [64, 256] wgmma accumulator layout (32 per thread at 16 warps)
+    W2 (fp32 master)  shared memory [256, 64] (64 KB)
+    bf16 copies of W1 / W2 as wgmma operands (32 + 32 KB), b1 (1 KB), b2 in registers
+
+and exchanges tiles between warpgroups through shared memory and a CTA barrier, not global memory and flags.
+
+Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -eta dl/dZ, eta per token):
+    Z1 = k W1 + b1, A = gelu(Z1)             wgmma [64, 64] x [64, 256]
+    Z2 = A W2 + b2, LN target gradient       wgmma [64, 256] x [256, 64], rows reduced inside a warp
+    P2 = -eta dl/dZ2                          (eta folded before the bf16 rounding: one operand tile, not two)
+    P1 = (P2 W2^T) * gelu'(Z1)                wgmma, W2 read transposed in place
+    W2 += A^T P2, b2 += sum P2                wgmma, A read transposed in place
+    W1 += k^T P1, b1 += sum P1                wgmma into the register master
+    out = q + LN(gelu(q W1 + b1) W2 + b2)     two wgmmas with the updated state
+
+bf16 / fp16 inputs only (fp32 inputs take the Triton kernels: wgmma has no IEEE fp32 mode). The CPU interpreter
+does not run Gluon: this kernel is checked on the device (tests/gpu/test_kernels_gpu.py) against the float64
+reference, like the split forward's group meetings.
+"""
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    HAVE_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+# the shapes this kernel is written for: head dim, hidden, mini-batch (the paper's TTT-MLP)
+GLUON_SHAPES = {(64, 256, 64)}
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tanh(u):
+        # one MUFU instruction; its relative error (2^-10.99) is below the bf16 rounding of every use
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _gelu(z):
+        h = 0.5 * z
+        return gl.fma(h, _tanh(z * gl.fma(z * z, 0.035677408136300125, 0.7978845608028654)), h)
+
+    @gluon.jit
+    def _gelu_and_grad(z):
+        z2 = z * z
+        t = _tanh(z * gl.fma(z2, 0.035677408136300125, 0.7978845608028654))
+        h = 0.5 * z
+        g = gl.fma(h, t, h)
+        g1 = gl.fma(h * gl.fma(-t, t, 1.0), gl.fma(z2, 0.10703222440890037, 0.7978845608028654), gl.fma(0.5, t, 0.5))
+        return g, g1
+
+    @gluon.jit
+    def _ln_rows(z, D: gl.constexpr, eps):
+        """xhat and 1/std of each row (two-pass variance)."""
+        mu = gl.sum(z, axis=1) / D
+        zc = z - mu[:, None]
+        rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
+        return zc * rstd[:, None], rstd
+
+    @gluon.jit
+    def _w_offsets(R: gl.constexpr, C: gl.constexpr, L: gl.constexpr):
+        """Row-major offsets of an [R, C] matrix in layout L (recomputed where used: held across the scan they
+        would cost 32 registers a thread)."""
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        c = gl.arange(0, C, layout=gl.SliceLayout(0, L))
+        return r[:, None] * C + c[None, :]
+
+    @gluon.jit
+    def _store_state(PW1, PB1, PW2, PB2, w1, B1_s, W2F_s, b2, dcol, D: gl.constexpr, F: gl.constexpr,
+                     L_ZF: gl.constexpr, L_W2: gl.constexpr):
+        """The state (W1 from registers, b1 and W2 from shared memory, b2 from registers) to row-major buffers."""
+        gl.store(PW1 + _w_offsets(D, F, L_ZF), w1)
+        COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
+        gl.store(PB1 + gl.arange(0, F, layout=COLF), B1_s.load(COLF))
+        gl.store(PW2 + _w_offsets(F, D, L_W2), W2F_s.load(L_W2))
+        gl.store(PB2 + dcol, b2)
+
+    @gluon.jit
+    def _ttt_mlp_fwd_smem_kernel(
+        Q, K, V, ETA, LNW, LNB,
+        W1_IN, B1_IN, W2_IN, B2_IN,
+        OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
+        CK_W1, CK_B1, CK_W2, CK_B2,
+        N, H, n_mb, n_ck, G, eps,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
+        # wgmma accumulators: [MB, F] (each warpgroup F / WG columns), [MB, D], and [F, D] (rows over all warps)
+        L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, F // WG, 16])
+        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, D // WG, 16])
+        L_W2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+        # row-wise work ([MB, D]: loads, LayerNorms): 8 lanes per row, so row sums stay inside a warp
+        BL: gl.constexpr = gl.BlockedLayout([1, D // 8], [4, 8], [num_warps, 1], [1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(1, BL)
+        COL: gl.constexpr = gl.SliceLayout(0, BL)
+        COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
+        S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
+        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
+        S_W1: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], gl.bfloat16)
+        S_W2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_W2F: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.float32)
+        S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        DT = Q.dtype.element_ty
+
+        pid = gl.program_id(0)
+        pid64 = pid.to(gl.int64)
+        h = pid % H
+
+        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(q W1 + b1)
+        W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
+        W2B_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
+        W2F_s = gl.allocate_shared_memory(gl.float32, [F, D], S_W2F)
+        B1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
+
+        # the initial state
+        w1 = gl.load(W1_IN + pid64 * D * F + _w_offsets(D, F, L_ZF))
+        w2 = gl.load(W2_IN + pid64 * F * D + _w_offsets(F, D, L_W2))
+        W1B_s.store(w1.to(DT))
+        W2F_s.store(w2)
+        W2B_s.store(w2.to(DT))
+        B1_s.store(gl.load(B1_IN + pid64 * F + gl.arange(0, F, layout=COLF)))
+        rows = gl.arange(0, MB, layout=ROW)
+        dcol = gl.arange(0, D, layout=COL)
+        b2 = gl.load(B2_IN + pid64 * D + dcol)
+        tile = rows[:, None] * D + dcol[None, :]
+        tok = pid64 * N * D
+        eta_base = pid64 * N
+        fence_async_shared()
+        gl.thread_barrier()
+
+        for c in range(n_ck):
+            if SAVE:
+                ck = pid64 * n_ck + c
+                _store_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, CK_B2 + ck * D, w1, B1_s, W2F_s,
+                             b2, dcol, D, F, L_ZF, L_W2)
+            i_end = gl.minimum(c * G + G, n_mb)
+            for i in range(c * G, i_end):
+                offs = tok + i * MB * D + tile
+                k = gl.load(K + offs)
+                q = gl.load(Q + offs)
+                K_s.store(k)
+                Q_s.store(q)
+                fence_async_shared()
+                gl.thread_barrier()
+                # inner forward on the keys
+                z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+                a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
+                # gelu'(Z1) waits through Z2 and the LN in fp16 (16 registers, not 32; 2^-11 relative, below the
+                # bf16 rounding P1 gets next)
+                da = da.to(gl.float16)
+                A_s.store(a.to(DT))
+                fence_async_shared()
+                gl.thread_barrier()
+                z2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+                z2 = gl.convert_layout(z2, BL) + b2[None, :]
+                # LayerNorm target gradient: g = LN(z2) - (v - k), dl/dz2 through the LN
+                # the LN parameters are re-read (L1 hits) rather than held through the scan: registers are short
+                gamma = gl.load(LNW + h * D + dcol)[None, :]
+                beta = gl.load(LNB + h * D + dcol)[None, :]
+                xh, rstd = _ln_rows(z2, D, eps)
+                gx = (gamma * xh + beta - (gl.load(V + offs).to(gl.float32) - k.to(gl.float32))) * gamma
+                s1 = gl.sum(gx, axis=1)
+                s2 = gl.sum(gx * xh, axis=1)
+                gz2 = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+                p2 = -gl.load(ETA + eta_base + i * MB + rows)[:, None] * gz2
+                b2 = b2 + gl.sum(p2, axis=0)
+                P2_s.store(p2.to(DT))
+                fence_async_shared()
+                gl.thread_barrier()
+                # P1 = (P2 W2^T) * gelu'(Z1), then W2 += A^T P2: one after the other, so that the W2 update's
+                # accumulator is not live beside P2 W2^T and gelu'(Z1) (16 warps leave 128 registers a thread)
+                ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+                ga = ga * da.to(gl.float32)
+                b1 = B1_s.load(COLF) + gl.sum(ga, axis=0)
+                p1 = ga.to(DT)
+                w2 = warpgroup_mma(A_s.permute((1, 0)), P2_s, W2F_s.load(L_W2))
+                gl.thread_barrier()  # every warpgroup is done reading A_s, W2B_s, W2F_s and B1_s
+                A_s.store(p1)
+                W2F_s.store(w2)
+                W2B_s.store(w2.to(DT))
+                B1_s.store(b1)
+                fence_async_shared()
+                gl.thread_barrier()
+                w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1)
+                W1B_s.store(w1.to(DT))
+                fence_async_shared()
+                gl.thread_barrier()  # W1B_s complete; every warpgroup is done reading A_s (P1)
+                # the output with the updated state
+                zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+                A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
+                fence_async_shared()
+                gl.thread_barrier()
+                zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+                xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
+                gl.store(OUT + offs, (q.to(gl.float32) + gamma * xq + beta).to(DT))
+                gl.thread_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
+        _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
+                     B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
+
+
+def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
+    """Whether the Gluon forward runs this call: Gluon present, a Hopper GPU, bf16/fp16, the written-for shape."""
+    if not HAVE_GLUON or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return (D, F, mb) in GLUON_SHAPES and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=16):
+    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
+    W1, b1, W2, b2 = state
+    B, H, N, D = q.shape
+    BH, F = B * H, W1.shape[-1]
+    n_mb = N // mb
+    n_ck = -(-n_mb // G)
+    from .ttt_triton import LN_EPS
+
+    _ttt_mlp_fwd_smem_kernel[(BH,)](
+        q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
+        N, H, n_mb, n_ck, G, LN_EPS,
+        D=D, F=F, MB=mb, SAVE=save, num_warps=num_warps,
+    )
+    return out, finals, cks, 0
