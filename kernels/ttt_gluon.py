@@ -34,7 +34,7 @@ import torch
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -98,7 +98,8 @@ if HAVE_GLUON:
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
         N, H, n_mb, n_ck, G, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, PREFETCH: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
         # wgmma accumulators: [MB, F] (each warpgroup F / WG columns), [MB, D], and [F, D] (rows over all warps)
@@ -125,8 +126,9 @@ if HAVE_GLUON:
         pid64 = pid.to(gl.int64)
         h = pid % H
 
-        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
-        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        # k and q tiles, double-buffered when PREFETCH: mini-batch i + 1's are copied (cp.async) while i runs
+        K_s2 = gl.allocate_shared_memory(DT, [1 + PREFETCH, MB, D], S_XD)
+        Q_s2 = gl.allocate_shared_memory(DT, [1 + PREFETCH, MB, D], S_XD)
         P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(q W1 + b1)
         W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
@@ -147,6 +149,10 @@ if HAVE_GLUON:
         tile = rows[:, None] * D + dcol[None, :]
         tok = pid64 * N * D
         eta_base = pid64 * N
+        if PREFETCH:
+            async_copy.async_copy_global_to_shared(K_s2.index(0), K + tok + tile)
+            async_copy.async_copy_global_to_shared(Q_s2.index(0), Q + tok + tile)
+            async_copy.commit_group()
         fence_async_shared()
         gl.thread_barrier()
 
@@ -158,12 +164,31 @@ if HAVE_GLUON:
             i_end = gl.minimum(c * G + G, n_mb)
             for i in range(c * G, i_end):
                 offs = tok + i * MB * D + tile
-                k = gl.load(K + offs)
-                q = gl.load(Q + offs)
-                K_s.store(k)
-                Q_s.store(q)
-                fence_async_shared()
-                gl.thread_barrier()
+                if PREFETCH:
+                    K_s = K_s2.index(i % 2)
+                    Q_s = Q_s2.index(i % 2)
+                    # the next mini-batch's k and q (the last one copies itself again: no mask needed)
+                    nxt = tok + gl.minimum(i + 1, n_mb - 1) * MB * D + tile
+                    async_copy.async_copy_global_to_shared(K_s2.index((i + 1) % 2), K + nxt)
+                    async_copy.async_copy_global_to_shared(Q_s2.index((i + 1) % 2), Q + nxt)
+                    async_copy.commit_group()
+                    # v and eta issued now, used after Z2: their latency overlaps the first two wgmmas
+                    v = gl.load(V + offs)
+                    e = gl.load(ETA + eta_base + i * MB + rows)
+                    async_copy.wait_group(1)  # this mini-batch's copies (committed one iteration ago) are done
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    k = K_s.load(BL)
+                    q = Q_s.load(BL)
+                else:
+                    K_s = K_s2.index(0)
+                    Q_s = Q_s2.index(0)
+                    k = gl.load(K + offs)
+                    q = gl.load(Q + offs)
+                    K_s.store(k)
+                    Q_s.store(q)
+                    fence_async_shared()
+                    gl.thread_barrier()
                 # inner forward on the keys
                 z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
                 a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
@@ -180,11 +205,14 @@ if HAVE_GLUON:
                 gamma = gl.load(LNW + h * D + dcol)[None, :]
                 beta = gl.load(LNB + h * D + dcol)[None, :]
                 xh, rstd = _ln_rows(z2, D, eps)
-                gx = (gamma * xh + beta - (gl.load(V + offs).to(gl.float32) - k.to(gl.float32))) * gamma
+                if not PREFETCH:
+                    v = gl.load(V + offs)
+                    e = gl.load(ETA + eta_base + i * MB + rows)
+                gx = (gamma * xh + beta - (v.to(gl.float32) - k.to(gl.float32))) * gamma
                 s1 = gl.sum(gx, axis=1)
                 s2 = gl.sum(gx * xh, axis=1)
                 gz2 = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
-                p2 = -gl.load(ETA + eta_base + i * MB + rows)[:, None] * gz2
+                p2 = -e[:, None] * gz2
                 b2 = b2 + gl.sum(p2, axis=0)
                 P2_s.store(p2.to(DT))
                 fence_async_shared()
@@ -216,6 +244,8 @@ if HAVE_GLUON:
                 xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
                 gl.store(OUT + offs, (q.to(gl.float32) + gamma * xq + beta).to(DT))
                 gl.thread_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
+        if PREFETCH:
+            async_copy.wait_group(0)
         _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
                      B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
 
@@ -227,7 +257,7 @@ def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
     return (D, F, mb) in GLUON_SHAPES and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=16):
+def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, prefetch=True):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
@@ -239,6 +269,6 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     _ttt_mlp_fwd_smem_kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, F=F, MB=mb, SAVE=save, num_warps=num_warps,
+        D=D, F=F, MB=mb, SAVE=save, PREFETCH=prefetch, num_warps=num_warps,
     )
     return out, finals, cks, 0

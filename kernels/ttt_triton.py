@@ -1820,8 +1820,9 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         from .ttt_gluon import gluon_supports, mlp_forward_gluon
 
         if gluon_supports(q, D, Fh, mb):
+            cfg = KERNEL_CONFIG["mlp_fwd"]
             return mlp_forward_gluon(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save,
-                                     num_warps=KERNEL_CONFIG["mlp_fwd"].get("smem_num_warps", 16))
+                                     num_warps=cfg.get("smem_num_warps", 8), prefetch=bool(cfg.get("prefetch", 1)))
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
     if variant == "split":
         split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)
