@@ -40,6 +40,12 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
 
     ieee = op_dtype == "fp32"
     if name == "mlp_fwd":
+        if cfg.get("variant") == "smem":
+            from ttt_video.kernels import ttt_gluon as tg
+
+            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=True, EARLY=bool(cfg.get("early", 0)),
+                                                     BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
+                                                     num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_fwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, SAVE=True, IEEE=ieee,
@@ -87,8 +93,14 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         else:
             signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "i32" if arg in INT32_PTRS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if "num_warps" in constexprs:  # a Gluon kernel: its layouts are written for the warp count it takes
+        from triton.experimental.gluon._runtime import GluonASTSource
+
+        src = GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+        opts["num_warps"] = constexprs["num_warps"]
+    else:
+        src = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     if name == "mlp_bwd" and cfg.get("variant") == "split":
         opts["num_warps"] = cfg.get("split_num_warps", 4)  # as _mlp_split_backward launches it
     if cfg.get("maxnreg"):

@@ -34,14 +34,17 @@ import torch
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    # a CTA-wide barrier: gl.thread_barrier in Triton 3.5-3.6 (the device's), gl.barrier from 3.7 on
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
 # the shapes this kernel is written for: head dim, hidden, mini-batch (the paper's TTT-MLP)
 GLUON_SHAPES = {(64, 256, 64)}
+# launches so far (tests check that a call took this kernel)
+LAUNCHES = 0
 
 if HAVE_GLUON:
 
@@ -98,7 +101,7 @@ if HAVE_GLUON:
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
         N, H, n_mb, n_ck, G, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, PREFETCH: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, EARLY: gl.constexpr, BSUM_MMA: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
@@ -120,21 +123,32 @@ if HAVE_GLUON:
         S_W2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
         S_W2F: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.float32)
         S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        # b1's update (a column sum of P1 over the mini-batch's rows) as P1^T [1 0 .. 0]: a 16-column wgmma instead
+        # of a cross-warp reduction of the [MB, F] tile (~600 instructions a warp)
+        L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, 16, 16])
+        L_S2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, 16 // WG, 16])
+        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 16], gl.bfloat16)
         DT = Q.dtype.element_ty
 
         pid = gl.program_id(0)
         pid64 = pid.to(gl.int64)
         h = pid % H
 
-        # k and q tiles, double-buffered when PREFETCH: mini-batch i + 1's are copied (cp.async) while i runs
-        K_s2 = gl.allocate_shared_memory(DT, [1 + PREFETCH, MB, D], S_XD)
-        Q_s2 = gl.allocate_shared_memory(DT, [1 + PREFETCH, MB, D], S_XD)
+        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(q W1 + b1)
         W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
         W2B_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
         W2F_s = gl.allocate_shared_memory(gl.float32, [F, D], S_W2F)
         B1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
+        E0_s = gl.allocate_shared_memory(DT, [MB, 16], S_ONES)  # column 0 ones, the rest zeros
+        if BSUM_MMA:
+            L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [num_warps, 1], [1, 0])
+            e0c = gl.arange(0, 16, layout=gl.SliceLayout(0, L_E0))
+            E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 16], DT, L_E0))
 
         # the initial state
         w1 = gl.load(W1_IN + pid64 * D * F + _w_offsets(D, F, L_ZF))
@@ -149,12 +163,8 @@ if HAVE_GLUON:
         tile = rows[:, None] * D + dcol[None, :]
         tok = pid64 * N * D
         eta_base = pid64 * N
-        if PREFETCH:
-            async_copy.async_copy_global_to_shared(K_s2.index(0), K + tok + tile)
-            async_copy.async_copy_global_to_shared(Q_s2.index(0), Q + tok + tile)
-            async_copy.commit_group()
         fence_async_shared()
-        gl.thread_barrier()
+        _cta_barrier()
 
         for c in range(n_ck):
             if SAVE:
@@ -164,31 +174,15 @@ if HAVE_GLUON:
             i_end = gl.minimum(c * G + G, n_mb)
             for i in range(c * G, i_end):
                 offs = tok + i * MB * D + tile
-                if PREFETCH:
-                    K_s = K_s2.index(i % 2)
-                    Q_s = Q_s2.index(i % 2)
-                    # the next mini-batch's k and q (the last one copies itself again: no mask needed)
-                    nxt = tok + gl.minimum(i + 1, n_mb - 1) * MB * D + tile
-                    async_copy.async_copy_global_to_shared(K_s2.index((i + 1) % 2), K + nxt)
-                    async_copy.async_copy_global_to_shared(Q_s2.index((i + 1) % 2), Q + nxt)
-                    async_copy.commit_group()
-                    # v and eta issued now, used after Z2: their latency overlaps the first two wgmmas
+                k = gl.load(K + offs)
+                q = gl.load(Q + offs)
+                if EARLY:  # v and eta issued with k and q: one global-memory latency per mini-batch, not two
                     v = gl.load(V + offs)
                     e = gl.load(ETA + eta_base + i * MB + rows)
-                    async_copy.wait_group(1)  # this mini-batch's copies (committed one iteration ago) are done
-                    fence_async_shared()
-                    gl.thread_barrier()
-                    k = K_s.load(BL)
-                    q = Q_s.load(BL)
-                else:
-                    K_s = K_s2.index(0)
-                    Q_s = Q_s2.index(0)
-                    k = gl.load(K + offs)
-                    q = gl.load(Q + offs)
-                    K_s.store(k)
-                    Q_s.store(q)
-                    fence_async_shared()
-                    gl.thread_barrier()
+                K_s.store(k)
+                Q_s.store(q)
+                fence_async_shared()
+                _cta_barrier()
                 # inner forward on the keys
                 z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
                 a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
@@ -197,7 +191,7 @@ if HAVE_GLUON:
                 da = da.to(gl.float16)
                 A_s.store(a.to(DT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 z2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
                 z2 = gl.convert_layout(z2, BL) + b2[None, :]
                 # LayerNorm target gradient: g = LN(z2) - (v - k), dl/dz2 through the LN
@@ -205,7 +199,7 @@ if HAVE_GLUON:
                 gamma = gl.load(LNW + h * D + dcol)[None, :]
                 beta = gl.load(LNB + h * D + dcol)[None, :]
                 xh, rstd = _ln_rows(z2, D, eps)
-                if not PREFETCH:
+                if not EARLY:
                     v = gl.load(V + offs)
                     e = gl.load(ETA + eta_base + i * MB + rows)
                 gx = (gamma * xh + beta - (v.to(gl.float32) - k.to(gl.float32))) * gamma
@@ -213,39 +207,59 @@ if HAVE_GLUON:
                 s2 = gl.sum(gx * xh, axis=1)
                 gz2 = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
                 p2 = -e[:, None] * gz2
-                b2 = b2 + gl.sum(p2, axis=0)
+                if not BSUM_MMA:
+                    b2 = b2 + gl.sum(p2, axis=0)
                 P2_s.store(p2.to(DT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 # P1 = (P2 W2^T) * gelu'(Z1), then W2 += A^T P2: one after the other, so that the W2 update's
                 # accumulator is not live beside P2 W2^T and gelu'(Z1) (16 warps leave 128 registers a thread)
-                ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+                if BSUM_MMA:  # with b2's update, P2^T [1 0 .. 0]
+                    ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF),
+                                       use_acc=False, is_async=True)
+                    db2 = warpgroup_mma(P2_s.permute((1, 0)), E0_s, gl.zeros([D, 16], gl.float32, L_S2),
+                                        use_acc=False, is_async=True)
+                    ga, db2 = warpgroup_mma_wait(num_outstanding=0, deps=(ga, db2))
+                    b2 = b2 + gl.convert_layout(gl.sum(db2, axis=1), COL)
+                else:
+                    ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF),
+                                       use_acc=False)
                 ga = ga * da.to(gl.float32)
-                b1 = B1_s.load(COLF) + gl.sum(ga, axis=0)
+                if not BSUM_MMA:
+                    b1 = B1_s.load(COLF) + gl.sum(ga, axis=0)
                 p1 = ga.to(DT)
                 w2 = warpgroup_mma(A_s.permute((1, 0)), P2_s, W2F_s.load(L_W2))
-                gl.thread_barrier()  # every warpgroup is done reading A_s, W2B_s, W2F_s and B1_s
+                _cta_barrier()  # every warpgroup is done reading A_s, W2B_s, W2F_s and B1_s
                 A_s.store(p1)
                 W2F_s.store(w2)
                 W2B_s.store(w2.to(DT))
-                B1_s.store(b1)
+                if not BSUM_MMA:
+                    B1_s.store(b1)
                 fence_async_shared()
-                gl.thread_barrier()
-                w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1)
-                W1B_s.store(w1.to(DT))
+                _cta_barrier()
+                if BSUM_MMA:
+                    w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1, is_async=True)
+                    db1 = warpgroup_mma(A_s.permute((1, 0)), E0_s, gl.zeros([F, 16], gl.float32, L_S1),
+                                        use_acc=False, is_async=True)
+                    w1, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(w1, db1))
+                    b1n = B1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)  # columns 1.. are zeros
+                    W1B_s.store(w1.to(DT))
+                    _cta_barrier()  # every thread has read b1
+                    B1_s.store(b1n)
+                else:
+                    w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1)
+                    W1B_s.store(w1.to(DT))
                 fence_async_shared()
-                gl.thread_barrier()  # W1B_s complete; every warpgroup is done reading A_s (P1)
+                _cta_barrier()  # W1B_s and b1 complete; every warpgroup is done reading A_s (P1)
                 # the output with the updated state
                 zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
                 A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
                 fence_async_shared()
-                gl.thread_barrier()
+                _cta_barrier()
                 zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
                 xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
                 gl.store(OUT + offs, (q.to(gl.float32) + gamma * xq + beta).to(DT))
-                gl.thread_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
-        if PREFETCH:
-            async_copy.wait_group(0)
+                _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
         _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
                      B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
 
@@ -257,7 +271,7 @@ def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
     return (D, F, mb) in GLUON_SHAPES and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, prefetch=True):
+def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, early=False, bsum_mma=True):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
@@ -266,9 +280,11 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     n_ck = -(-n_mb // G)
     from .ttt_triton import LN_EPS
 
+    global LAUNCHES
+    LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, F=F, MB=mb, SAVE=save, PREFETCH=prefetch, num_warps=num_warps,
+        D=D, F=F, MB=mb, SAVE=save, EARLY=early, BSUM_MMA=bsum_mma, num_warps=num_warps,
     )
     return out, finals, cks, 0

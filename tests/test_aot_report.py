@@ -34,6 +34,20 @@ def test_spills_by_line_points_at_kernel_source(aot):
     assert any("ttt_triton.py:" in text for _, _, text in rows)
 
 
+def test_gluon_forward_compiles_for_hopper(aot):
+    """The Gluon forward (kernels/ttt_gluon.py) is checked for results on the device only (the interpreter does not
+    run Gluon); here it must at least build for sm_90a with its wgmmas and fit the H100's 227 KB of shared memory."""
+    from ttt_video.kernels import ttt_gluon
+
+    if not ttt_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    cfg, compiled = aot.compile_one("mlp_fwd:variant=smem")
+    assert compiled.metadata.num_warps == cfg["smem_num_warps"]
+    assert 0 < compiled.metadata.shared <= 227 * 1024
+    r = aot.report("mlp_fwd:variant=smem")
+    assert r["sass"].get("HGMMA", 0) >= 9  # Z1, Z2, P1, W2, W1, b1, b2, and the output's two
+
+
 def test_unknown_kernel_name_is_refused(aot):
     with pytest.raises(KeyError):
         aot.report("nope_fwd")

@@ -126,7 +126,9 @@ def _worker() -> None:
         linear_kernels = ("_ttt_linear_fwd_kernel", "_ttt_linear_fwd_pipe_kernel")
         kernels = {n: getattr(ttt_triton, n) for n in (*bwd_kernels.values(), *fwd_kernels.values(), *linear_kernels)}
         unused = [n for v, n in bwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] != v]
-        unused += [n for v, n in fwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] != v]
+        # the Gluon forward ("smem") does not run in the interpreter (nor off Hopper): there its fallback, split, runs
+        fwd_variant = {"smem": "split"}.get(ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"], ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"])
+        unused += [n for v, n in fwd_kernels.items() if fwd_variant != v]
         unused += [n for n in linear_kernels if kernels[n] is not ttt_triton._linear_fwd_kernel(mb)]
         for n in unused:
             setattr(ttt_triton, n, _Refuse(n))
@@ -195,12 +197,18 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
 
 
 def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
-    """The forward and the backward take the split by default (under the launch rule above) and only at shapes
-    the device has checked; the backward's split runs with its own warp count, not the gmem fallback's."""
-    from ttt_video.kernels import ttt_triton
+    """The forward takes the Gluon kernel where it runs, else the split; the backward the split (under the launch
+    rule above), only at shapes the device has checked; the backward's split runs with its own warp count."""
+    import torch
+
+    from ttt_video.kernels import ttt_gluon, ttt_triton
 
     cfg = ttt_triton.KERNEL_CONFIG
-    assert cfg["mlp_fwd"]["variant"] == "split" and cfg["mlp_bwd"]["variant"] == "split"
+    assert cfg["mlp_fwd"]["variant"] == "smem" and cfg["mlp_bwd"]["variant"] == "split"
+    # the Gluon forward only on a CUDA device, bf16 / fp16, at the shape it is written for; else the split
+    q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+    assert not ttt_gluon.gluon_supports(q, 64, 256, 64)  # a CPU tensor
+    assert ttt_gluon.GLUON_SHAPES == {(64, 256, 64)}
     assert (64, 64) in ttt_triton.SPLIT_DEVICE_VERIFIED and (64, 64) in ttt_triton.SPLIT_BWD_DEVICE_VERIFIED
     assert cfg["mlp_bwd"]["split_num_warps"] == 4 and cfg["mlp_bwd"]["num_warps"] == 8
 

@@ -229,6 +229,51 @@ def test_split_forward_long_sequence_bf16(rowshare, monkeypatch):
     assert ttt_triton.SPLIT_INFO.get("nsplit") == 4
 
 
+# The Gluon forward (kernels/ttt_gluon.py, variant "smem": one CTA per head, the state in shared memory; the
+# default on Hopper for bf16 / fp16 at D 64, F 256, mini-batch 64): each option, short scans, checkpoint groups that
+# do not divide the scan, the long scan, and fp32 inputs, which it leaves to the Triton kernels.
+SMEM_CHANGES = [{}, {"bsum_mma": 0}, {"early": 1}, {"smem_num_warps": 16}]
+
+
+def _smem_config(monkeypatch, **change):
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="smem", **change))
+    return ttt_gluon
+
+
+@pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("change", SMEM_CHANGES, ids=["default", "bsum-reduce", "early-loads", "16-warps"])
+def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
+    ttt_gluon = _smem_config(monkeypatch, **change)
+    n0 = ttt_gluon.LAUNCHES
+    _checked(["mlp-smem", str(change), str(dt)], "mlp", 2, 3, 640, 64, 64, 4, dt)
+    assert ttt_gluon.LAUNCHES > n0
+
+
+@pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3)])
+def test_smem_forward_short_scans_and_groups(n_tokens, group, monkeypatch):
+    """1-3 mini-batches, one mini-batch per checkpoint, and groups that do not divide the scan (7 = 3 + 3 + 1)."""
+    ttt_gluon = _smem_config(monkeypatch)
+    n0 = ttt_gluon.LAUNCHES
+    _checked(["mlp-smem-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
+    assert ttt_gluon.LAUNCHES > n0
+
+
+def test_smem_forward_long_sequence_bf16(monkeypatch):
+    ttt_gluon = _smem_config(monkeypatch)
+    n0 = ttt_gluon.LAUNCHES
+    _long_scan_errors(["mlp-smem-long", 1, 2, 4096, 64, 64, 16, "bf16"])
+    assert ttt_gluon.LAUNCHES > n0
+
+
+def test_smem_forward_leaves_fp32_to_the_triton_kernels(monkeypatch):
+    ttt_gluon = _smem_config(monkeypatch)
+    n0 = ttt_gluon.LAUNCHES
+    _checked(["mlp-smem-fp32-fallback"], "mlp", 1, 2, 384, 64, 64, 4, FP32)
+    assert ttt_gluon.LAUNCHES == n0
+
+
 def test_auto_backend_picks_triton_on_cuda():
     from ttt_video.kernels import ttt_triton
     from ttt_video.ttt_core import ops
