@@ -125,11 +125,14 @@ if HAVE_GLUON:
         S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         # b1's update (a column sum of P1 over the mini-batch's rows) as P1^T [1 0 .. 0]: a 16-column wgmma instead
         # of a cross-warp reduction of the [MB, F] tile (~600 instructions a warp)
+        # E0 has 8 columns per warpgroup: b2's [D, E0W] accumulator splits its columns over the warpgroups, and a
+        # wgmma instruction is at least 8 columns wide
+        E0W: gl.constexpr = 8 * WG
         L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, 16, 16])
+                                                       instr_shape=[16, E0W, 16])
         L_S2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                       instr_shape=[16, 16 // WG, 16])
-        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 16], gl.bfloat16)
+                                                       instr_shape=[16, 8, 16])
+        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, E0W], gl.bfloat16)
         DT = Q.dtype.element_ty
 
         pid = gl.program_id(0)
@@ -144,11 +147,11 @@ if HAVE_GLUON:
         W2B_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
         W2F_s = gl.allocate_shared_memory(gl.float32, [F, D], S_W2F)
         B1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
-        E0_s = gl.allocate_shared_memory(DT, [MB, 16], S_ONES)  # column 0 ones, the rest zeros
+        E0_s = gl.allocate_shared_memory(DT, [MB, E0W], S_ONES)  # column 0 ones, the rest zeros
         if BSUM_MMA:
-            L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [16, 2], [num_warps, 1], [1, 0])
-            e0c = gl.arange(0, 16, layout=gl.SliceLayout(0, L_E0))
-            E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 16], DT, L_E0))
+            L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WG, WG], [num_warps, 1], [1, 0])
+            e0c = gl.arange(0, E0W, layout=gl.SliceLayout(0, L_E0))
+            E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, E0W], DT, L_E0))
 
         # the initial state
         w1 = gl.load(W1_IN + pid64 * D * F + _w_offsets(D, F, L_ZF))
@@ -217,7 +220,7 @@ if HAVE_GLUON:
                 if BSUM_MMA:  # with b2's update, P2^T [1 0 .. 0]
                     ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF),
                                        use_acc=False, is_async=True)
-                    db2 = warpgroup_mma(P2_s.permute((1, 0)), E0_s, gl.zeros([D, 16], gl.float32, L_S2),
+                    db2 = warpgroup_mma(P2_s.permute((1, 0)), E0_s, gl.zeros([D, E0W], gl.float32, L_S2),
                                         use_acc=False, is_async=True)
                     ga, db2 = warpgroup_mma_wait(num_outstanding=0, deps=(ga, db2))
                     b2 = b2 + gl.convert_layout(gl.sum(db2, axis=1), COL)
@@ -239,7 +242,7 @@ if HAVE_GLUON:
                 _cta_barrier()
                 if BSUM_MMA:
                     w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1, is_async=True)
-                    db1 = warpgroup_mma(A_s.permute((1, 0)), E0_s, gl.zeros([F, 16], gl.float32, L_S1),
+                    db1 = warpgroup_mma(A_s.permute((1, 0)), E0_s, gl.zeros([F, E0W], gl.float32, L_S1),
                                         use_acc=False, is_async=True)
                     w1, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(w1, db1))
                     b1n = B1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)  # columns 1.. are zeros
