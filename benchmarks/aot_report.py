@@ -29,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
+TMA_DESCRIPTORS = {"QD", "KD", "VD"}
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
 OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
 SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",
@@ -43,7 +44,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=True, EARLY=bool(cfg.get("early", 0)),
+            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=True, TMA=bool(cfg.get("tma", 1)),
                                                      BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
                                                      num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "split":
@@ -86,6 +87,11 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
+        elif arg in TMA_DESCRIPTORS:  # the Gluon forward's q / k / v tiles: [64, D] 16-bit blocks
+            from triton.experimental.gluon import language as gl
+
+            layout = gl.NVMMASharedLayout.get_default_for([64, D], gl.float16)
+            signature[arg] = f"tensordesc<{op_dtype}[64, {D}],{layout!r}>"
         elif arg in INT_ARGS:
             signature[arg] = "i32"
         elif arg in FLOAT_ARGS:

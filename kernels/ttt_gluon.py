@@ -34,7 +34,9 @@ import torch
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # a CTA-wide barrier: gl.thread_barrier in Triton 3.5-3.6 (the device's), gl.barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     HAVE_GLUON = True
@@ -96,12 +98,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ttt_mlp_fwd_smem_kernel(
-        Q, K, V, ETA, LNW, LNB,
+        Q, K, V, QD, KD, VD, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
         N, H, n_mb, n_ck, G, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, EARLY: gl.constexpr, BSUM_MMA: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr, BSUM_MMA: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
@@ -139,8 +141,14 @@ if HAVE_GLUON:
         pid64 = pid.to(gl.int64)
         h = pid % H
 
-        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
-        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        # k and q tiles; with TMA double-buffered (mini-batch i + 1's are copied while i runs) and v's tile too
+        K_s2 = gl.allocate_shared_memory(DT, [1 + TMA, MB, D], S_XD)
+        Q_s2 = gl.allocate_shared_memory(DT, [1 + TMA, MB, D], S_XD)
+        if TMA:
+            V_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+            bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # k/q buffer 0, 1; v
+            for j in gl.static_range(3):
+                mbarrier.init(bars.index(j), count=1)
         P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(q W1 + b1)
         W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
@@ -168,6 +176,10 @@ if HAVE_GLUON:
         eta_base = pid64 * N
         fence_async_shared()
         _cta_barrier()
+        if TMA:
+            mbarrier.expect(bars.index(0), 2 * MB * D * K.dtype.element_ty.primitive_bitwidth // 8)
+            tma.async_copy_global_to_shared(KD, [pid * N, 0], bars.index(0), K_s2.index(0))
+            tma.async_copy_global_to_shared(QD, [pid * N, 0], bars.index(0), Q_s2.index(0))
 
         for c in range(n_ck):
             if SAVE:
@@ -177,15 +189,30 @@ if HAVE_GLUON:
             i_end = gl.minimum(c * G + G, n_mb)
             for i in range(c * G, i_end):
                 offs = tok + i * MB * D + tile
-                k = gl.load(K + offs)
-                q = gl.load(Q + offs)
-                if EARLY:  # v and eta issued with k and q: one global-memory latency per mini-batch, not two
-                    v = gl.load(V + offs)
+                if TMA:
+                    K_s = K_s2.index(i % 2)
+                    Q_s = Q_s2.index(i % 2)
+                    nb = (i + 1) % 2  # the next mini-batch's buffers: free since the previous iteration's last barrier
+                    more = i + 1 < n_mb
+                    tile_bytes: gl.constexpr = MB * D * K.dtype.element_ty.primitive_bitwidth // 8
+                    mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=more)
+                    tma.async_copy_global_to_shared(KD, [pid * N + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
+                    tma.async_copy_global_to_shared(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
+                    mbarrier.expect(bars.index(2), tile_bytes)
+                    tma.async_copy_global_to_shared(VD, [pid * N + i * MB, 0], bars.index(2), V_s)
                     e = gl.load(ETA + eta_base + i * MB + rows)
-                K_s.store(k)
-                Q_s.store(q)
-                fence_async_shared()
-                _cta_barrier()
+                    mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
+                    k = K_s.load(BL)
+                    q = Q_s.load(BL)
+                else:
+                    K_s = K_s2.index(0)
+                    Q_s = Q_s2.index(0)
+                    k = gl.load(K + offs)
+                    q = gl.load(Q + offs)
+                    K_s.store(k)
+                    Q_s.store(q)
+                    fence_async_shared()
+                    _cta_barrier()
                 # inner forward on the keys
                 z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
                 a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
@@ -202,7 +229,10 @@ if HAVE_GLUON:
                 gamma = gl.load(LNW + h * D + dcol)[None, :]
                 beta = gl.load(LNB + h * D + dcol)[None, :]
                 xh, rstd = _ln_rows(z2, D, eps)
-                if not EARLY:
+                if TMA:
+                    mbarrier.wait(bars.index(2), i % 2)
+                    v = V_s.load(BL)
+                else:
                     v = gl.load(V + offs)
                     e = gl.load(ETA + eta_base + i * MB + rows)
                 gx = (gamma * xh + beta - (v.to(gl.float32) - k.to(gl.float32))) * gamma
@@ -262,6 +292,7 @@ if HAVE_GLUON:
                 zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
                 xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
                 gl.store(OUT + offs, (q.to(gl.float32) + gamma * xq + beta).to(DT))
+                fence_async_shared()  # the next iteration's TMA (async proxy) overwrites tiles read here
                 _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
         _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
                      B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
@@ -274,7 +305,15 @@ def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
     return (D, F, mb) in GLUON_SHAPES and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, early=False, bsum_mma=True):
+def _tile_descriptor(t: torch.Tensor, mb: int) -> "TensorDescriptor":
+    """A TMA descriptor over [B, H, N, D] (contiguous) as [B H N, D] rows, [mb, D] tiles."""
+    D = t.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([mb, D], gl.float16)  # 16-bit: the same for bf16
+    return TensorDescriptor(t, [t.numel() // D, D], [D, 1], [mb, D], layout)
+
+
+def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
+                      bsum_mma=True):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
@@ -286,8 +325,8 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     global LAUNCHES
     LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
-        q, k, v, eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
+        q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v)), eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, F=F, MB=mb, SAVE=save, EARLY=early, BSUM_MMA=bsum_mma, num_warps=num_warps,
+        D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, num_warps=num_warps,
     )
     return out, finals, cks, 0

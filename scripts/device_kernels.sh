@@ -74,6 +74,14 @@ if [ -n "${NCU_TOKENS:-}" ]; then
     --config "${NCU_CONFIG:-}" \
     > "$OUT/ncu-run.log" 2>&1
   ncu -i "$OUT/ncu.ncu-rep" --page details > "$OUT/ncu-details.txt" 2>&1
+  # stall reasons (raw metrics) and, per SASS instruction, the stall samples (NCU_SOURCE=1; a large CSV)
+  ncu -i "$OUT/ncu.ncu-rep" --page raw --csv 2>/dev/null | python3 -c "
+import csv, sys
+rows = list(csv.reader(sys.stdin))
+for name, unit, val in zip(rows[0], rows[1], rows[2]):
+    if 'warp_latency_issue_stalled' in name or 'pcsamp_warps_issue_stalled' in name:
+        print(name, unit, val)" > "$OUT/ncu-stalls.txt" 2>&1
+  [ "${NCU_SOURCE:-0}" = 1 ] && ncu -i "$OUT/ncu.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu-source.csv" 2>&1
   grep -E "Duration|Throughput|Registers|Local|Stall|stall|Occupancy|L2 Hit|Issued|Warp Cycles" "$OUT/ncu-details.txt" | head -60
 fi
 if [ "${SKIP_BENCH:-0}" = 1 ]; then
