@@ -39,6 +39,8 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     # a CTA-wide barrier: gl.thread_barrier in Triton 3.5-3.6 (the device's), gl.barrier from 3.7 on
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    # a TMA tile load: tma.async_copy_global_to_shared up to 3.6, tma.async_load after
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -178,8 +180,8 @@ if HAVE_GLUON:
         _cta_barrier()
         if TMA:
             mbarrier.expect(bars.index(0), 2 * MB * D * K.dtype.element_ty.primitive_bitwidth // 8)
-            tma.async_copy_global_to_shared(KD, [pid * N, 0], bars.index(0), K_s2.index(0))
-            tma.async_copy_global_to_shared(QD, [pid * N, 0], bars.index(0), Q_s2.index(0))
+            _tma_load(KD, [pid * N, 0], bars.index(0), K_s2.index(0))
+            _tma_load(QD, [pid * N, 0], bars.index(0), Q_s2.index(0))
 
         for c in range(n_ck):
             if SAVE:
@@ -196,10 +198,10 @@ if HAVE_GLUON:
                     more = i + 1 < n_mb
                     tile_bytes: gl.constexpr = MB * D * K.dtype.element_ty.primitive_bitwidth // 8
                     mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=more)
-                    tma.async_copy_global_to_shared(KD, [pid * N + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
-                    tma.async_copy_global_to_shared(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
+                    _tma_load(KD, [pid * N + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
+                    _tma_load(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
                     mbarrier.expect(bars.index(2), tile_bytes)
-                    tma.async_copy_global_to_shared(VD, [pid * N + i * MB, 0], bars.index(2), V_s)
+                    _tma_load(VD, [pid * N + i * MB, 0], bars.index(2), V_s)
                     e = gl.load(ETA + eta_base + i * MB + rows)
                     mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
                     k = K_s.load(BL)
