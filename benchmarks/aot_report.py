@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
-TMA_DESCRIPTORS = {"QD", "KD", "VD"}
+TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
 OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
 SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",

@@ -41,6 +41,7 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     # a TMA tile load: tma.async_copy_global_to_shared up to 3.6, tma.async_load after
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -100,7 +101,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ttt_mlp_fwd_smem_kernel(
-        Q, K, V, QD, KD, VD, ETA, LNW, LNB,
+        Q, K, V, QD, KD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
@@ -190,7 +191,6 @@ if HAVE_GLUON:
                              b2, dcol, D, F, L_ZF, L_W2)
             i_end = gl.minimum(c * G + G, n_mb)
             for i in range(c * G, i_end):
-                offs = tok + i * MB * D + tile
                 if TMA:
                     K_s = K_s2.index(i % 2)
                     Q_s = Q_s2.index(i % 2)
@@ -200,6 +200,7 @@ if HAVE_GLUON:
                     mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=more)
                     _tma_load(KD, [pid * N + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
                     _tma_load(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
+                    tma.store_wait(0)  # the previous output's store has read V_s (its staging tile)
                     mbarrier.expect(bars.index(2), tile_bytes)
                     _tma_load(VD, [pid * N + i * MB, 0], bars.index(2), V_s)
                     e = gl.load(ETA + eta_base + i * MB + rows)
@@ -207,6 +208,7 @@ if HAVE_GLUON:
                     k = K_s.load(BL)
                     q = Q_s.load(BL)
                 else:
+                    offs = tok + i * MB * D + tile
                     K_s = K_s2.index(0)
                     Q_s = Q_s2.index(0)
                     k = gl.load(K + offs)
@@ -293,9 +295,17 @@ if HAVE_GLUON:
                 _cta_barrier()
                 zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
                 xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
-                gl.store(OUT + offs, (q.to(gl.float32) + gamma * xq + beta).to(DT))
-                fence_async_shared()  # the next iteration's TMA (async proxy) overwrites tiles read here
+                out = (q.to(gl.float32) + gamma * xq + beta).to(DT)
+                if TMA:
+                    V_s.store(out)  # v's tile is free: the output leaves through it (a TMA store, no addresses)
+                else:
+                    gl.store(OUT + offs, out)
+                fence_async_shared()  # the TMA (async proxy) reads V_s / overwrites the tiles read here
                 _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
+                if TMA:
+                    _tma_store(OD, [pid * N + i * MB, 0], V_s)
+        if TMA:
+            tma.store_wait(0)
         _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
                      B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
 
@@ -327,7 +337,7 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     global LAUNCHES
     LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
-        q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v)), eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
+        q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out)), eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
         N, H, n_mb, n_ck, G, LN_EPS,
         D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, num_warps=num_warps,
     )
