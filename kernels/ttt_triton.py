@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -1805,6 +1806,10 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
     return out, finals, cks, fs  # the checkpoints' W1 are chunk-major with fs
 
 
+# why the Gluon forward was given up in this process (empty: it runs where ttt_gluon.gluon_supports says so)
+GLUON_DISABLED: list = []
+
+
 def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
     B, H, N, D = q.shape
     Fh = state[0].shape[-1]
@@ -1821,12 +1826,22 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [W1, b1, W2, b2]  # never written (SAVE=False)
     variant = KERNEL_CONFIG["mlp_fwd"]["variant"]
     if variant == "smem":
-        from .ttt_gluon import gluon_supports, mlp_forward_gluon
+        from . import ttt_gluon
 
-        if gluon_supports(q, D, Fh, mb):
+        if ttt_gluon.gluon_supports(q, D, Fh, mb) and not GLUON_DISABLED:
             cfg = KERNEL_CONFIG["mlp_fwd"]
-            return mlp_forward_gluon(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save,
-                                     num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)), bsum_mma=bool(cfg.get("bsum_mma", 1)))
+            try:
+                return ttt_gluon.mlp_forward_gluon(
+                    q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save,
+                    num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
+                    bsum_mma=bool(cfg.get("bsum_mma", 1)))
+            except (triton.CompilationError, AttributeError, TypeError) as e:
+                # Gluon is experimental and its API moves between Triton releases (e.g. thread_barrier -> barrier,
+                # async_copy_global_to_shared -> async_load): a Triton this kernel does not build with falls back
+                # to the Triton kernels, once and loudly, instead of failing the model
+                GLUON_DISABLED.append(repr(e))
+                warnings.warn(f"ttt_mlp triton: the Gluon forward does not build with Triton {triton.__version__} "
+                              f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernels", RuntimeWarning)
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
     if variant == "split":
         split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)

@@ -299,3 +299,37 @@ def test_split_backward_fallback_runs_gmem_with_its_configured_layout():
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker()
+
+
+def test_gluon_forward_that_does_not_build_falls_back_to_the_split_once(monkeypatch):
+    """A Triton whose Gluon API the Gluon forward does not match (it is experimental and renames things between
+    releases): the forward warns once, remembers, and runs the split; the next call does not try Gluon again."""
+    import torch
+
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    tried, ran_split = [], []
+
+    def broken_gluon(*a, **k):
+        tried.append(1)
+        raise AttributeError("module 'triton.experimental.gluon.language' has no attribute 'thread_barrier'")
+
+    def fake_split(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
+        ran_split.append(1)
+        return "split-ran"
+
+    monkeypatch.setattr(ttt_gluon, "gluon_supports", lambda *a: True)
+    monkeypatch.setattr(ttt_gluon, "mlp_forward_gluon", broken_gluon)
+    monkeypatch.setattr(ttt_triton, "_mlp_split_forward", fake_split)
+    monkeypatch.setattr(ttt_triton, "GLUON_DISABLED", [])
+    B, H, N, D, F = 1, 2, 128, 64, 256
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.bfloat16) for _ in range(3))
+    eta = torch.rand(B, H, N, generator=g)
+    state = (torch.randn(B, H, D, F, generator=g), torch.randn(B, H, F, generator=g),
+             torch.randn(B, H, F, D, generator=g), torch.randn(B, H, D, generator=g))
+    ln = (torch.ones(H, D), torch.zeros(H, D))
+    with pytest.warns(RuntimeWarning, match="Gluon forward does not build"):
+        assert ttt_triton._mlp_forward(q, k, v, eta, state, *ln, 64, 2, False) == "split-ran"
+    assert ttt_triton._mlp_forward(q, k, v, eta, state, *ln, 64, 2, False) == "split-ran"
+    assert len(tried) == 1 and len(ran_split) == 2 and "thread_barrier" in ttt_triton.GLUON_DISABLED[0]
