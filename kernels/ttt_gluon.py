@@ -310,6 +310,122 @@ if HAVE_GLUON:
                      B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
 
 
+    @gluon.jit
+    def _ttt_linear_fwd_smem_kernel(
+        KD, QD, VD, OD, ETA, LNW, LNB,
+        W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
+        N, H, n_mb, G, eps,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """TTT-Linear forward, one 4-warp CTA (a warpgroup) per (sequence, head), for small mini-batches (16).
+
+        The Triton pipe kernel's idea (mini-batch i's inner forward and mini-batch i - 1's output share one dot:
+        rows [k_i; q_{i-1}] times W) with the rows padded to the 64 a wgmma takes, so that each warp owns 16 whole
+        rows: every LayerNorm row sum stays inside a warp (no shared-memory exchange, no barrier), which is what the
+        Triton kernel's profile is held up by (rows spanning 4 warps). Rows: [0, MB) k_i, [MB, 2 MB) q_{i-1}, the
+        rest zeros (never loaded). W (fp32) lives in the accumulator registers; its bf16 copy, the row tiles and
+        -eta dl/dZ in shared memory; k, q, v arrive by TMA one mini-batch ahead and the output leaves by TMA."""
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
+        gl.static_assert(2 * MB <= 64)
+        R: gl.constexpr = 64  # rows of the padded tile
+        L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        L_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
+        ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
+        COL: gl.constexpr = gl.SliceLayout(0, L_Z)
+        S_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], gl.bfloat16)
+        S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, 8], gl.bfloat16)
+        DT: gl.constexpr = KD.dtype
+        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
+
+        pid = gl.program_id(0)
+        pid64 = pid.to(gl.int64)
+        h = pid % H
+        row0 = pid * N  # this sequence's first row in the [B H N, D] views
+
+        X_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # [k_i; q_{i-1}; 0], double-buffered
+        V_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
+        O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output tile (rows [MB, 2 MB)) on its way out
+        P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ (zero outside the k rows)
+        W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
+        E0_s = gl.allocate_shared_memory(DT, [R, 8], S_E)  # column 0 ones: b's update as P^T [1 0 .. 0]
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # rows buffer 0, 1; v
+        for j in gl.static_range(3):
+            mbarrier.init(bars.index(j), count=1)
+
+        rows = gl.arange(0, R, layout=ROW)
+        cols = gl.arange(0, D, layout=COL)
+        top = rows < MB  # the rows being learned (k_i)
+        zero_t = gl.zeros([R, D], DT, L_Z)
+        for j in gl.static_range(2):
+            X_s2.index(j).store(zero_t)
+        V_s.store(zero_t)
+        L_E: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
+        e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E))
+        E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([R, 8], DT, L_E))
+        w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
+        b = gl.load(B1_IN + pid64 * D + cols)
+        W_s.store(w.to(DT))
+        gamma = gl.load(LNW + h * D + cols)
+        beta = gl.load(LNB + h * D + cols)
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.expect(bars.index(0), tile_bytes)
+        _tma_load(KD, [row0, 0], bars.index(0), X_s2.index(0).slice(0, MB))
+
+        # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
+        for i in range(n_mb + 1):
+            if SAVE:
+                if (i % G == 0) & (i < n_mb):
+                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
+                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
+                    gl.store(CK_B1 + ck * D + cols, b)
+            X_s = X_s2.index(i % 2)
+            nb = (i + 1) % 2
+            # the next iteration's rows: k_{i+1} and q_i (its buffer's readers finished before the last barrier)
+            mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=i + 1 < n_mb)
+            mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 1 == n_mb)
+            _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=i + 1 < n_mb)
+            _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
+            learn = i < n_mb
+            mbarrier.expect(bars.index(2), tile_bytes, pred=learn)
+            _tma_load(VD, [row0 + i * MB, 0], bars.index(2), V_s.slice(0, MB), pred=learn)
+            e = gl.load(ETA + pid64 * N + i * MB + rows, mask=top & learn, other=0.0)
+            mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
+            z = warpgroup_mma(X_s, W_s, gl.zeros([R, D], gl.float32, L_Z), use_acc=False) + b[None, :]
+            x = X_s.load(L_Z).to(gl.float32)
+            # LayerNorm of every row (each warp owns 16 whole rows: the sums are shuffles inside the warp)
+            mu = gl.sum(z, axis=1) / D
+            zc = z - mu[:, None]
+            rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
+            xh = zc * rstd[:, None]
+            out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
+            mbarrier.wait(bars.index(2), i % 2, pred=learn)
+            v = V_s.load(L_Z).to(gl.float32)
+            gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
+            s1 = gl.sum(gx, axis=1)
+            s2 = gl.sum(gx * xh, axis=1)
+            gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+            P_s.store(gl.where(top[:, None], -e[:, None] * gz, 0.0).to(DT))
+            O_s.store(out.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if i > 0:
+                _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
+            # W += k^T P, b += column sums of P (rows outside k are zero in both tiles)
+            w = warpgroup_mma(X_s.permute((1, 0)), P_s, w, is_async=True)
+            db = warpgroup_mma(P_s.permute((1, 0)), E0_s, gl.zeros([D, 8], gl.float32, L_S), use_acc=False,
+                               is_async=True)
+            w, db = warpgroup_mma_wait(num_outstanding=0, deps=(w, db))
+            b = b + gl.convert_layout(gl.sum(db, axis=1), COL)
+            W_s.store(w.to(DT))
+            tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
+            fence_async_shared()
+            _cta_barrier()
+        gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
+        gl.store(B1_OUT + pid64 * D + cols, b)
+
+
 def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
     """Whether the Gluon forward runs this call: Gluon present, a Hopper GPU, bf16/fp16, the written-for shape."""
     if not HAVE_GLUON or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
@@ -342,3 +458,28 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
         D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, num_warps=num_warps,
     )
     return out, finals, cks, 0
+
+
+LINEAR_GLUON_MB = {16}  # mini-batches the Gluon Linear forward is written for (2 mini-batches in a 64-row tile)
+LINEAR_LAUNCHES = 0
+
+
+def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
+    if not HAVE_GLUON or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
+
+
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
+    """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
+    global LINEAR_LAUNCHES
+    W1, b1 = state
+    B, H, N, D = q.shape
+    from .ttt_triton import LN_EPS
+
+    LINEAR_LAUNCHES += 1
+    _ttt_linear_fwd_smem_kernel[(B * H,)](
+        *(_tile_descriptor(t, mb) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
+    )
+    return out, finals, cks

@@ -1878,7 +1878,7 @@ def _linear_fwd_kernel(mb: int, variant: str | None = None):
     """The TTT-Linear forward kernel for `variant` (default: KERNEL_CONFIG's); "auto": pipe up to mini-batch 16,
     plain above."""
     variant = variant or KERNEL_CONFIG["linear_fwd"].get("variant", "auto")
-    if variant == "auto":
+    if variant in ("auto", "smem"):  # smem (the Gluon kernel) falls back to auto where it does not run
         variant = "pipe" if mb <= KERNEL_CONFIG["linear_fwd"].get("pipe_max_mb", 16) else "plain"
     return _ttt_linear_fwd_pipe_kernel if variant == "pipe" else _ttt_linear_fwd_kernel
 
@@ -1903,6 +1903,11 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         cks = [_empty(BH, n_ck, *s, device=q.device) for s in ((D, D), (D,))]
     else:
         cks = [W1, b1]
+    if KERNEL_CONFIG["linear_fwd"].get("variant") == "smem" and not GLUON_DISABLED:
+        from . import ttt_gluon
+
+        if ttt_gluon.linear_gluon_supports(q, D, mb):
+            return ttt_gluon.linear_forward_gluon(q, k, v, eta, (W1, b1), ln_w, ln_b, out, finals, cks, mb, G, save)
     kernel = _linear_fwd_kernel(mb)
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,

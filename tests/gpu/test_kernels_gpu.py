@@ -325,3 +325,41 @@ def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
     _log({"case": [f"linear-{variant}-large-means"], "errs": errs})
     bad = {k: v for k, v in errs.items() if not k.startswith("d") and not v < TOL[FP32]}
     assert not bad, f"forward errors above {TOL[FP32]}: {bad}"
+
+
+# The Gluon TTT-Linear forward (kernels/ttt_gluon.py, variant "smem": mini-batch 16, bf16 / fp16, D 64): the default
+# case, fp16, 1-3 mini-batch scans (the last output is finished in an extra iteration), checkpoint groups that do not
+# divide the scan, a long scan, large LayerNorm means (bf16 here: the kernel has no fp32 path), and the fallbacks.
+@pytest.mark.parametrize("case", [(2, 3, 320, 8, BF16), (2, 3, 320, 8, FP16), (1, 3, 16, 1, BF16), (1, 3, 32, 3, BF16),
+                                  (1, 3, 48, 2, BF16), (1, 2, 1360, 7, BF16), (1, 2, 4096, 16, BF16)],
+                         ids=["bf16", "fp16", "one-minibatch", "two", "three", "groups-7", "long"])
+def test_linear_smem_forward_matches_float64_reference(case, monkeypatch):
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
+    B, H, N, G, dt = case
+    n0 = ttt_gluon.LINEAR_LAUNCHES
+    _checked(["linear-smem", B, H, N, G, str(dt)], "linear", B, H, N, 64, 16, G, dt)
+    assert ttt_gluon.LINEAR_LAUNCHES > n0
+
+
+def test_linear_smem_forward_with_large_layernorm_means(monkeypatch):
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
+    n0 = ttt_gluon.LINEAR_LAUNCHES
+    errs = check("linear", 2, 3, 320, 64, 16, 8, BF16, "cuda", seed=_fresh_seed(), mean_shift=30.0)
+    _log({"case": ["linear-smem-large-means"], "errs": errs})
+    bad = {k: v for k, v in errs.items() if not k.startswith("d") and not v < TOL[BF16]}
+    assert not bad and ttt_gluon.LINEAR_LAUNCHES > n0, f"forward errors above {TOL[BF16]}: {bad}"
+
+
+@pytest.mark.parametrize("case", [(1, 2, 256, 16, FP32), (1, 2, 384, 64, BF16)], ids=["fp32", "mb64"])
+def test_linear_smem_forward_leaves_other_cases_to_the_triton_kernels(case, monkeypatch):
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
+    B, H, N, mb, dt = case
+    n0 = ttt_gluon.LINEAR_LAUNCHES
+    _checked(["linear-smem-fallback", B, H, N, mb, str(dt)], "linear", B, H, N, 64, mb, 4, dt)
+    assert ttt_gluon.LINEAR_LAUNCHES == n0
