@@ -344,13 +344,13 @@ if HAVE_GLUON:
         row0 = pid * N  # this sequence's first row in the [B H N, D] views
 
         X_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # [k_i; q_{i-1}; 0], double-buffered
-        V_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
+        V_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
         O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output tile (rows [MB, 2 MB)) on its way out
         P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ (zero outside the k rows)
         W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
         E0_s = gl.allocate_shared_memory(DT, [R, 8], S_E)  # column 0 ones: b's update as P^T [1 0 .. 0]
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # rows buffer 0, 1; v
-        for j in gl.static_range(3):
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # buffers 0, 1 (rows and v)
+        for j in gl.static_range(2):
             mbarrier.init(bars.index(j), count=1)
 
         rows = gl.arange(0, R, layout=ROW)
@@ -359,7 +359,7 @@ if HAVE_GLUON:
         zero_t = gl.zeros([R, D], DT, L_Z)
         for j in gl.static_range(2):
             X_s2.index(j).store(zero_t)
-        V_s.store(zero_t)
+            V_s2.index(j).store(zero_t)
         L_E: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
         e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E))
         E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([R, 8], DT, L_E))
@@ -370,8 +370,10 @@ if HAVE_GLUON:
         beta = gl.load(LNB + h * D + cols)
         fence_async_shared()
         _cta_barrier()
-        mbarrier.expect(bars.index(0), tile_bytes)
+        mbarrier.expect(bars.index(0), 2 * tile_bytes)
         _tma_load(KD, [row0, 0], bars.index(0), X_s2.index(0).slice(0, MB))
+        _tma_load(VD, [row0, 0], bars.index(0), V_s2.index(0).slice(0, MB))
+        e = gl.load(ETA + pid64 * N + rows, mask=top, other=0.0)
 
         # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
         for i in range(n_mb + 1):
@@ -381,16 +383,17 @@ if HAVE_GLUON:
                     gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
                     gl.store(CK_B1 + ck * D + cols, b)
             X_s = X_s2.index(i % 2)
+            V_s = V_s2.index(i % 2)
             nb = (i + 1) % 2
-            # the next iteration's rows: k_{i+1} and q_i (its buffer's readers finished before the last barrier)
-            mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=i + 1 < n_mb)
+            # the next iteration's tiles, one mini-batch ahead: k_{i+1}, v_{i+1} and q_i (the buffer's readers
+            # finished before the last barrier), and eta_{i+1}
+            nxt = i + 1 < n_mb
+            mbarrier.expect(bars.index(nb), 3 * tile_bytes, pred=nxt)
             mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 1 == n_mb)
-            _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=i + 1 < n_mb)
+            _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=nxt)
+            _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(nb), V_s2.index(nb).slice(0, MB), pred=nxt)
             _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
-            learn = i < n_mb
-            mbarrier.expect(bars.index(2), tile_bytes, pred=learn)
-            _tma_load(VD, [row0 + i * MB, 0], bars.index(2), V_s.slice(0, MB), pred=learn)
-            e = gl.load(ETA + pid64 * N + i * MB + rows, mask=top & learn, other=0.0)
+            e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows, mask=top & nxt, other=0.0)
             mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
             z = warpgroup_mma(X_s, W_s, gl.zeros([R, D], gl.float32, L_Z), use_acc=False) + b[None, :]
             x = X_s.load(L_Z).to(gl.float32)
@@ -400,7 +403,6 @@ if HAVE_GLUON:
             rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
             xh = zc * rstd[:, None]
             out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
-            mbarrier.wait(bars.index(2), i % 2, pred=learn)
             v = V_s.load(L_Z).to(gl.float32)
             gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
             s1 = gl.sum(gx, axis=1)
@@ -413,15 +415,17 @@ if HAVE_GLUON:
             if i > 0:
                 _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
             # W += k^T P, b += column sums of P (rows outside k are zero in both tiles)
-            w = warpgroup_mma(X_s.permute((1, 0)), P_s, w, is_async=True)
-            db = warpgroup_mma(P_s.permute((1, 0)), E0_s, gl.zeros([D, 8], gl.float32, L_S), use_acc=False,
-                               is_async=True)
+            # (only the first MB rows matter: K = MB, not the padded 64)
+            w = warpgroup_mma(X_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
+            db = warpgroup_mma(P_s.slice(0, MB).permute((1, 0)), E0_s.slice(0, MB), gl.zeros([D, 8], gl.float32, L_S),
+                               use_acc=False, is_async=True)
             w, db = warpgroup_mma_wait(num_outstanding=0, deps=(w, db))
             b = b + gl.convert_layout(gl.sum(db, axis=1), COL)
             W_s.store(w.to(DT))
             tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
             fence_async_shared()
             _cta_barrier()
+            e = e_next
         gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
         gl.store(B1_OUT + pid64 * D + cols, b)
 
