@@ -29,7 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
-TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}
+TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}  # [MB, D] tiles of q / k / v / out
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
 OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
 SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",
@@ -66,6 +66,10 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
                                                       W2T=bool(cfg.get("w2t", 1)), IEEE=ieee)
         return tt._ttt_mlp_bwd_kernel, dict(D=D, F=F, MB=64, IEEE=ieee)
     if name == "linear_fwd":
+        if cfg.get("variant") == "smem":
+            from ttt_video.kernels import ttt_gluon as tg
+
+            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, num_warps=4)
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":
@@ -90,8 +94,9 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in TMA_DESCRIPTORS:  # the Gluon forward's q / k / v tiles: [64, D] 16-bit blocks
             from triton.experimental.gluon import language as gl
 
-            layout = gl.NVMMASharedLayout.get_default_for([64, D], gl.float16)
-            signature[arg] = f"tensordesc<{op_dtype}[64, {D}],{layout!r}>"
+            rows = constexprs["MB"]
+            layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.float16)
+            signature[arg] = f"tensordesc<{op_dtype}[{rows}, {D}],{layout!r}>"
         elif arg in INT_ARGS:
             signature[arg] = "i32"
         elif arg in FLOAT_ARGS:

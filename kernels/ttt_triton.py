@@ -1620,7 +1620,11 @@ KERNEL_CONFIG = {
     # each sum is a shared-memory exchange and a barrier on the chain), W and b carried centred so that the one-pass
     # variance cannot cancel: 29.1-29.7 vs 32.6-32.9 ms at the one-minute shape (predicted ~5 %, measured 10 %). Not kept:
     # padding the tile to 64 rows so each warp owns whole rows (min_rows=64: 43.7 ms; 255 registers, spills).
-    "linear_fwd": {"variant": "auto", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
+    # smem (session 14, kernels/ttt_gluon.py): a Gluon kernel for mini-batch 16, bf16 / fp16, D 64: pipe's row
+    # pairing in a 64-row wgmma tile (each warp owns whole rows: LayerNorm sums stay inside a warp), k / q / v / eta
+    # one mini-batch ahead by TMA, the output out by TMA: 27.3 vs pipe's 29.4 ms at the one-minute shape. Elsewhere
+    # (fp32, mini-batch 64, off Hopper) "auto".
+    "linear_fwd": {"variant": "smem", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1806,8 +1810,21 @@ def _mlp_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G,
     return out, finals, cks, fs  # the checkpoints' W1 are chunk-major with fs
 
 
-# why the Gluon forward was given up in this process (empty: it runs where ttt_gluon.gluon_supports says so)
+# why the Gluon forwards were given up in this process (empty: they run where ttt_gluon says they can)
 GLUON_DISABLED: list = []
+
+
+def _try_gluon(launch, *args, **kwargs):
+    """A Gluon forward's launch, or None (after a warning, once) where this Triton does not build it: Gluon is
+    experimental and its API moves between releases (thread_barrier -> barrier, async_copy_global_to_shared ->
+    async_load), and a Triton the kernels do not match must fall back to the Triton kernels, not fail the model."""
+    try:
+        return launch(*args, **kwargs)
+    except (triton.CompilationError, AttributeError, TypeError) as e:
+        GLUON_DISABLED.append(repr(e))
+        warnings.warn(f"ttt triton: the Gluon forward does not build with Triton {triton.__version__} "
+                      f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernels", RuntimeWarning)
+        return None
 
 
 def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
@@ -1830,18 +1847,11 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
 
         if ttt_gluon.gluon_supports(q, D, Fh, mb) and not GLUON_DISABLED:
             cfg = KERNEL_CONFIG["mlp_fwd"]
-            try:
-                return ttt_gluon.mlp_forward_gluon(
-                    q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save,
-                    num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
-                    bsum_mma=bool(cfg.get("bsum_mma", 1)))
-            except (triton.CompilationError, AttributeError, TypeError) as e:
-                # Gluon is experimental and its API moves between Triton releases (e.g. thread_barrier -> barrier,
-                # async_copy_global_to_shared -> async_load): a Triton this kernel does not build with falls back
-                # to the Triton kernels, once and loudly, instead of failing the model
-                GLUON_DISABLED.append(repr(e))
-                warnings.warn(f"ttt_mlp triton: the Gluon forward does not build with Triton {triton.__version__} "
-                              f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernels", RuntimeWarning)
+            res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
+                             mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
+                             bsum_mma=bool(cfg.get("bsum_mma", 1)))
+            if res is not None:
+                return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
     if variant == "split":
         split = _mlp_split_forward(q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks, mb, G, save)
@@ -1907,7 +1917,10 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
         from . import ttt_gluon
 
         if ttt_gluon.linear_gluon_supports(q, D, mb):
-            return ttt_gluon.linear_forward_gluon(q, k, v, eta, (W1, b1), ln_w, ln_b, out, finals, cks, mb, G, save)
+            res = _try_gluon(ttt_gluon.linear_forward_gluon, q, k, v, eta, (W1, b1), ln_w, ln_b, out, finals, cks, mb, G,
+                             save)
+            if res is not None:
+                return res
     kernel = _linear_fwd_kernel(mb)
     kernel[(BH,)](
         q, k, v, eta, ln_w, ln_b, W1, b1, out, *finals, *cks,

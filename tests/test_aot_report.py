@@ -46,6 +46,8 @@ def test_gluon_forward_compiles_for_hopper(aot):
     assert 0 < compiled.metadata.shared <= 227 * 1024
     r = aot.report("mlp_fwd:variant=smem")
     assert r["sass"].get("HGMMA", 0) >= 9  # Z1, Z2, P1, W2, W1, b1, b2, and the output's two
+    r = aot.report("linear_fwd:variant=smem,mb=16")  # the Gluon TTT-Linear forward
+    assert r["sass"].get("HGMMA", 0) >= 3 and r["spill_stores"] == 0  # Z, W's and b's updates
 
 
 def test_unknown_kernel_name_is_refused(aot):

@@ -246,11 +246,16 @@ def test_bad_shapes_raise_clear_errors():
 
 
 def test_linear_forward_default_picks_pipe_at_mini_batch_16_only():
-    """The measured choice (docs/performance.md, session 12): pipe at mini-batch 16 (32.4 vs 38.0 ms at the
-    one-minute shape), plain at 64 (14.5 vs 28.5 ms); pipe's row sums paired (session 13: 29.7 vs 32.9 ms)."""
-    from ttt_video.kernels import ttt_triton
+    """The measured choice (docs/performance.md): the Gluon kernel where it runs (session 14: 27.3 vs 29.4 ms at the
+    one-minute shape; Hopper, bf16 / fp16, mini-batch 16), else pipe at mini-batch 16 (session 12: 32.4 vs 38.0 ms),
+    plain at 64 (14.5 vs 28.5 ms); pipe's row sums paired (session 13: 29.7 vs 32.9 ms)."""
+    import torch
 
-    assert ttt_triton.KERNEL_CONFIG["linear_fwd"]["variant"] == "auto"
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    assert ttt_triton.KERNEL_CONFIG["linear_fwd"]["variant"] == "smem"
+    assert not ttt_gluon.linear_gluon_supports(torch.zeros(1, 1, 16, 64, dtype=torch.bfloat16), 64, 16)  # CPU
+    assert ttt_gluon.LINEAR_GLUON_MB == {16}
     assert ttt_triton.KERNEL_CONFIG["linear_fwd"]["fused_sums"] == 1
     assert ttt_triton._linear_fwd_kernel(16) is ttt_triton._ttt_linear_fwd_pipe_kernel
     assert ttt_triton._linear_fwd_kernel(32) is ttt_triton._ttt_linear_fwd_kernel
