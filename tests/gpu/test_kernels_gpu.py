@@ -154,6 +154,8 @@ def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
     from ttt_video.kernels import ttt_triton
 
     monkeypatch.setattr(ttt_triton, "_split_group_capacity", lambda *a, **k: {"capacity": 2})
+    # the split as the forward's first choice (the default, the Gluon forward, would take this call)
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split"))
     _checked(["mlp-split-fallback"], "mlp", 2, 3, 256, 64, 64, 2, BF16)
     assert ttt_triton.SPLIT_INFO.get("fallback") == "gmem" and ttt_triton.SPLIT_INFO["heads"] == 6
     assert ttt_triton.SPLIT_INFO.get("bwd_fallback") == "gmem"  # the backward follows the same rule
