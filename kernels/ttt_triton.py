@@ -1591,9 +1591,10 @@ KERNEL_CONFIG = {
     # 3.6 sm_90a SASS 4,880 -> 4,296 instructions, FP ops -27 %; off until the device has checked and timed it).
     # fc / w2t / out_pass are the gmem fallback's.
     # smem (session 14, kernels/ttt_gluon.py): a Gluon kernel, one 8-warp CTA per head with the state in shared
-    # memory and registers; b1's and b2's updates as small wgmmas (bsum_mma). At the one-minute shape, 96 heads:
-    # 75.6 ms against gmem's 136.0 (split at 48 heads: 77.6 vs 88.6). Runs where ttt_gluon.gluon_supports (Hopper,
-    # bf16 / fp16, D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
+    # memory and registers; b1's and b2's updates as small wgmmas (bsum_mma: 63.2 vs 75.6 ms), q / k / v in and the
+    # output out by TMA (tma: 59.0 vs 63.6 ms). At the one-minute shape, 96 heads: 59.4 ms against gmem's 136-138
+    # (48 heads: 59.3 vs the split's 88.6); 16 warps 72.3. Runs where ttt_gluon.gluon_supports (Hopper, bf16 / fp16,
+    # D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
     "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4,
                 "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
