@@ -74,6 +74,10 @@ if HAVE_GLUON:
         return g, g1
 
     @gluon.jit
+    def _add2(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
+    @gluon.jit
     def _ln_rows(z, D: gl.constexpr, eps):
         """xhat and 1/std of each row (two-pass variance)."""
         mu = gl.sum(z, axis=1) / D
@@ -330,11 +334,10 @@ if HAVE_GLUON:
         gl.static_assert(2 * MB <= 64)
         R: gl.constexpr = 64  # rows of the padded tile
         L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-        L_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16])
         ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
         COL: gl.constexpr = gl.SliceLayout(0, L_Z)
         S_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], gl.bfloat16)
-        S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, 8], gl.bfloat16)
+        S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, MB], gl.bfloat16)
         DT: gl.constexpr = KD.dtype
         tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
 
@@ -348,7 +351,7 @@ if HAVE_GLUON:
         O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output tile (rows [MB, 2 MB)) on its way out
         P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ (zero outside the k rows)
         W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
-        E0_s = gl.allocate_shared_memory(DT, [R, 8], S_E)  # column 0 ones: b's update as P^T [1 0 .. 0]
+        ONES_s = gl.allocate_shared_memory(DT, [R, MB], S_E)  # b's update as 1 P: every row gets the column sums
         bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # buffers 0, 1 (rows and v)
         for j in gl.static_range(2):
             mbarrier.init(bars.index(j), count=1)
@@ -360,11 +363,13 @@ if HAVE_GLUON:
         for j in gl.static_range(2):
             X_s2.index(j).store(zero_t)
             V_s2.index(j).store(zero_t)
-        L_E: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
-        e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E))
-        E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([R, 8], DT, L_E))
+        ONES_s.store(gl.full([R, MB], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
-        b = gl.load(B1_IN + pid64 * D + cols)
+        # b is carried as a [R, D] accumulator whose every row is b: it is then the inner forward's accumulator
+        # start and its update (1 P, ones times P) a 16-deep wgmma, with no layout change from rows to columns
+        bfull = gl.zeros([R, D], gl.float32, L_Z) + gl.load(B1_IN + pid64 * D + cols)[None, :]
+        row_0 = (rows == 0)[:, None]
+        b_offs = rows[:, None] * 0 + cols[None, :]
         W_s.store(w.to(DT))
         gamma = gl.load(LNW + h * D + cols)
         beta = gl.load(LNB + h * D + cols)
@@ -381,7 +386,7 @@ if HAVE_GLUON:
                 if (i % G == 0) & (i < n_mb):
                     ck = pid64 * ((n_mb + G - 1) // G) + i // G
                     gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                    gl.store(CK_B1 + ck * D + cols, b)
+                    gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
             X_s = X_s2.index(i % 2)
             V_s = V_s2.index(i % 2)
             nb = (i + 1) % 2
@@ -395,7 +400,7 @@ if HAVE_GLUON:
             _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
             e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows, mask=top & nxt, other=0.0)
             mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
-            z = warpgroup_mma(X_s, W_s, gl.zeros([R, D], gl.float32, L_Z), use_acc=False) + b[None, :]
+            z = warpgroup_mma(X_s, W_s, bfull)
             x = X_s.load(L_Z).to(gl.float32)
             # LayerNorm of every row (each warp owns 16 whole rows: the sums are shuffles inside the warp)
             mu = gl.sum(z, axis=1) / D
@@ -405,8 +410,7 @@ if HAVE_GLUON:
             out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
             v = V_s.load(L_Z).to(gl.float32)
             gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
-            s1 = gl.sum(gx, axis=1)
-            s2 = gl.sum(gx * xh, axis=1)
+            s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)  # one shuffle tree for both sums
             gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
             P_s.store(gl.where(top[:, None], -e[:, None] * gz, 0.0).to(DT))
             O_s.store(out.to(DT))
@@ -414,20 +418,18 @@ if HAVE_GLUON:
             _cta_barrier()
             if i > 0:
                 _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
-            # W += k^T P, b += column sums of P (rows outside k are zero in both tiles)
+            # W += k^T P, b += column sums of P (only the MB k rows of P are nonzero)
             # (only the first MB rows matter: K = MB, not the padded 64)
             w = warpgroup_mma(X_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
-            db = warpgroup_mma(P_s.slice(0, MB).permute((1, 0)), E0_s.slice(0, MB), gl.zeros([D, 8], gl.float32, L_S),
-                               use_acc=False, is_async=True)
-            w, db = warpgroup_mma_wait(num_outstanding=0, deps=(w, db))
-            b = b + gl.convert_layout(gl.sum(db, axis=1), COL)
+            bfull = warpgroup_mma(ONES_s, P_s.slice(0, MB), bfull, is_async=True)
+            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
             W_s.store(w.to(DT))
             tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
             fence_async_shared()
             _cta_barrier()
             e = e_next
         gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
-        gl.store(B1_OUT + pid64 * D + cols, b)
+        gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
 
 
 def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
