@@ -9,7 +9,8 @@ conversions). Use the Triton version of the device (3.6) to see what the device 
     PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py 'mlp_fwd:fc=64,num_warps=4' 'mlp_bwd:variant=gmem,fc=64'
     PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py --spills mlp_bwd    # + where the spill code comes from
 
-Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe.
+Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe. The Gluon forwards
+(kernels/ttt_gluon.py) compile the same way: 'mlp_fwd:variant=smem', 'linear_fwd:variant=smem,mb=16'.
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg in TMA_DESCRIPTORS:  # the Gluon forward's q / k / v tiles: [64, D] 16-bit blocks
+        elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks
             from triton.experimental.gluon import language as gl
 
             rows = constexprs["MB"]

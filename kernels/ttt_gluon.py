@@ -1,18 +1,19 @@
-"""TTT-MLP forward in Gluon (Triton's explicit-layout dialect) for Hopper: one CTA per (sequence, head), the
-state in shared memory.
+"""TTT-MLP and TTT-Linear forwards in Gluon (Triton's explicit-layout dialect) for Hopper: one CTA per (sequence,
+head), the state in shared memory and registers.
 
 Why a second language: the Triton kernels (kernels/ttt_triton.py) cannot keep a tensor in shared memory across
-loop iterations. The [64, 256] + [256, 64] fp32 state (128 KB) does not fit in one program's registers, so the
-gmem forward keeps it in L2 and re-reads it three times per mini-batch (~25 us a mini-batch at the one-minute
+loop iterations. The [64, 256] + [256, 64] fp32 TTT-MLP state (128 KB) does not fit in one program's registers, so
+the gmem forward keeps it in L2 and re-reads it three times per mini-batch (~25 us a mini-batch at the one-minute
 shape), and the split forward spreads it over 4 programs that meet through global memory (66 groups fit on an
 H100, not the 96 heads of a bidirectional launch). Gluon can allocate shared memory explicitly, so here one CTA
-of 16 warps (4 warpgroups, one per 64 hidden units for the [64, 256] tiles) keeps:
+of 8 warps (2 warpgroups, each 128 of the 256 hidden units of the [64, 256] tiles) keeps:
 
-    W1 (fp32 master)  registers, in the [64, 256] wgmma accumulator layout (32 per thread at 16 warps)
+    W1 (fp32 master)  registers, in the [64, 256] wgmma accumulator layout (64 a thread)
     W2 (fp32 master)  shared memory [256, 64] (64 KB)
     bf16 copies of W1 / W2 as wgmma operands (32 + 32 KB), b1 (1 KB), b2 in registers
 
-and exchanges tiles between warpgroups through shared memory and a CTA barrier, not global memory and flags.
+and exchanges tiles between warpgroups through shared memory and a CTA barrier, not global memory and flags;
+q / k / v come in and the output goes out by TMA (docs/performance.md, session 14, for each step's measurement).
 
 Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -eta dl/dZ, eta per token):
     Z1 = k W1 + b1, A = gelu(Z1)             wgmma [64, 64] x [64, 256]
@@ -23,9 +24,11 @@ Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -
     W1 += k^T P1, b1 += sum P1                wgmma into the register master
     out = q + LN(gelu(q W1 + b1) W2 + b2)     two wgmmas with the updated state
 
+The TTT-Linear forward (mini-batch 16) is in _ttt_linear_fwd_smem_kernel's docstring.
+
 bf16 / fp16 inputs only (fp32 inputs take the Triton kernels: wgmma has no IEEE fp32 mode). The CPU interpreter
-does not run Gluon: this kernel is checked on the device (tests/gpu/test_kernels_gpu.py) against the float64
-reference, like the split forward's group meetings.
+does not run Gluon: these kernels are checked on the device (tests/gpu/test_kernels_gpu.py) against the float64
+reference, like the split forward's group meetings, and compiled for sm_90a in CI (tests/test_aot_report.py).
 """
 from __future__ import annotations
 
@@ -432,9 +435,20 @@ if HAVE_GLUON:
         gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
 
 
+def tma_rows_fit(shape) -> bool:
+    """TMA coordinates are 32-bit: the [B H N, D] row views must have fewer than 2^31 rows."""
+    B, H, N = shape[:3]
+    return B * H * N < 2**31
+
+
+def _gluon_device(q: torch.Tensor) -> bool:
+    return (HAVE_GLUON and q.device.type == "cuda" and q.dtype in (torch.bfloat16, torch.float16)
+            and tma_rows_fit(q.shape))
+
+
 def gluon_supports(q: torch.Tensor, D: int, F: int, mb: int) -> bool:
     """Whether the Gluon forward runs this call: Gluon present, a Hopper GPU, bf16/fp16, the written-for shape."""
-    if not HAVE_GLUON or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+    if not _gluon_device(q):
         return False
     return (D, F, mb) in GLUON_SHAPES and torch.cuda.get_device_capability(q.device)[0] == 9
 
@@ -471,7 +485,8 @@ LINEAR_LAUNCHES = 0
 
 
 def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
-    if not HAVE_GLUON or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+    """Whether the Gluon TTT-Linear forward runs this call (as gluon_supports, at D 64 and mini-batch 16)."""
+    if not _gluon_device(q):
         return False
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 

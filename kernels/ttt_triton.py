@@ -1592,11 +1592,11 @@ KERNEL_CONFIG = {
     # fc / w2t / out_pass are the gmem fallback's.
     # smem (session 14, kernels/ttt_gluon.py): a Gluon kernel, one 8-warp CTA per head with the state in shared
     # memory and registers; b1's and b2's updates as small wgmmas (bsum_mma: 63.2 vs 75.6 ms), q / k / v in and the
-    # output out by TMA (tma: 59.0 vs 63.6 ms). At the one-minute shape, 96 heads: 59.4 ms against gmem's 136-138
+    # output out by TMA (tma: 59.0 vs 63.6 ms). At the one-minute shape, 96 heads: 58.8-59.4 ms against gmem's 136-138
     # (48 heads: 59.3 vs the split's 88.6); 16 warps 72.3. Runs where ttt_gluon.gluon_supports (Hopper, bf16 / fp16,
     # D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4,
-                "num_stages": 1, "out_pass": 1},
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1,
+                "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
     # sizes that are not powers of two).
@@ -1623,8 +1623,8 @@ KERNEL_CONFIG = {
     # padding the tile to 64 rows so each warp owns whole rows (min_rows=64: 43.7 ms; 255 registers, spills).
     # smem (session 14, kernels/ttt_gluon.py): a Gluon kernel for mini-batch 16, bf16 / fp16, D 64: pipe's row
     # pairing in a 64-row wgmma tile (each warp owns whole rows: LayerNorm sums stay inside a warp), k / q / v / eta
-    # one mini-batch ahead by TMA, the output out by TMA: 27.3 vs pipe's 29.4 ms at the one-minute shape. Elsewhere
-    # (fp32, mini-batch 64, off Hopper) "auto".
+    # one mini-batch ahead by TMA, the output out by TMA: 26.5-26.7 vs pipe's 29.3-29.4 ms at the one-minute shape.
+    # Elsewhere (fp32, mini-batch 64, off Hopper) "auto".
     "linear_fwd": {"variant": "smem", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }

@@ -209,6 +209,8 @@ def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
     q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
     assert not ttt_gluon.gluon_supports(q, 64, 256, 64)  # a CPU tensor
     assert ttt_gluon.GLUON_SHAPES == {(64, 256, 64)}
+    # the TMA row views ([B H N, D]) take 32-bit coordinates: longer batches take the Triton kernels
+    assert ttt_gluon.tma_rows_fit((2, 48, 351_168)) and not ttt_gluon.tma_rows_fit((64, 48, 700_000))
     assert (64, 64) in ttt_triton.SPLIT_DEVICE_VERIFIED and (64, 64) in ttt_triton.SPLIT_BWD_DEVICE_VERIFIED
     assert cfg["mlp_bwd"]["split_num_warps"] == 4 and cfg["mlp_bwd"]["num_warps"] == 8
 
