@@ -33,6 +33,12 @@ reference, like the split forward's group meetings, and compiled for sm_90a in C
 from __future__ import annotations
 
 import torch
+import triton.language as tl
+
+from . import ttt_triton
+from .ttt_triton import _GELU_3CA, _GELU_CA, LN_EPS
+
+_GELU_C = tl.constexpr(ttt_triton._GELU_C)  # a constexpr: jit code reads no plain globals
 
 try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve every call
     from triton.experimental import gluon
@@ -62,18 +68,20 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [u], dtype=gl.float32,
                                          is_pure=True, pack=1)
 
+    # the tanh-GELU's constants and formulas are ttt_triton's (_gelu, _gelu_and_grad), in Gluon's dialect
+
     @gluon.jit
     def _gelu(z):
         h = 0.5 * z
-        return gl.fma(h, _tanh(z * gl.fma(z * z, 0.035677408136300125, 0.7978845608028654)), h)
+        return gl.fma(h, _tanh(z * gl.fma(z * z, _GELU_CA, _GELU_C)), h)
 
     @gluon.jit
     def _gelu_and_grad(z):
         z2 = z * z
-        t = _tanh(z * gl.fma(z2, 0.035677408136300125, 0.7978845608028654))
+        t = _tanh(z * gl.fma(z2, _GELU_CA, _GELU_C))
         h = 0.5 * z
         g = gl.fma(h, t, h)
-        g1 = gl.fma(h * gl.fma(-t, t, 1.0), gl.fma(z2, 0.10703222440890037, 0.7978845608028654), gl.fma(0.5, t, 0.5))
+        g1 = gl.fma(h * gl.fma(-t, t, 1.0), gl.fma(z2, _GELU_3CA, _GELU_C), gl.fma(0.5, t, 0.5))
         return g, g1
 
     @gluon.jit
@@ -468,8 +476,6 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     BH, F = B * H, W1.shape[-1]
     n_mb = N // mb
     n_ck = -(-n_mb // G)
-    from .ttt_triton import LN_EPS
-
     global LAUNCHES
     LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
@@ -496,8 +502,6 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     global LINEAR_LAUNCHES
     W1, b1 = state
     B, H, N, D = q.shape
-    from .ttt_triton import LN_EPS
-
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
         *(_tile_descriptor(t, mb) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
