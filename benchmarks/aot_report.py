@@ -10,7 +10,8 @@ conversions). Use the Triton version of the device (3.6) to see what the device 
     PYTHONPATH=/tmp/t36 python benchmarks/aot_report.py --spills mlp_bwd    # + where the spill code comes from
 
 Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe. The Gluon forwards
-(kernels/ttt_gluon.py) compile the same way: 'mlp_fwd:variant=smem', 'linear_fwd:variant=smem,mb=16'.
+(kernels/ttt_gluon.py) compile the same way: 'mlp_fwd:variant=smem', 'linear_fwd:variant=smem,mb=16',
+'mlp_bwd:variant=smem'.
 """
 from __future__ import annotations
 
@@ -27,12 +28,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin"}
+INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "in_add", "n_slots", "cnt"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
 TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}  # [MB, D] tiles of q / k / v / out
+SLOT_DESCRIPTORS = {"WTD", "W2D"}  # the Gluon backward's [F, D] state tiles
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
-OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
+OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV", "ST_W1", "ST_W2"}
 SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",
                 "LDSM", "STSM", "BAR", "SHFL", "F2F", "WARPSYNC"]
 
@@ -46,7 +48,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
             from ttt_video.kernels import ttt_gluon as tg
 
             return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=True, TMA=bool(cfg.get("tma", 1)),
-                                                     BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
+                                                     BSUM_MMA=bool(cfg.get("bsum_mma", 1)), STATES=False,
                                                      num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
@@ -59,6 +61,10 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
                                                       OUT_PASS=bool(cfg.get("out_pass", 0)))
         return tt._ttt_mlp_fwd_kernel, dict(D=D, F=F, MB=64, SAVE=True, IEEE=ieee)
     if name == "mlp_bwd":
+        if cfg.get("variant") == "smem":
+            from ttt_video.kernels import ttt_gluon as tg
+
+            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8)
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)
@@ -98,6 +104,11 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
             rows = constexprs["MB"]
             layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{rows}, {D}],{layout!r}>"
+        elif arg in SLOT_DESCRIPTORS:
+            from triton.experimental.gluon import language as gl
+
+            layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
+            signature[arg] = f"tensordesc<{op_dtype}[{F}, {D}],{layout!r}>"
         elif arg in INT_ARGS:
             signature[arg] = "i32"
         elif arg in FLOAT_ARGS:

@@ -115,15 +115,35 @@ if HAVE_GLUON:
         gl.store(PB2 + dcol, b2)
 
     @gluon.jit
+    def _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot, W1B_s, W2B_s, b1, b2, dcol, D: gl.constexpr, F: gl.constexpr,
+                    num_warps: gl.constexpr):
+        """One state of the backward's recompute into its scratch slot, from the bf16 operand copies in shared memory
+        (the caller has put a CTA barrier after their last store): W1 transposed ([F, D], so that both weights reach
+        the backward as [256, 64] TMA tiles) and W2, read in a layout whose rows are whole 16-byte runs so that the
+        stores coalesce (from the wgmma layouts they would be 2- and 4-byte pieces); b1 / b2 in fp32."""
+        L_FD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        offs = _w_offsets(F, D, L_FD)
+        gl.store(ST_W1 + slot * F * D + offs, W1B_s.permute((1, 0)).load(L_FD))
+        gl.store(ST_W2 + slot * F * D + offs, W2B_s.load(L_FD))
+        gl.store(ST_B1 + slot * F + gl.arange(0, F, layout=b1.type.layout), b1)
+        gl.store(ST_B2 + slot * D + dcol, b2)
+
+    @gluon.jit
     def _ttt_mlp_fwd_smem_kernel(
         Q, K, V, QD, KD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
-        N, H, n_mb, n_ck, G, eps,
+        ST_W1, ST_B1, ST_W2, ST_B2,
+        N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots,
         D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr, BSUM_MMA: gl.constexpr,
-        num_warps: gl.constexpr,
+        STATES: gl.constexpr, num_warps: gl.constexpr,
     ):
+        """The TTT-MLP forward (module docstring). With STATES (the backward's recompute of one checkpoint group):
+        the state at the start of each of mini-batches [mb0, n_mb) and after the last into the head's scratch slots
+        (ST_*), from the checkpoint row pid * in_mul + in_add of W1_IN / B1_IN / W2_IN / B2_IN, and no output."""
+        if STATES:
+            gl.static_assert(TMA and BSUM_MMA and not SAVE)
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
         # wgmma accumulators: [MB, F] (each warpgroup F / WG columns), [MB, D], and [F, D] (rows over all warps)
         L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
@@ -180,48 +200,57 @@ if HAVE_GLUON:
             E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, E0W], DT, L_E0))
 
         # the initial state
-        w1 = gl.load(W1_IN + pid64 * D * F + _w_offsets(D, F, L_ZF))
-        w2 = gl.load(W2_IN + pid64 * F * D + _w_offsets(F, D, L_W2))
+        src = pid64 * in_mul + in_add
+        w1 = gl.load(W1_IN + src * D * F + _w_offsets(D, F, L_ZF))
+        w2 = gl.load(W2_IN + src * F * D + _w_offsets(F, D, L_W2))
         W1B_s.store(w1.to(DT))
         W2F_s.store(w2)
         W2B_s.store(w2.to(DT))
-        B1_s.store(gl.load(B1_IN + pid64 * F + gl.arange(0, F, layout=COLF)))
+        b1_in = gl.load(B1_IN + src * F + gl.arange(0, F, layout=COLF))
+        B1_s.store(b1_in)
         rows = gl.arange(0, MB, layout=ROW)
         dcol = gl.arange(0, D, layout=COL)
-        b2 = gl.load(B2_IN + pid64 * D + dcol)
+        b2 = gl.load(B2_IN + src * D + dcol)
+        slot0 = pid64 * n_slots
         tile = rows[:, None] * D + dcol[None, :]
         tok = pid64 * N * D
         eta_base = pid64 * N
         fence_async_shared()
         _cta_barrier()
+        if STATES:
+            _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot0, W1B_s, W2B_s, b1_in, b2, dcol, D, F, num_warps)
+        NXT: gl.constexpr = 1 if STATES else 2  # tiles copied ahead: k (and q, which the recompute does not read)
+        tile_bytes: gl.constexpr = MB * D * K.dtype.element_ty.primitive_bitwidth // 8
         if TMA:
-            mbarrier.expect(bars.index(0), 2 * MB * D * K.dtype.element_ty.primitive_bitwidth // 8)
-            _tma_load(KD, [pid * N, 0], bars.index(0), K_s2.index(0))
-            _tma_load(QD, [pid * N, 0], bars.index(0), Q_s2.index(0))
+            mbarrier.expect(bars.index(mb0 % 2), NXT * tile_bytes)
+            _tma_load(KD, [pid * N + mb0 * MB, 0], bars.index(mb0 % 2), K_s2.index(mb0 % 2))
+            if not STATES:
+                _tma_load(QD, [pid * N + mb0 * MB, 0], bars.index(mb0 % 2), Q_s2.index(mb0 % 2))
 
         for c in range(n_ck):
             if SAVE:
                 ck = pid64 * n_ck + c
                 _store_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, CK_B2 + ck * D, w1, B1_s, W2F_s,
                              b2, dcol, D, F, L_ZF, L_W2)
-            i_end = gl.minimum(c * G + G, n_mb)
-            for i in range(c * G, i_end):
+            i_end = gl.minimum(mb0 + c * G + G, n_mb)
+            for i in range(mb0 + c * G, i_end):
                 if TMA:
                     K_s = K_s2.index(i % 2)
                     Q_s = Q_s2.index(i % 2)
                     nb = (i + 1) % 2  # the next mini-batch's buffers: free since the previous iteration's last barrier
                     more = i + 1 < n_mb
-                    tile_bytes: gl.constexpr = MB * D * K.dtype.element_ty.primitive_bitwidth // 8
-                    mbarrier.expect(bars.index(nb), 2 * tile_bytes, pred=more)
+                    mbarrier.expect(bars.index(nb), NXT * tile_bytes, pred=more)
                     _tma_load(KD, [pid * N + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
-                    _tma_load(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
+                    if not STATES:
+                        _tma_load(QD, [pid * N + (i + 1) * MB, 0], bars.index(nb), Q_s2.index(nb), pred=more)
                     tma.store_wait(0)  # the previous output's store has read V_s (its staging tile)
                     mbarrier.expect(bars.index(2), tile_bytes)
                     _tma_load(VD, [pid * N + i * MB, 0], bars.index(2), V_s)
                     e = gl.load(ETA + eta_base + i * MB + rows)
-                    mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
+                    mbarrier.wait(bars.index(i % 2), ((i - mb0) // 2) % 2)
                     k = K_s.load(BL)
-                    q = Q_s.load(BL)
+                    if not STATES:
+                        q = Q_s.load(BL)
                 else:
                     offs = tok + i * MB * D + tile
                     K_s = K_s2.index(0)
@@ -249,7 +278,7 @@ if HAVE_GLUON:
                 beta = gl.load(LNB + h * D + dcol)[None, :]
                 xh, rstd = _ln_rows(z2, D, eps)
                 if TMA:
-                    mbarrier.wait(bars.index(2), i % 2)
+                    mbarrier.wait(bars.index(2), (i - mb0) % 2)
                     v = V_s.load(BL)
                 else:
                     v = gl.load(V + offs)
@@ -298,31 +327,35 @@ if HAVE_GLUON:
                     W1B_s.store(w1.to(DT))
                     _cta_barrier()  # every thread has read b1
                     B1_s.store(b1n)
+                    if STATES:  # the state after mini-batch i: slot i - mb0 + 1
+                        _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot0 + i - mb0 + 1, W1B_s, W2B_s, b1n, b2, dcol, D,
+                                    F, num_warps)
                 else:
                     w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1)
                     W1B_s.store(w1.to(DT))
                 fence_async_shared()
                 _cta_barrier()  # W1B_s and b1 complete; every warpgroup is done reading A_s (P1)
-                # the output with the updated state
-                zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-                A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
-                fence_async_shared()
-                _cta_barrier()
-                zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-                xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
-                out = (q.to(gl.float32) + gamma * xq + beta).to(DT)
-                if TMA:
-                    V_s.store(out)  # v's tile is free: the output leaves through it (a TMA store, no addresses)
-                else:
-                    gl.store(OUT + offs, out)
-                fence_async_shared()  # the TMA (async proxy) reads V_s / overwrites the tiles read here
-                _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
-                if TMA:
-                    _tma_store(OD, [pid * N + i * MB, 0], V_s)
+                if not STATES:  # the output with the updated state
+                    zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+                    A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
+                    fence_async_shared()
+                    _cta_barrier()
+                    zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+                    xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
+                    out = (q.to(gl.float32) + gamma * xq + beta).to(DT)
+                    if TMA:
+                        V_s.store(out)  # v's tile is free: the output leaves through it (a TMA store, no addresses)
+                    else:
+                        gl.store(OUT + offs, out)
+                    fence_async_shared()  # the TMA (async proxy) reads V_s / overwrites the tiles read here
+                    _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
+                    if TMA:
+                        _tma_store(OD, [pid * N + i * MB, 0], V_s)
         if TMA:
             tma.store_wait(0)
-        _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
-                     B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
+        if not STATES:
+            _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
+                         B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
 
 
     @gluon.jit
@@ -443,6 +476,317 @@ if HAVE_GLUON:
         gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
 
 
+    @gluon.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    @gluon.jit
+    def _gelu_d12(z):
+        """gelu_tanh'(z) and gelu_tanh''(z) (ttt_triton._gelu_parts without the value)."""
+        z2 = z * z
+        du = gl.fma(z2, _GELU_3CA, _GELU_C)
+        t = _tanh(z * gl.fma(z2, _GELU_CA, _GELU_C))
+        s = gl.fma(-t, t, 1.0)
+        h = 0.5 * z
+        g1 = gl.fma(h * s, du, gl.fma(0.5, t, 0.5))
+        g2 = s * gl.fma(h, gl.fma(-2.0 * t * du, du, 2.0 * _GELU_3CA * z), du)
+        return g1, g2
+
+    @gluon.jit
+    def _gw_update(GWP, a1, b1, a2, b2, TWO: gl.constexpr, W1: gl.constexpr, COPY, F: gl.constexpr,
+                   D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr):
+        """A gradient accumulator in global memory (fp32; L2-resident) += a1^T b1 (+ a2^T b2), 64 hidden units at a
+        time so that only a [64, 64] accumulator is live (the next chunk's load issued before this one's wgmma).
+        W1: dL/dW1 [D, F], a = [MB, D] tiles, b = [MB, F] tiles (columns chunked); else dL/dW2 [F, D], a = [MB, F]
+        (columns chunked), b = [MB, D]. COPY (an [F, D] shared buffer, or None) receives the result in bf16 (dL/dW1
+        transposed), the next operand."""
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, L_ZD))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
+        if W1:  # chunk ch: columns [64 ch, 64 ch + 64) of [D, F]
+            offs = r[:, None] * F + c[None, :]
+            step: gl.constexpr = 64
+        else:  # rows [64 ch, 64 ch + 64) of [F, D]
+            offs = r[:, None] * D + c[None, :]
+            step: gl.constexpr = 64 * D
+        nxt = gl.load(GWP + offs)
+        for ch in gl.static_range(F // 64):
+            acc = nxt
+            if ch + 1 < F // 64:
+                nxt = gl.load(GWP + (ch + 1) * step + offs)
+            if W1:
+                acc = warpgroup_mma(a1.permute((1, 0)), b1.slice(ch * 64, 64, dim=1), acc, is_async=True)
+                if TWO:
+                    acc = warpgroup_mma(a2.permute((1, 0)), b2.slice(ch * 64, 64, dim=1), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(a1.slice(ch * 64, 64, dim=1).permute((1, 0)), b1, acc, is_async=True)
+                if TWO:
+                    acc = warpgroup_mma(a2.slice(ch * 64, 64, dim=1).permute((1, 0)), b2, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            gl.store(GWP + ch * step + offs, acc)
+            if COPY is not None:
+                if W1:
+                    COPY.slice(ch * 64, 64, dim=0).permute((1, 0)).store(acc.to(DT))
+                else:
+                    COPY.slice(ch * 64, 64, dim=0).store(acc.to(DT))
+
+    @gluon.jit
+    def _ttt_mlp_bwd_smem_kernel(
+        QD, KD, WTD, W2D, V, DOUT, ETA, LNW, LNB, ST_B1, ST_B2,
+        GW1, GB1, GW2, GB2, GLNW, GLNB,
+        DQ, DK, DV, DETA,
+        N, H, mb0, cnt, n_slots, eps,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Backward of one checkpoint group of the TTT-MLP scan (mini-batches mb0 .. mb0 + cnt - 1, in reverse),
+        one 8-warp CTA per (sequence, head), after the STATES forward has put the state at the start of each of
+        them and after the last into the scratch slots (W1^T and W2 in bf16 as [F, D] tiles: WTD / W2D; b1 / b2 in
+        fp32: ST_B1 / ST_B2). The gradient accumulators GW1 .. GLNB (fp32, per head) hold dL/d(state after the group)
+        and the LN parameters' sums on entry and are advanced to the group's start; dL/dW1 and dL/dW2 (64 KB each)
+        stay in global memory (L2), updated 64 hidden units at a time: shared memory holds the two slot buffers,
+        and registers could not hold a [D, F] fp32 accumulator beside this kernel's [MB, F] tiles without spilling.
+
+        Per mini-batch (the explicit W_end form; W = its start state, W' = its end state, both from the slots):
+          first half, at W':   the output's inner forward and LN backward, dq, and dL/dW' += the output's terms
+          second half, at W:   the keys' inner forward, the inner loss's gradient, and the gradients through
+                               W' = W - (its update) into dL/dW, dk, dv, deta
+        The two slot buffers alternate: W is the next mini-batch's W'. After the first half W' is dead and its
+        buffer takes dL/dW1^T and dL/dW2 in bf16 (the second half's operands), then the next mini-batch's W."""
+        gl.static_assert(num_warps == 8)
+        WG: gl.constexpr = 2
+        L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, F // WG, 16])
+        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, D // WG, 16])
+        BL: gl.constexpr = gl.BlockedLayout([1, D // 8], [4, 8], [num_warps, 1], [1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(1, BL)
+        COL: gl.constexpr = gl.SliceLayout(0, BL)
+        COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
+        ROWF: gl.constexpr = gl.SliceLayout(1, L_ZF)
+        S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
+        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
+        S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        # dL/db1's column sums as [F, MB] x [MB, 8] wgmmas against a ones column (the forward's E0, 8 columns: the
+        # narrowest wgmma)
+        L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, 8, 16])
+        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 8], gl.bfloat16)
+        DT: gl.constexpr = QD.dtype
+        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
+        w_bytes: gl.constexpr = F * D * DT.primitive_bitwidth // 8
+
+        pid = gl.program_id(0)
+        pid64 = pid.to(gl.int64)
+        h = pid % H
+        slot0 = pid * n_slots  # this head's first scratch slot
+
+        WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W1^T of a slot, then dL/dW1^T in bf16
+        W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W2 of a slot, then dL/dW2 in bf16
+        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        AA_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(q W1' + b1'), dL/dzq1, gelu(Z1), dL/dZ1
+        BB_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # Z1 (fp16), m1 gelu'(Z1), -P1
+        QT = BB_s._reinterpret(DT, [4, MB, D], S_XD)  # the first half's q and dL/dzq2 tiles, while BB is free
+        Q_s = QT.index(0)
+        T_s = QT.index(1)
+        Z1_s = BB_s._reinterpret(gl.float16, [MB, F], S_XF)
+        GZ_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)  # dl/dZ2, then -P2 = -eta dl/dZ2
+        DZ_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)  # dL/dZ2
+        E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
+        GB1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # slot buffers 0, 1; q / k
+        for nb in gl.static_range(3):
+            mbarrier.init(bars.index(nb), count=1)
+
+        rows = gl.arange(0, MB, layout=ROW)
+        dcol = gl.arange(0, D, layout=COL)
+        tile = rows[:, None] * D + dcol[None, :]
+        rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
+        cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
+        tile_zd = rz[:, None] * D + cz[None, :]
+        colf = gl.arange(0, F, layout=COLF)
+        rowf = gl.arange(0, MB, layout=ROWF)
+        L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+        e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
+        E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
+        GB1_s.store(gl.load(GB1 + pid64 * F + colf))
+        gw1p = GW1 + pid64 * D * F
+        gw2p = GW2 + pid64 * F * D
+        # the [D] accumulators are read and written in place (per head: no other CTA touches them), a CTA barrier
+        # between every thread's read and any thread's write
+        gb2p = GB2 + pid64 * D + dcol
+        glnwp = GLNW + pid64 * D + dcol
+        glnbp = GLNB + pid64 * D + dcol
+        fence_async_shared()
+        _cta_barrier()
+        # the last mini-batch's end and start states, its q and k
+        for s in gl.static_range(2):
+            slot = cnt - s
+            mbarrier.expect(bars.index(slot % 2), 2 * w_bytes)
+            _tma_load(WTD, [(slot0 + slot) * F, 0], bars.index(slot % 2), WT_s.index(slot % 2))
+            _tma_load(W2D, [(slot0 + slot) * F, 0], bars.index(slot % 2), W2_s.index(slot % 2))
+        mbarrier.expect(bars.index(2), 2 * tile_bytes)
+        _tma_load(QD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Q_s)
+        _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), K_s)
+
+        for jj in range(cnt):
+            j = cnt - 1 - jj
+            i = mb0 + j
+            E = (j + 1) % 2  # buffer of the end state (slot j + 1)
+            S = j % 2  # buffer of the start state (slot j)
+            WTe = WT_s.index(E)
+            W2e = W2_s.index(E)
+            WTs = WT_s.index(S)
+            W2s = W2_s.index(S)
+            tok = (pid64 * N + i * MB) * D
+            gamma = gl.load(LNW + h * D + dcol)[None, :]
+            beta = gl.load(LNB + h * D + dcol)[None, :]
+            mbarrier.wait(bars.index(2), jj % 2)
+            mbarrier.wait(bars.index(E), ((cnt - j - 1) // 2) % 2)
+
+            # ---- first half: the output at W' ----
+            zq1 = warpgroup_mma(Q_s, WTe.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            aq, gq1 = _gelu_and_grad(zq1 + gl.load(ST_B1 + (slot0 + j + 1) * F + colf)[None, :])
+            gq1 = gq1.to(gl.float16)  # held through the LN: 32 registers, not 64
+            AA_s.store(aq.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            zq2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+            zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + (slot0 + j + 1) * D + dcol)[None, :]
+            xq, rq = _ln_rows(zq2, D, eps)
+            do = gl.load(DOUT + tok + tile).to(gl.float32)
+            gxo = do * gamma
+            s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
+            dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
+            gb2 = gl.load(gb2p) + gl.sum(dzq2, axis=0)
+            glnw = gl.load(glnwp) + gl.sum(do * xq, axis=0)
+            glnb = gl.load(glnbp) + gl.sum(do, axis=0)
+            T_s.store(dzq2.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            gl.store(gb2p, gb2)
+            gl.store(glnwp, glnw)
+            gl.store(glnbp, glnb)
+            gq = warpgroup_mma(T_s, W2e.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            dzq1 = gq * gq1.to(gl.float32)
+            _cta_barrier()  # both warpgroups are done reading W2' (its buffer takes dL/dW2 next)
+            # dL/dW2' += aq^T dL/dzq2, and its bf16 copy into W2's buffer
+            _gw_update(gw2p, AA_s, T_s, AA_s, T_s, False, False, W2e, F, D, L_ZD, DT)
+            _cta_barrier()  # every read of aq is done
+            AA_s.store(dzq1.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            dq = warpgroup_mma(AA_s, WTe, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
+                                is_async=True)
+            dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
+            dq = dq + gl.load(DOUT + tok + tile_zd).to(gl.float32)
+            gl.store(DQ + tok + tile_zd, dq.to(DT))
+            gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
+            _cta_barrier()  # every read of W1' and of dL/db1 is done
+            GB1_s.store(gb1)
+            # dL/dW1' += q^T dL/dzq1, and its bf16 copy (transposed) into W1's buffer
+            _gw_update(gw1p, Q_s, AA_s, Q_s, AA_s, False, True, WTe, F, D, L_ZD, DT)
+            fence_async_shared()
+            _cta_barrier()
+
+            # ---- second half: the keys' inner forward at W and the gradients through the update ----
+            mbarrier.wait(bars.index(S), ((cnt - j) // 2) % 2)
+            z1 = warpgroup_mma(K_s, WTs.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            z1 = z1 + gl.load(ST_B1 + (slot0 + j) * F + colf)[None, :]
+            AA_s.store(_gelu(z1).to(DT))
+            Z1_s.store(z1.to(gl.float16))  # gelu' and gelu'' are recomputed from it where used (2^-11 relative)
+            fence_async_shared()
+            _cta_barrier()
+            z2 = warpgroup_mma(AA_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+            z2 = gl.convert_layout(z2, BL) + gl.load(ST_B2 + (slot0 + j) * D + dcol)[None, :]
+            y = gl.load(V + tok + tile).to(gl.float32) - K_s.load(BL).to(gl.float32)  # the target v - k
+            xh, rstd = _ln_rows(z2, D, eps)
+            gx = (gamma * xh + beta - y) * gamma
+            s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)
+            gz2 = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+            GZ_s.store(gz2.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            gA = warpgroup_mma(GZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            gAh = gA.to(gl.float16)
+            # m1 = k dL/dW1 + dL/db1, so that dL/dP1 = -m1 (dL/d(dl/dZ1) = -eta m1)
+            m1 = warpgroup_mma(K_s, WTe.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            m1 = m1 + GB1_s.load(COLF)[None, :]
+            gp, gp2 = _gelu_d12(Z1_s.load(L_ZF).to(gl.float32))
+            gAf = gAh.to(gl.float32)
+            ef = gl.load(ETA + pid64 * N + i * MB + rowf)
+            de1 = gl.sum(m1 * gAf * gp, axis=1)
+            t1h = (-ef[:, None] * m1 * gAf * gp2).to(gl.float16)  # dL/dZ1 through gelu'(Z1) in P1
+            gph = gp.to(gl.float16)
+            _cta_barrier()  # every read of Z1 is done
+            BB_s.store((m1 * gp).to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            dp2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+            gacc = warpgroup_mma(BB_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+            dp2, gacc = warpgroup_mma_wait(num_outstanding=0, deps=(dp2, gacc))
+            e = gl.load(ETA + pid64 * N + i * MB + rows)
+            dp2 = -(gl.convert_layout(dp2, BL) + gl.load(gb2p)[None, :])  # dL/dP2
+            gG = e[:, None] * (dp2 - gl.convert_layout(gacc, BL))  # dL/d(dl/dZ2)
+            de = gl.sum(dp2 * gz2, axis=1) - gl.convert_layout(de1, ROW)
+            # LN double backward (ttt_triton._ln_double_bwd)
+            sG, sGx, s2 = gl.reduce((gG, gG * xh, gx * xh), 1, _add3)
+            dgx = rstd[:, None] * (gG - sG[:, None] / D - xh * (sGx[:, None] / D))
+            dxh = -rstd[:, None] * (gG * (s2[:, None] / D) + gx * (sGx[:, None] / D))
+            dr = gl.sum(gG * gz2, axis=1) / rstd
+            dg = dgx * gamma
+            glnw = gl.load(glnwp) + gl.sum(dgx * (gamma * xh + beta - y) + dg * xh, axis=0)
+            glnb = gl.load(glnbp) + gl.sum(dg, axis=0)
+            dxh = dxh + dg * gamma
+            sdx, sdxx = gl.reduce((dxh, dxh * xh), 1, _add2)
+            drt = dr + sdxx / rstd
+            dz2 = rstd[:, None] * (dxh - sdx[:, None] / D) - (drt * rstd * rstd / D)[:, None] * xh
+            gb2 = gl.load(gb2p) + gl.sum(dz2, axis=0)
+            gl.store(DV + tok + tile, (-dg).to(DT))
+            gl.store(DETA + pid64 * N + i * MB + rows, de)
+            DZ_s.store(dz2.to(DT))
+            GZ_s.store((-e[:, None] * gz2).to(DT))  # -P2 (every read of dl/dZ2 was waited above)
+            fence_async_shared()
+            _cta_barrier()
+            gl.store(gb2p, gb2)
+            gl.store(glnwp, glnw)
+            gl.store(glnbp, glnb)
+            # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2
+            _gw_update(gw2p, BB_s, GZ_s, AA_s, DZ_s, True, False, None, F, D, L_ZD, DT)
+            dA = warpgroup_mma(DZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False,
+                               is_async=True)
+            dA = warpgroup_mma(GZ_s, W2e.permute((1, 0)), dA, is_async=True)
+            dA = warpgroup_mma_wait(num_outstanding=0, deps=(dA,))
+            gp = gph.to(gl.float32)
+            dz1 = t1h.to(gl.float32) + dA * gp
+            _cta_barrier()  # every read of gelu(Z1) and of BB is done
+            AA_s.store(dz1.to(DT))
+            np1 = warpgroup_mma(GZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
+            BB_s.store((np1 * gp).to(DT))  # -P1 = (-P2 W2^T) gelu'(Z1)
+            fence_async_shared()
+            _cta_barrier()
+            dk = warpgroup_mma(AA_s, WTs, gl.convert_layout(dg, L_ZD), is_async=True)
+            dk = warpgroup_mma(BB_s, WTe, dk, is_async=True)
+            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
+                                is_async=True)
+            dk, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, db1))
+            gl.store(DK + tok + tile_zd, dk.to(DT))
+            gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
+            # dL/dW1 += k^T dL/dZ1
+            _gw_update(gw1p, K_s, AA_s, K_s, AA_s, False, True, None, F, D, L_ZD, DT)
+            _cta_barrier()  # every read of this mini-batch's tiles, both slot buffers and dL/db1 is done
+            GB1_s.store(gb1)
+            if j > 0:  # the next mini-batch's start state into this one's end buffer, its q and k
+                mbarrier.expect(bars.index(E), 2 * w_bytes)
+                _tma_load(WTD, [(slot0 + j - 1) * F, 0], bars.index(E), WT_s.index(E))
+                _tma_load(W2D, [(slot0 + j - 1) * F, 0], bars.index(E), W2_s.index(E))
+                mbarrier.expect(bars.index(2), 2 * tile_bytes)
+                _tma_load(QD, [pid * N + (i - 1) * MB, 0], bars.index(2), Q_s)
+                _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), K_s)
+        _cta_barrier()
+        gl.store(GB1 + pid64 * F + colf, GB1_s.load(COLF))
+
+
 def tma_rows_fit(shape) -> bool:
     """TMA coordinates are 32-bit: the [B H N, D] row views must have fewer than 2^31 rows."""
     B, H, N = shape[:3]
@@ -480,8 +824,9 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
         q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out)), eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
-        N, H, n_mb, n_ck, G, LN_EPS,
-        D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, num_warps=num_warps,
+        q, b1, q, b1,  # no recompute slots
+        N, H, n_mb, n_ck, G, LN_EPS, 0, 1, 0, 0,
+        D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps,
     )
     return out, finals, cks, 0
 
@@ -508,3 +853,54 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
         N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
     )
     return out, finals, cks
+
+
+BWD_LAUNCHES = 0
+
+
+def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
+                       parts=("states", "backward")):
+    """The Gluon TTT-MLP backward: per checkpoint group, last first, the STATES forward (the state at the start of
+    each of its mini-batches into scratch slots) then _ttt_mlp_bwd_smem_kernel. cks: the forward's row-major
+    checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate (dL/d initial state,
+    fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which of the two launches to issue
+    (benchmarks/gluon_bwd_parts.py times them apart; anything but both leaves the gradients meaningless)."""
+    global BWD_LAUNCHES
+    B, H, N, D = q.shape
+    BH, n_mb = B * H, N // mb
+    ckW1, ckb1, ckW2, ckb2 = cks
+    F, n_ck = ckW1.shape[-1], ckW1.shape[1]
+    dev = q.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    gw = [e.clone() for e in ends]  # dL/d(state), advanced group by group to the initial state
+    glnw, glnb = torch.zeros(BH, D, **f32), torch.zeros(BH, D, **f32)
+    n_slots = G + 1
+    st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
+    st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
+    st_b1 = torch.empty(BH * n_slots, F, **f32)
+    st_b2 = torch.empty(BH * n_slots, D, **f32)
+    w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
+    wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
+    qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
+    dq, dk, dv, deta = grads
+    for c in reversed(range(n_ck)):
+        mb0 = c * G
+        cnt = min(G, n_mb - mb0)
+        if "states" in parts:
+            _ttt_mlp_fwd_smem_kernel[(BH,)](
+                q, k, v, qd, kd, vd, vd, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
+                q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
+                st_w1, st_b1, st_w2, st_b2,
+                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
+                D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
+            )
+        if "backward" in parts:
+            _ttt_mlp_bwd_smem_kernel[(BH,)](
+                qd, kd, wtd, w2d, v, dout, eta, lnw, lnb, st_b1, st_b2, *gw, glnw, glnb, dq, dk, dv, deta,
+                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+            )
+    BWD_LAUNCHES += 1
+    dstate[:] = gw
+    dlnw.copy_(glnw)
+    dlnb.copy_(glnb)
+    return True

@@ -2025,6 +2025,15 @@ class _TTTMLPFunction(torch.autograd.Function):
         dstate = [_empty(BH, *s, device=dev) for s in ((D, Fh), (Fh,), (Fh, D), (D,))]
         dlnw, dlnb = _empty(BH, D, device=q.device), _empty(BH, D, device=q.device)
         cfg = KERNEL_CONFIG["mlp_bwd"]
+        if cfg["variant"] == "smem":
+            from . import ttt_gluon
+
+            done = False
+            if ttt_gluon.gluon_supports(q, D, Fh, mb) and not GLUON_DISABLED:
+                cks_rm = (_w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1, ckb1, ckW2, ckb2)  # row-major W1
+                done = _try_gluon(ttt_gluon.mlp_backward_gluon, q, k, v, eta, lnw, lnb, dout, cks_rm, ends, mb, G,
+                                  (dq, dk, dv, deta), dstate, dlnw, dlnb) is not None
+            cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,
                                        (dq, dk, dv, deta), dstate, dlnw, dlnb)

@@ -273,6 +273,46 @@ def test_smem_forward_long_sequence_bf16(monkeypatch):
     assert ttt_gluon.LAUNCHES > n0
 
 
+# The Gluon backward (kernels/ttt_gluon.py, mlp_bwd variant "smem": per checkpoint group the STATES forward into
+# scratch slots, then one 8-warp CTA per head back through the group with dL/dW in L2): every gradient against the
+# float64 reference, with scans of 1-3 mini-batches, groups that do not divide the scan, both dtypes, the long scan.
+def _smem_bwd_config(monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem"))
+    return _smem_config(monkeypatch)
+
+
+@pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
+def test_smem_backward_matches_float64_reference(dt, monkeypatch):
+    ttt_gluon = _smem_bwd_config(monkeypatch)
+    n0 = ttt_gluon.BWD_LAUNCHES
+    _checked(["mlp-smem-bwd", str(dt)], "mlp", 2, 3, 640, 64, 64, 4, dt)
+    assert ttt_gluon.BWD_LAUNCHES > n0
+
+
+@pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3), (1024, 16)])
+def test_smem_backward_short_scans_and_groups(n_tokens, group, monkeypatch):
+    ttt_gluon = _smem_bwd_config(monkeypatch)
+    n0 = ttt_gluon.BWD_LAUNCHES
+    _checked(["mlp-smem-bwd-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
+    assert ttt_gluon.BWD_LAUNCHES > n0
+
+
+def test_smem_backward_long_sequence_bf16(monkeypatch):
+    ttt_gluon = _smem_bwd_config(monkeypatch)
+    n0 = ttt_gluon.BWD_LAUNCHES
+    _long_scan_errors(["mlp-smem-bwd-long", 1, 2, 4096, 64, 64, 16, "bf16"])
+    assert ttt_gluon.BWD_LAUNCHES > n0
+
+
+def test_smem_backward_leaves_fp32_to_the_triton_kernels(monkeypatch):
+    ttt_gluon = _smem_bwd_config(monkeypatch)
+    n0 = ttt_gluon.BWD_LAUNCHES
+    _checked(["mlp-smem-bwd-fp32-fallback"], "mlp", 1, 2, 384, 64, 64, 4, FP32)
+    assert ttt_gluon.BWD_LAUNCHES == n0
+
+
 def test_smem_forward_leaves_fp32_to_the_triton_kernels(monkeypatch):
     ttt_gluon = _smem_config(monkeypatch)
     n0 = ttt_gluon.LAUNCHES

@@ -1,0 +1,69 @@
+"""Time the Gluon TTT-MLP backward's two launches apart, on the device (issue 4's backward work).
+
+Per checkpoint group the backward issues the STATES forward (recompute: the state at each mini-batch's start into
+scratch slots) and the backward kernel; this prints the whole backward and each kind of launch alone, at one shape:
+
+    python benchmarks/gluon_bwd_parts.py --tokens 21952 --heads 48      # B = 2 directions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+def _ms(fn, reps):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=21952)
+    p.add_argument("--heads", type=int, default=48)
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args(argv)
+    from ttt_video.kernels import ttt_gluon, ttt_triton as tt
+
+    B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, tt.DEFAULT_GROUP
+    BH = B * H
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev = dict(device="cuda")
+
+    def r(*s, dt=torch.bfloat16, scale=1.0):
+        return (torch.randn(*s, generator=g, **dev) * scale).to(dt)
+
+    q, k, v, dout = (r(B, H, N, D, scale=0.125) for _ in range(4))
+    eta = torch.rand(B, H, N, generator=g, **dev) * 0.01
+    state = (r(BH, D, F, dt=torch.float32, scale=0.05), r(BH, F, dt=torch.float32, scale=0.01),
+             r(BH, F, D, dt=torch.float32, scale=0.05), r(BH, D, dt=torch.float32, scale=0.01))
+    lnw, lnb = torch.ones(H, D, **dev), torch.zeros(H, D, **dev)
+    out, finals, cks, ck_fc = tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True)
+    assert ck_fc == 0, "the Gluon forward did not run (not a Hopper GPU?)"
+    ends = [torch.zeros_like(t) for t in finals]
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
+    dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
+    res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name()}
+    for name, parts in [("backward_ms", ("states", "backward")), ("states_only_ms", ("states",)),
+                        ("bwd_kernel_only_ms", ("backward",))]:
+        dstate = [None] * 4
+        res[name] = _ms(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
+                                                             dstate, dlnw, dlnb, parts=parts), a.reps)
+    res["forward_ms"] = _ms(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), a.reps)
+    n_mb = N // mb
+    res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
