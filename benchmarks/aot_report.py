@@ -47,8 +47,9 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=True, TMA=bool(cfg.get("tma", 1)),
-                                                     BSUM_MMA=bool(cfg.get("bsum_mma", 1)), STATES=False,
+            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=not cfg.get("states", 0), TMA=bool(cfg.get("tma", 1)),
+                                                     BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
+                                                     STATES=bool(cfg.get("states", 0)),
                                                      num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)

@@ -51,6 +51,8 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernels serve ever
     # a TMA tile load: tma.async_copy_global_to_shared up to 3.6, tma.async_load after
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # a shared buffer seen as another dtype / shape / layout: _reinterpret up to 3.6, reinterpret after
+    _PUBLIC_REINTERPRET = tl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -83,6 +85,13 @@ if HAVE_GLUON:
         g = gl.fma(h, t, h)
         g1 = gl.fma(h * gl.fma(-t, t, 1.0), gl.fma(z2, _GELU_3CA, _GELU_C), gl.fma(0.5, t, 0.5))
         return g, g1
+
+    @gluon.jit
+    def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
+        if _PUBLIC_REINTERPRET:
+            return buf.reinterpret(dtype, shape, layout)
+        else:
+            return buf._reinterpret(dtype, shape, layout)
 
     @gluon.jit
     def _add2(a0, a1, b0, b1):
@@ -530,9 +539,73 @@ if HAVE_GLUON:
                     COPY.slice(ch * 64, 64, dim=0).store(acc.to(DT))
 
     @gluon.jit
+    def _half_cols(L_ZH: gl.constexpr, h: gl.constexpr):
+        """Columns [128 h, 128 h + 128) of F in the [MB, 128] half-tile layout."""
+        return h * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, L_ZH))
+
+    @gluon.jit
+    def _zq1_half(Q_s, WTe, AA_s, B1P, h: gl.constexpr, MB: gl.constexpr, L_ZH: gl.constexpr, DT: gl.constexpr):
+        """Half h of the output's inner forward at W': gelu(q W1' + b1') into AA; returns gelu' (fp16)."""
+        z = warpgroup_mma(Q_s, WTe.slice(h * 128, 128, dim=0).permute((1, 0)), gl.zeros([MB, 128], gl.float32, L_ZH),
+                          use_acc=False)
+        a, ga = _gelu_and_grad(z + gl.load(B1P + _half_cols(L_ZH, h))[None, :])
+        AA_s.slice(h * 128, 128, dim=1).store(a.to(DT))
+        return ga.to(gl.float16)
+
+    @gluon.jit
+    def _dzq1_half(T_s, W2e, gq1, h: gl.constexpr, MB: gl.constexpr, L_ZH: gl.constexpr, DT: gl.constexpr):
+        """Half h of dL/dzq1 = (dL/dzq2 W2'^T) gelu'(zq1), in the operand type."""
+        g = warpgroup_mma(T_s, W2e.slice(h * 128, 128, dim=0).permute((1, 0)), gl.zeros([MB, 128], gl.float32, L_ZH),
+                          use_acc=False)
+        return (g * gq1.to(gl.float32)).to(DT)
+
+    @gluon.jit
+    def _z1_half(K_s, WTs, AA_s, Z1_s, B1P, h: gl.constexpr, MB: gl.constexpr, L_ZH: gl.constexpr,
+                 DT: gl.constexpr):
+        """Half h of the keys' inner forward at W: gelu(Z1) into AA (operand type), Z1 into Z1_s (fp16)."""
+        z = warpgroup_mma(K_s, WTs.slice(h * 128, 128, dim=0).permute((1, 0)), gl.zeros([MB, 128], gl.float32, L_ZH),
+                          use_acc=False)
+        z = z + gl.load(B1P + _half_cols(L_ZH, h))[None, :]
+        AA_s.slice(h * 128, 128, dim=1).store(_gelu(z).to(DT))
+        Z1_s.slice(h * 128, 128, dim=1).store(z.to(gl.float16))
+
+    @gluon.jit
+    def _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, ETA_ROWS, h: gl.constexpr, MB: gl.constexpr,
+                 L_ZH: gl.constexpr, DT: gl.constexpr):
+        """Half h of the inner gradient's backward pieces: gA = dl/dZ2 W2^T, m1 = k dL/dW1 + dL/db1 (dL/dP1 = -m1),
+        gelu' / gelu'' of Z1. Writes m1 gelu'(Z1) into BB over Z1's half (each thread rewrites the 16-bit elements
+        it read); returns -eta m1 gA gelu''(Z1) and gelu'(Z1) (fp16) and the rows' sums of m1 gA gelu'(Z1)."""
+        gA = warpgroup_mma(GZ_s, W2s.slice(h * 128, 128, dim=0).permute((1, 0)), gl.zeros([MB, 128], gl.float32, L_ZH),
+                           use_acc=False, is_async=True)
+        m1 = warpgroup_mma(K_s, WTe.slice(h * 128, 128, dim=0).permute((1, 0)), gl.zeros([MB, 128], gl.float32, L_ZH),
+                           use_acc=False, is_async=True)
+        gA, m1 = warpgroup_mma_wait(num_outstanding=0, deps=(gA, m1))
+        m1 = m1 + GB1_s.slice(h * 128, 128).load(gl.SliceLayout(0, L_ZH))[None, :]
+        gp, gp2 = _gelu_d12(Z1_s.slice(h * 128, 128, dim=1).load(L_ZH).to(gl.float32))
+        mg = m1 * gA
+        e = gl.load(ETA_ROWS + gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZH)))
+        t1 = (-e[:, None] * mg * gp2).to(gl.float16)  # dL/dZ1 through gelu'(Z1) in P1
+        de1 = gl.sum(mg * gp, axis=1)
+        BB_s.slice(h * 128, 128, dim=1).store((m1 * gp).to(DT))
+        return t1, gp.to(gl.float16), de1
+
+    @gluon.jit
+    def _dz1_half(DZ_s, GZ_s, W2s, W2e, t1, gp, h: gl.constexpr, MB: gl.constexpr, L_ZH: gl.constexpr,
+                  DT: gl.constexpr):
+        """Half h of dL/dZ1 = t1 + dL/dA gelu'(Z1), dL/dA = dL/dZ2 W2^T - P2 dL/dW2^T (GZ holds -P2), in the operand
+        type; and -P1 = (-P2 W2^T) gelu'(Z1)."""
+        W2sh = W2s.slice(h * 128, 128, dim=0).permute((1, 0))
+        dA = warpgroup_mma(DZ_s, W2sh, gl.zeros([MB, 128], gl.float32, L_ZH), use_acc=False, is_async=True)
+        dA = warpgroup_mma(GZ_s, W2e.slice(h * 128, 128, dim=0).permute((1, 0)), dA, is_async=True)
+        np1 = warpgroup_mma(GZ_s, W2sh, gl.zeros([MB, 128], gl.float32, L_ZH), use_acc=False, is_async=True)
+        dA, np1 = warpgroup_mma_wait(num_outstanding=0, deps=(dA, np1))
+        gpf = gp.to(gl.float32)
+        return (t1.to(gl.float32) + dA * gpf).to(DT), (np1 * gpf).to(DT)
+
+    @gluon.jit
     def _ttt_mlp_bwd_smem_kernel(
         QD, KD, WTD, W2D, V, DOUT, ETA, LNW, LNB, ST_B1, ST_B2,
-        GW1, GB1, GW2, GB2, GLNW, GLNB,
+        GW1, GB1, GW2, GVEC,
         DQ, DK, DV, DETA,
         N, H, mb0, cnt, n_slots, eps,
         D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
@@ -540,10 +613,12 @@ if HAVE_GLUON:
         """Backward of one checkpoint group of the TTT-MLP scan (mini-batches mb0 .. mb0 + cnt - 1, in reverse),
         one 8-warp CTA per (sequence, head), after the STATES forward has put the state at the start of each of
         them and after the last into the scratch slots (W1^T and W2 in bf16 as [F, D] tiles: WTD / W2D; b1 / b2 in
-        fp32: ST_B1 / ST_B2). The gradient accumulators GW1 .. GLNB (fp32, per head) hold dL/d(state after the group)
-        and the LN parameters' sums on entry and are advanced to the group's start; dL/dW1 and dL/dW2 (64 KB each)
-        stay in global memory (L2), updated 64 hidden units at a time: shared memory holds the two slot buffers,
-        and registers could not hold a [D, F] fp32 accumulator beside this kernel's [MB, F] tiles without spilling.
+        fp32: ST_B1 / ST_B2). The gradient accumulators (fp32, per head: GW1 [D, F], GB1 [F], GW2 [F, D], GVEC [3, D]
+        = dL/db2, dL/d(LN weight), dL/d(LN bias)) hold dL/d(state after the group) and the LN parameters' sums on
+        entry and are advanced to the group's start. dL/dW1 and dL/dW2 (64 KB each) stay in global memory (L2),
+        updated 64 hidden units at a time: shared memory holds the two slot buffers, and registers cannot hold a
+        [D, F] fp32 accumulator beside this kernel's tiles. The [MB, F] element-wise work runs in column halves
+        (the first version did it on whole tiles: 2.9 KB of spills a thread, 115 us a mini-batch).
 
         Per mini-batch (the explicit W_end form; W = its start state, W' = its end state, both from the slots):
           first half, at W':   the output's inner forward and LN backward, dq, and dL/dW' += the output's terms
@@ -552,16 +627,13 @@ if HAVE_GLUON:
         The two slot buffers alternate: W is the next mini-batch's W'. After the first half W' is dead and its
         buffer takes dL/dW1^T and dL/dW2 in bf16 (the second half's operands), then the next mini-batch's W."""
         gl.static_assert(num_warps == 8)
-        WG: gl.constexpr = 2
-        L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                       instr_shape=[16, F // WG, 16])
-        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
-                                                       instr_shape=[16, D // WG, 16])
+        gl.static_assert(F == 256)
+        L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
+        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, D // 2, 16])
         BL: gl.constexpr = gl.BlockedLayout([1, D // 8], [4, 8], [num_warps, 1], [1, 0])
         ROW: gl.constexpr = gl.SliceLayout(1, BL)
         COL: gl.constexpr = gl.SliceLayout(0, BL)
-        COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
-        ROWF: gl.constexpr = gl.SliceLayout(1, L_ZF)
         S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
         S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
         S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
@@ -582,40 +654,28 @@ if HAVE_GLUON:
 
         WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W1^T of a slot, then dL/dW1^T in bf16
         W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W2 of a slot, then dL/dW2 in bf16
-        K_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
-        AA_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(q W1' + b1'), dL/dzq1, gelu(Z1), dL/dZ1
-        BB_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # Z1 (fp16), m1 gelu'(Z1), -P1
-        QT = BB_s._reinterpret(DT, [4, MB, D], S_XD)  # the first half's q and dL/dzq2 tiles, while BB is free
-        Q_s = QT.index(0)
-        T_s = QT.index(1)
-        Z1_s = BB_s._reinterpret(gl.float16, [MB, F], S_XF)
-        GZ_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)  # dl/dZ2, then -P2 = -eta dl/dZ2
-        DZ_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)  # dL/dZ2
+        # [MB, F] tiles: AA = gelu(q W1' + b1'), dL/dzq1, gelu(Z1), dL/dZ1; BB = q and dL/dzq2 (first half, as
+        # [MB, D] tiles), Z1 (fp16), m1 gelu'(Z1), -P1. [MB, D] tiles: k; dl/dZ2, then -P2 = -eta dl/dZ2; dL/dZ2.
+        # The roles rotate over the buffers from one mini-batch to the next (AA / BB by the slot parity, the three
+        # [MB, D] tiles by j % 3): loop-invariant operand addresses are hoisted out of the loop by the compiler
+        # (a wgmma descriptor per k-step, 64-bit each), and held in registers through the scan they spilled
+        XY_s = gl.allocate_shared_memory(DT, [2, MB, F], S_XF)
+        Z3_s = gl.allocate_shared_memory(DT, [3, MB, D], S_XD)
         E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
         GB1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
         bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # slot buffers 0, 1; q / k
         for nb in gl.static_range(3):
             mbarrier.init(bars.index(nb), count=1)
 
-        rows = gl.arange(0, MB, layout=ROW)
-        dcol = gl.arange(0, D, layout=COL)
-        tile = rows[:, None] * D + dcol[None, :]
-        rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
-        cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
-        tile_zd = rz[:, None] * D + cz[None, :]
-        colf = gl.arange(0, F, layout=COLF)
-        rowf = gl.arange(0, MB, layout=ROWF)
         L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
         e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
         E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
-        GB1_s.store(gl.load(GB1 + pid64 * F + colf))
+        GB1_s.store(gl.load(GB1 + pid64 * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1))))
         gw1p = GW1 + pid64 * D * F
         gw2p = GW2 + pid64 * F * D
-        # the [D] accumulators are read and written in place (per head: no other CTA touches them), a CTA barrier
-        # between every thread's read and any thread's write
-        gb2p = GB2 + pid64 * D + dcol
-        glnwp = GLNW + pid64 * D + dcol
-        glnbp = GLNB + pid64 * D + dcol
+        # dL/db2, dL/d(LN weight), dL/d(LN bias): read and written in place (per head: no other CTA touches them),
+        # a CTA barrier between every thread's read and any thread's write; one base pointer for the three
+        gvec = GVEC + pid64 * 3 * D
         fence_async_shared()
         _cta_barrier()
         # the last mini-batch's end and start states, its q and k
@@ -625,8 +685,9 @@ if HAVE_GLUON:
             _tma_load(WTD, [(slot0 + slot) * F, 0], bars.index(slot % 2), WT_s.index(slot % 2))
             _tma_load(W2D, [(slot0 + slot) * F, 0], bars.index(slot % 2), W2_s.index(slot % 2))
         mbarrier.expect(bars.index(2), 2 * tile_bytes)
-        _tma_load(QD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Q_s)
-        _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), K_s)
+        _tma_load(QD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2),
+                  _reinterpret(XY_s.index(1 - cnt % 2), DT, [4, MB, D], S_XD).index(0))
+        _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Z3_s.index(0))
 
         for jj in range(cnt):
             j = cnt - 1 - jj
@@ -637,50 +698,61 @@ if HAVE_GLUON:
             W2e = W2_s.index(E)
             WTs = WT_s.index(S)
             W2s = W2_s.index(S)
+            AA_s = XY_s.index(E)
+            BB_s = XY_s.index(S)
+            QT = _reinterpret(BB_s, DT, [4, MB, D], S_XD)
+            Q_s = QT.index(0)
+            T_s = QT.index(1)
+            Z1_s = _reinterpret(BB_s, gl.float16, [MB, F], S_XF)
+            K_s = Z3_s.index(jj % 3)
+            GZ_s = Z3_s.index((jj + 1) % 3)
+            DZ_s = Z3_s.index((jj + 2) % 3)
             tok = (pid64 * N + i * MB) * D
-            gamma = gl.load(LNW + h * D + dcol)[None, :]
-            beta = gl.load(LNB + h * D + dcol)[None, :]
+            rows = gl.arange(0, MB, layout=ROW)
+            dcol = gl.arange(0, D, layout=COL)
+            tile = rows[:, None] * D + dcol[None, :]
             mbarrier.wait(bars.index(2), jj % 2)
             mbarrier.wait(bars.index(E), ((cnt - j - 1) // 2) % 2)
 
             # ---- first half: the output at W' ----
-            zq1 = warpgroup_mma(Q_s, WTe.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            aq, gq1 = _gelu_and_grad(zq1 + gl.load(ST_B1 + (slot0 + j + 1) * F + colf)[None, :])
-            gq1 = gq1.to(gl.float16)  # held through the LN: 32 registers, not 64
-            AA_s.store(aq.to(DT))
+            gq1_0 = _zq1_half(Q_s, WTe, AA_s, ST_B1 + (slot0 + j + 1) * F, 0, MB, L_ZH, DT)
+            gq1_1 = _zq1_half(Q_s, WTe, AA_s, ST_B1 + (slot0 + j + 1) * F, 1, MB, L_ZH, DT)
             fence_async_shared()
             _cta_barrier()
             zq2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
             zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + (slot0 + j + 1) * D + dcol)[None, :]
             xq, rq = _ln_rows(zq2, D, eps)
             do = gl.load(DOUT + tok + tile).to(gl.float32)
-            gxo = do * gamma
+            gxo = do * gl.load(LNW + h * D + dcol)[None, :]
             s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
             dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
-            gb2 = gl.load(gb2p) + gl.sum(dzq2, axis=0)
-            glnw = gl.load(glnwp) + gl.sum(do * xq, axis=0)
-            glnb = gl.load(glnbp) + gl.sum(do, axis=0)
+            gb2 = gl.load(gvec + dcol) + gl.sum(dzq2, axis=0)
+            glnw = gl.load(gvec + D + dcol) + gl.sum(do * xq, axis=0)
+            glnb = gl.load(gvec + 2 * D + dcol) + gl.sum(do, axis=0)
             T_s.store(dzq2.to(DT))
             fence_async_shared()
             _cta_barrier()
-            gl.store(gb2p, gb2)
-            gl.store(glnwp, glnw)
-            gl.store(glnbp, glnb)
-            gq = warpgroup_mma(T_s, W2e.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            dzq1 = gq * gq1.to(gl.float32)
+            gl.store(gvec + dcol, gb2)
+            gl.store(gvec + D + dcol, glnw)
+            gl.store(gvec + 2 * D + dcol, glnb)
+            dzq1_0 = _dzq1_half(T_s, W2e, gq1_0, 0, MB, L_ZH, DT)
+            dzq1_1 = _dzq1_half(T_s, W2e, gq1_1, 1, MB, L_ZH, DT)
             _cta_barrier()  # both warpgroups are done reading W2' (its buffer takes dL/dW2 next)
             # dL/dW2' += aq^T dL/dzq2, and its bf16 copy into W2's buffer
             _gw_update(gw2p, AA_s, T_s, AA_s, T_s, False, False, W2e, F, D, L_ZD, DT)
             _cta_barrier()  # every read of aq is done
-            AA_s.store(dzq1.to(DT))
+            AA_s.slice(0, 128, dim=1).store(dzq1_0)
+            AA_s.slice(128, 128, dim=1).store(dzq1_1)
             fence_async_shared()
             _cta_barrier()
+            rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
+            cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
             dq = warpgroup_mma(AA_s, WTe, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
             db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
                                 is_async=True)
             dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
-            dq = dq + gl.load(DOUT + tok + tile_zd).to(gl.float32)
-            gl.store(DQ + tok + tile_zd, dq.to(DT))
+            dq = dq + gl.load(DOUT + tok + rz[:, None] * D + cz[None, :]).to(gl.float32)
+            gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
             gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
             _cta_barrier()  # every read of W1' and of dL/db1 is done
             GB1_s.store(gb1)
@@ -691,14 +763,14 @@ if HAVE_GLUON:
 
             # ---- second half: the keys' inner forward at W and the gradients through the update ----
             mbarrier.wait(bars.index(S), ((cnt - j) // 2) % 2)
-            z1 = warpgroup_mma(K_s, WTs.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            z1 = z1 + gl.load(ST_B1 + (slot0 + j) * F + colf)[None, :]
-            AA_s.store(_gelu(z1).to(DT))
-            Z1_s.store(z1.to(gl.float16))  # gelu' and gelu'' are recomputed from it where used (2^-11 relative)
+            _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 0, MB, L_ZH, DT)
+            _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 1, MB, L_ZH, DT)
             fence_async_shared()
             _cta_barrier()
             z2 = warpgroup_mma(AA_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
             z2 = gl.convert_layout(z2, BL) + gl.load(ST_B2 + (slot0 + j) * D + dcol)[None, :]
+            gamma = gl.load(LNW + h * D + dcol)[None, :]
+            beta = gl.load(LNB + h * D + dcol)[None, :]
             y = gl.load(V + tok + tile).to(gl.float32) - K_s.load(BL).to(gl.float32)  # the target v - k
             xh, rstd = _ln_rows(z2, D, eps)
             gx = (gamma * xh + beta - y) * gamma
@@ -707,62 +779,49 @@ if HAVE_GLUON:
             GZ_s.store(gz2.to(DT))
             fence_async_shared()
             _cta_barrier()
-            gA = warpgroup_mma(GZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            gAh = gA.to(gl.float16)
-            # m1 = k dL/dW1 + dL/db1, so that dL/dP1 = -m1 (dL/d(dl/dZ1) = -eta m1)
-            m1 = warpgroup_mma(K_s, WTe.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            m1 = m1 + GB1_s.load(COLF)[None, :]
-            gp, gp2 = _gelu_d12(Z1_s.load(L_ZF).to(gl.float32))
-            gAf = gAh.to(gl.float32)
-            ef = gl.load(ETA + pid64 * N + i * MB + rowf)
-            de1 = gl.sum(m1 * gAf * gp, axis=1)
-            t1h = (-ef[:, None] * m1 * gAf * gp2).to(gl.float16)  # dL/dZ1 through gelu'(Z1) in P1
-            gph = gp.to(gl.float16)
-            _cta_barrier()  # every read of Z1 is done
-            BB_s.store((m1 * gp).to(DT))
+            eta_rows = ETA + pid64 * N + i * MB
+            t1_0, gp_0, de1_0 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 0, MB, L_ZH, DT)
+            t1_1, gp_1, de1_1 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 1, MB, L_ZH, DT)
             fence_async_shared()
             _cta_barrier()
             dp2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
             gacc = warpgroup_mma(BB_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
             dp2, gacc = warpgroup_mma_wait(num_outstanding=0, deps=(dp2, gacc))
-            e = gl.load(ETA + pid64 * N + i * MB + rows)
-            dp2 = -(gl.convert_layout(dp2, BL) + gl.load(gb2p)[None, :])  # dL/dP2
+            e = gl.load(eta_rows + rows)
+            dp2 = -(gl.convert_layout(dp2, BL) + gl.load(gvec + dcol)[None, :])  # dL/dP2
+            de = gl.sum(dp2 * gz2, axis=1) - gl.convert_layout(de1_0 + de1_1, ROW)
+            gl.store(DETA + pid64 * N + i * MB + rows, de)
             gG = e[:, None] * (dp2 - gl.convert_layout(gacc, BL))  # dL/d(dl/dZ2)
-            de = gl.sum(dp2 * gz2, axis=1) - gl.convert_layout(de1, ROW)
             # LN double backward (ttt_triton._ln_double_bwd)
             sG, sGx, s2 = gl.reduce((gG, gG * xh, gx * xh), 1, _add3)
             dgx = rstd[:, None] * (gG - sG[:, None] / D - xh * (sGx[:, None] / D))
             dxh = -rstd[:, None] * (gG * (s2[:, None] / D) + gx * (sGx[:, None] / D))
             dr = gl.sum(gG * gz2, axis=1) / rstd
             dg = dgx * gamma
-            glnw = gl.load(glnwp) + gl.sum(dgx * (gamma * xh + beta - y) + dg * xh, axis=0)
-            glnb = gl.load(glnbp) + gl.sum(dg, axis=0)
+            gl.store(DV + tok + tile, (-dg).to(DT))
+            glnw = gl.load(gvec + D + dcol) + gl.sum(dgx * (gamma * xh + beta - y) + dg * xh, axis=0)
+            glnb = gl.load(gvec + 2 * D + dcol) + gl.sum(dg, axis=0)
             dxh = dxh + dg * gamma
             sdx, sdxx = gl.reduce((dxh, dxh * xh), 1, _add2)
             drt = dr + sdxx / rstd
             dz2 = rstd[:, None] * (dxh - sdx[:, None] / D) - (drt * rstd * rstd / D)[:, None] * xh
-            gb2 = gl.load(gb2p) + gl.sum(dz2, axis=0)
-            gl.store(DV + tok + tile, (-dg).to(DT))
-            gl.store(DETA + pid64 * N + i * MB + rows, de)
+            gb2 = gl.load(gvec + dcol) + gl.sum(dz2, axis=0)
             DZ_s.store(dz2.to(DT))
             GZ_s.store((-e[:, None] * gz2).to(DT))  # -P2 (every read of dl/dZ2 was waited above)
             fence_async_shared()
             _cta_barrier()
-            gl.store(gb2p, gb2)
-            gl.store(glnwp, glnw)
-            gl.store(glnbp, glnb)
+            gl.store(gvec + dcol, gb2)
+            gl.store(gvec + D + dcol, glnw)
+            gl.store(gvec + 2 * D + dcol, glnb)
             # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2
             _gw_update(gw2p, BB_s, GZ_s, AA_s, DZ_s, True, False, None, F, D, L_ZD, DT)
-            dA = warpgroup_mma(DZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False,
-                               is_async=True)
-            dA = warpgroup_mma(GZ_s, W2e.permute((1, 0)), dA, is_async=True)
-            dA = warpgroup_mma_wait(num_outstanding=0, deps=(dA,))
-            gp = gph.to(gl.float32)
-            dz1 = t1h.to(gl.float32) + dA * gp
+            dz1_0, np1_0 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_0, gp_0, 0, MB, L_ZH, DT)
+            dz1_1, np1_1 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_1, gp_1, 1, MB, L_ZH, DT)
             _cta_barrier()  # every read of gelu(Z1) and of BB is done
-            AA_s.store(dz1.to(DT))
-            np1 = warpgroup_mma(GZ_s, W2s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-            BB_s.store((np1 * gp).to(DT))  # -P1 = (-P2 W2^T) gelu'(Z1)
+            AA_s.slice(0, 128, dim=1).store(dz1_0)
+            AA_s.slice(128, 128, dim=1).store(dz1_1)
+            BB_s.slice(0, 128, dim=1).store(np1_0)
+            BB_s.slice(128, 128, dim=1).store(np1_1)
             fence_async_shared()
             _cta_barrier()
             dk = warpgroup_mma(AA_s, WTs, gl.convert_layout(dg, L_ZD), is_async=True)
@@ -770,7 +829,7 @@ if HAVE_GLUON:
             db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
                                 is_async=True)
             dk, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, db1))
-            gl.store(DK + tok + tile_zd, dk.to(DT))
+            gl.store(DK + tok + rz[:, None] * D + cz[None, :], dk.to(DT))
             gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
             # dL/dW1 += k^T dL/dZ1
             _gw_update(gw1p, K_s, AA_s, K_s, AA_s, False, True, None, F, D, L_ZD, DT)
@@ -780,11 +839,12 @@ if HAVE_GLUON:
                 mbarrier.expect(bars.index(E), 2 * w_bytes)
                 _tma_load(WTD, [(slot0 + j - 1) * F, 0], bars.index(E), WT_s.index(E))
                 _tma_load(W2D, [(slot0 + j - 1) * F, 0], bars.index(E), W2_s.index(E))
-                mbarrier.expect(bars.index(2), 2 * tile_bytes)
-                _tma_load(QD, [pid * N + (i - 1) * MB, 0], bars.index(2), Q_s)
-                _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), K_s)
+                mbarrier.expect(bars.index(2), 2 * tile_bytes)  # into the next mini-batch's BB (this AA) and k tile
+                _tma_load(QD, [pid * N + (i - 1) * MB, 0], bars.index(2),
+                          _reinterpret(AA_s, DT, [4, MB, D], S_XD).index(0))
+                _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), GZ_s)
         _cta_barrier()
-        gl.store(GB1 + pid64 * F + colf, GB1_s.load(COLF))
+        gl.store(GB1 + pid64 * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), GB1_s.load(gl.SliceLayout(1, L_S1)))
 
 
 def tma_rows_fit(shape) -> bool:
@@ -872,8 +932,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     F, n_ck = ckW1.shape[-1], ckW1.shape[1]
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    gw = [e.clone() for e in ends]  # dL/d(state), advanced group by group to the initial state
-    glnw, glnb = torch.zeros(BH, D, **f32), torch.zeros(BH, D, **f32)
+    gw = [e.clone() for e in ends[:3]]  # dL/d(W1, b1, W2), advanced group by group to the initial state
+    gvec = torch.zeros(BH, 3, D, **f32)  # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias)
+    gvec[:, 0] = ends[3]
     n_slots = G + 1
     st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
     st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
@@ -896,11 +957,11 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             )
         if "backward" in parts:
             _ttt_mlp_bwd_smem_kernel[(BH,)](
-                qd, kd, wtd, w2d, v, dout, eta, lnw, lnb, st_b1, st_b2, *gw, glnw, glnb, dq, dk, dv, deta,
+                qd, kd, wtd, w2d, v, dout, eta, lnw, lnb, st_b1, st_b2, *gw, gvec, dq, dk, dv, deta,
                 N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
             )
     BWD_LAUNCHES += 1
-    dstate[:] = gw
-    dlnw.copy_(glnw)
-    dlnb.copy_(glnb)
+    dstate[:] = gw + [gvec[:, 0]]
+    dlnw.copy_(gvec[:, 1])
+    dlnb.copy_(gvec[:, 2])
     return True

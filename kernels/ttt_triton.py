@@ -1608,7 +1608,11 @@ KERNEL_CONFIG = {
     # 48 heads: 9.4 / 12.2 / 14.6 / 17.9 ms against gmem's 16.9 / 17.2 / 17.6 / 18.2, and 776 vs 783 ms at the
     # one-minute shape's 48: the gain shrinks as programs come to share SMs but never turns into a loss, so no
     # limit of its own. split_num_warps: its warps (8 leave room for 33 groups).
-    "mlp_bwd": {"variant": "split", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
+    # smem (session 15, kernels/ttt_gluon.py): the Gluon backward, per checkpoint group the STATES forward (each
+    # mini-batch's state into scratch slots) then one 8-warp CTA per head back through the group, dL/dW in L2. At
+    # 21,952 tokens x 96 heads: 36.8 ms against the split's ~55 (107 vs ~160 us a mini-batch). Runs where
+    # ttt_gluon.gluon_supports; elsewhere the split / gmem rule.
+    "mlp_bwd": {"variant": "smem", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
@@ -1816,14 +1820,14 @@ GLUON_DISABLED: list = []
 
 
 def _try_gluon(launch, *args, **kwargs):
-    """A Gluon forward's launch, or None (after a warning, once) where this Triton does not build it: Gluon is
+    """A Gluon kernel's launch, or None (after a warning, once) where this Triton does not build it: Gluon is
     experimental and its API moves between releases (thread_barrier -> barrier, async_copy_global_to_shared ->
     async_load), and a Triton the kernels do not match must fall back to the Triton kernels, not fail the model."""
     try:
         return launch(*args, **kwargs)
     except (triton.CompilationError, AttributeError, TypeError) as e:
         GLUON_DISABLED.append(repr(e))
-        warnings.warn(f"ttt triton: the Gluon forward does not build with Triton {triton.__version__} "
+        warnings.warn(f"ttt triton: a Gluon kernel does not build with Triton {triton.__version__} "
                       f"({type(e).__name__}: {str(e)[:200]}); using the Triton kernels", RuntimeWarning)
         return None
 

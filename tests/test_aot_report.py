@@ -50,6 +50,22 @@ def test_gluon_forward_compiles_for_hopper(aot):
     assert r["sass"].get("HGMMA", 0) >= 3 and r["spill_stores"] == 0  # Z, W's and b's updates
 
 
+def test_gluon_backward_compiles_for_hopper(aot):
+    """The Gluon TTT-MLP backward and the recompute forward it launches (STATES) build for sm_90a within the H100's
+    227 KB of shared memory (results: tests/gpu, on the device)."""
+    from ttt_video.kernels import ttt_gluon
+
+    if not ttt_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    cfg, compiled = aot.compile_one("mlp_bwd:variant=smem")
+    assert compiled.metadata.num_warps == 8
+    assert 0 < compiled.metadata.shared <= 227 * 1024
+    # ~20 [64, 64] x [64, 256]-sized products per mini-batch: far more wgmma instructions than the forward's
+    assert aot.report("mlp_bwd:variant=smem")["sass"].get("HGMMA", 0) >= 100
+    cfg, compiled = aot.compile_one("mlp_fwd:variant=smem,states=1")
+    assert 0 < compiled.metadata.shared <= 227 * 1024
+
+
 def test_unknown_kernel_name_is_refused(aot):
     with pytest.raises(KeyError):
         aot.report("nope_fwd")

@@ -125,7 +125,9 @@ def _worker() -> None:
         bwd_kernels = {"split": "_ttt_mlp_bwd_split_kernel", "gmem": "_ttt_mlp_bwd_gmem_kernel", "plain": "_ttt_mlp_bwd_kernel"}
         linear_kernels = ("_ttt_linear_fwd_kernel", "_ttt_linear_fwd_pipe_kernel")
         kernels = {n: getattr(ttt_triton, n) for n in (*bwd_kernels.values(), *fwd_kernels.values(), *linear_kernels)}
-        unused = [n for v, n in bwd_kernels.items() if ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"] != v]
+        # the Gluon backward ("smem") neither: there the split runs
+        bwd_variant = {"smem": "split"}.get(ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"], ttt_triton.KERNEL_CONFIG["mlp_bwd"]["variant"])
+        unused = [n for v, n in bwd_kernels.items() if bwd_variant != v]
         # the Gluon forward ("smem") does not run in the interpreter (nor off Hopper): there its fallback, split, runs
         fwd_variant = {"smem": "split"}.get(ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"], ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"])
         unused += [n for v, n in fwd_kernels.items() if fwd_variant != v]
@@ -197,14 +199,14 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
 
 
 def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
-    """The forward takes the Gluon kernel where it runs, else the split; the backward the split (under the launch
-    rule above), only at shapes the device has checked; the backward's split runs with its own warp count."""
+    """Forward and backward take the Gluon kernels where they run, else the split (under the launch rule above),
+    only at shapes the device has checked; the backward's split runs with its own warp count."""
     import torch
 
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
     cfg = ttt_triton.KERNEL_CONFIG
-    assert cfg["mlp_fwd"]["variant"] == "smem" and cfg["mlp_bwd"]["variant"] == "split"
+    assert cfg["mlp_fwd"]["variant"] == "smem" and cfg["mlp_bwd"]["variant"] == "smem"
     # the Gluon forward only on a CUDA device, bf16 / fp16, at the shape it is written for; else the split
     q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
     assert not ttt_gluon.gluon_supports(q, 64, 256, 64)  # a CPU tensor
@@ -336,7 +338,50 @@ def test_gluon_forward_that_does_not_build_falls_back_to_the_split_once(monkeypa
     state = (torch.randn(B, H, D, F, generator=g), torch.randn(B, H, F, generator=g),
              torch.randn(B, H, F, D, generator=g), torch.randn(B, H, D, generator=g))
     ln = (torch.ones(H, D), torch.zeros(H, D))
-    with pytest.warns(RuntimeWarning, match="Gluon forward does not build"):
+    with pytest.warns(RuntimeWarning, match="Gluon kernel does not build"):
         assert ttt_triton._mlp_forward(q, k, v, eta, state, *ln, 64, 2, False) == "split-ran"
     assert ttt_triton._mlp_forward(q, k, v, eta, state, *ln, 64, 2, False) == "split-ran"
     assert len(tried) == 1 and len(ran_split) == 2 and "thread_barrier" in ttt_triton.GLUON_DISABLED[0]
+
+
+def test_gluon_backward_that_does_not_build_falls_back_to_the_split(monkeypatch):
+    """The Gluon backward, like the forward: a Triton whose Gluon it does not build with warns and takes the split
+    backward, with the checkpoints as the forward left them."""
+    import torch
+
+    from ttt_video.kernels import ttt_gluon, ttt_triton
+
+    tried, ran_split = [], []
+
+    def broken_gluon(*a, **k):
+        tried.append(1)
+        raise AttributeError("module 'triton.experimental.gluon.language' has no attribute 'thread_barrier'")
+
+    def fake_split_forward(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
+        for t, s in zip(finals, state):
+            t.copy_(s.reshape(t.shape))
+        for c in cks:
+            c.zero_()
+        out.copy_(q)
+        return out, finals, cks, 0
+
+    def fake_split_backward(*a, **k):
+        ran_split.append(1)
+        return True
+
+    monkeypatch.setattr(ttt_gluon, "gluon_supports", lambda *a: True)
+    monkeypatch.setattr(ttt_gluon, "mlp_forward_gluon", lambda *a, **k: None)  # the forward: not under test
+    monkeypatch.setattr(ttt_gluon, "mlp_backward_gluon", broken_gluon)
+    monkeypatch.setattr(ttt_triton, "_mlp_split_forward", fake_split_forward)
+    monkeypatch.setattr(ttt_triton, "_mlp_split_backward", fake_split_backward)
+    monkeypatch.setattr(ttt_triton, "GLUON_DISABLED", [])
+    B, H, N, D, F = 1, 2, 128, 64, 256
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    eta = torch.rand(B, H, N, generator=g)
+    state = (torch.randn(B, H, D, F, generator=g), torch.randn(B, H, 1, F, generator=g),
+             torch.randn(B, H, F, D, generator=g), torch.randn(B, H, 1, D, generator=g))
+    out, _ = ttt_triton.ttt_mlp_triton(q, k, v, eta, state, torch.ones(H, D), torch.zeros(H, D), 64, 2)
+    with pytest.warns(RuntimeWarning, match="Gluon kernel does not build"):
+        out.float().sum().backward()
+    assert tried == [1] and ran_split == [1] and "thread_barrier" in ttt_triton.GLUON_DISABLED[0]
