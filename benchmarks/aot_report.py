@@ -11,7 +11,7 @@ conversions). Use the Triton version of the device (3.6) to see what the device 
 
 Each argument is a KERNEL_CONFIG entry with overrides, the same syntax as bench_ttt.py --probe. The Gluon forwards
 (kernels/ttt_gluon.py) compile the same way: 'mlp_fwd:variant=smem', 'linear_fwd:variant=smem,mb=16',
-'mlp_bwd:variant=smem'.
+'mlp_bwd:variant=smem' (its sequential kernel; part=out: the output-path kernel).
 """
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8)
+            kernel = tg._ttt_mlp_bwd_out_kernel if cfg.get("part") == "out" else tg._ttt_mlp_bwd_smem_kernel
+            return kernel, dict(D=D, F=F, MB=64, num_warps=8)
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)
@@ -92,7 +93,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     cfg = dict(tt.KERNEL_CONFIG[name])
     for item in filter(None, kv.split(",")):
         key, val = item.split("=")
-        cfg[key] = val if key == "variant" else int(val)
+        cfg[key] = val if key in ("variant", "part") else int(val)
     fn, constexprs = _kernel_and_constexprs(name, cfg, D, F, op_dtype)
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
     signature, attrs = {}, {}

@@ -1,7 +1,8 @@
 """Time the Gluon TTT-MLP backward's two launches apart, on the device (issue 4's backward work).
 
 Per checkpoint group the backward issues the STATES forward (recompute: the state at each mini-batch's start into
-scratch slots) and the backward kernel; this prints the whole backward and each kind of launch alone, at one shape:
+scratch slots), the output-path kernel (all mini-batches at once) and the sequential kernel; this prints the whole
+backward and each kind of launch alone, at one shape:
 
     python benchmarks/gluon_bwd_parts.py --tokens 21952 --heads 48      # B = 2 directions
 """
@@ -54,8 +55,8 @@ def main(argv=None):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
     res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name()}
-    for name, parts in [("backward_ms", ("states", "backward")), ("states_only_ms", ("states",)),
-                        ("bwd_kernel_only_ms", ("backward",))]:
+    for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
+                        ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
         res[name] = _ms(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
                                                              dstate, dlnw, dlnb, parts=parts), a.reps)

@@ -502,43 +502,6 @@ if HAVE_GLUON:
         return g1, g2
 
     @gluon.jit
-    def _gw_update(GWP, a1, b1, a2, b2, TWO: gl.constexpr, W1: gl.constexpr, COPY, F: gl.constexpr,
-                   D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr):
-        """A gradient accumulator in global memory (fp32; L2-resident) += a1^T b1 (+ a2^T b2), 64 hidden units at a
-        time so that only a [64, 64] accumulator is live (the next chunk's load issued before this one's wgmma).
-        W1: dL/dW1 [D, F], a = [MB, D] tiles, b = [MB, F] tiles (columns chunked); else dL/dW2 [F, D], a = [MB, F]
-        (columns chunked), b = [MB, D]. COPY (an [F, D] shared buffer, or None) receives the result in bf16 (dL/dW1
-        transposed), the next operand."""
-        r = gl.arange(0, 64, layout=gl.SliceLayout(1, L_ZD))
-        c = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
-        if W1:  # chunk ch: columns [64 ch, 64 ch + 64) of [D, F]
-            offs = r[:, None] * F + c[None, :]
-            step: gl.constexpr = 64
-        else:  # rows [64 ch, 64 ch + 64) of [F, D]
-            offs = r[:, None] * D + c[None, :]
-            step: gl.constexpr = 64 * D
-        nxt = gl.load(GWP + offs)
-        for ch in gl.static_range(F // 64):
-            acc = nxt
-            if ch + 1 < F // 64:
-                nxt = gl.load(GWP + (ch + 1) * step + offs)
-            if W1:
-                acc = warpgroup_mma(a1.permute((1, 0)), b1.slice(ch * 64, 64, dim=1), acc, is_async=True)
-                if TWO:
-                    acc = warpgroup_mma(a2.permute((1, 0)), b2.slice(ch * 64, 64, dim=1), acc, is_async=True)
-            else:
-                acc = warpgroup_mma(a1.slice(ch * 64, 64, dim=1).permute((1, 0)), b1, acc, is_async=True)
-                if TWO:
-                    acc = warpgroup_mma(a2.slice(ch * 64, 64, dim=1).permute((1, 0)), b2, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            gl.store(GWP + ch * step + offs, acc)
-            if COPY is not None:
-                if W1:
-                    COPY.slice(ch * 64, 64, dim=0).permute((1, 0)).store(acc.to(DT))
-                else:
-                    COPY.slice(ch * 64, 64, dim=0).store(acc.to(DT))
-
-    @gluon.jit
     def _half_cols(L_ZH: gl.constexpr, h: gl.constexpr):
         """Columns [128 h, 128 h + 128) of F in the [MB, 128] half-tile layout."""
         return h * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, L_ZH))
@@ -603,29 +566,174 @@ if HAVE_GLUON:
         return (t1.to(gl.float32) + dA * gpf).to(DT), (np1 * gpf).to(DT)
 
     @gluon.jit
-    def _ttt_mlp_bwd_smem_kernel(
-        QD, KD, WTD, W2D, V, DOUT, ETA, LNW, LNB, ST_B1, ST_B2,
-        GW1, GB1, GW2, GVEC,
-        DQ, DK, DV, DETA,
+    def _ttt_mlp_bwd_out_kernel(
+        QD, WTD, W2D, DOUT, ST_B1, ST_B2, LNW,
+        C1, C2, CB1, CVEC, DQ,
         N, H, mb0, cnt, n_slots, eps,
         D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Backward of one checkpoint group of the TTT-MLP scan (mini-batches mb0 .. mb0 + cnt - 1, in reverse),
-        one 8-warp CTA per (sequence, head), after the STATES forward has put the state at the start of each of
-        them and after the last into the scratch slots (W1^T and W2 in bf16 as [F, D] tiles: WTD / W2D; b1 / b2 in
-        fp32: ST_B1 / ST_B2). The gradient accumulators (fp32, per head: GW1 [D, F], GB1 [F], GW2 [F, D], GVEC [3, D]
-        = dL/db2, dL/d(LN weight), dL/d(LN bias)) hold dL/d(state after the group) and the LN parameters' sums on
-        entry and are advanced to the group's start. dL/dW1 and dL/dW2 (64 KB each) stay in global memory (L2),
-        updated 64 hidden units at a time: shared memory holds the two slot buffers, and registers cannot hold a
-        [D, F] fp32 accumulator beside this kernel's tiles. The [MB, F] element-wise work runs in column halves
-        (the first version did it on whole tiles: 2.9 KB of spills a thread, 115 us a mini-batch).
+        """The output path of the TTT-MLP backward for one (sequence, head, mini-batch) of a checkpoint group, all of
+        them at once: it needs the mini-batch's end state W' (slot j + 1) and dL/dout, not the gradient that the
+        scan carries, so it leaves the sequential kernel. Per mini-batch j: dq, and the terms that dL/dW' gains
+        from the output: C1 = q^T dL/dzq1 [D, F], C2 = gelu(zq1)^T dL/dzq2 [F, D], CB1 = colsum dL/dzq1, and
+        CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (all fp32, scratch [BH, G, ...])."""
+        gl.static_assert(num_warps == 8)
+        L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
+        L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, F // 2, 16])
+        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, D // 2, 16])
+        L_W2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+        BL: gl.constexpr = gl.BlockedLayout([1, D // 8], [4, 8], [num_warps, 1], [1, 0])
+        COL: gl.constexpr = gl.SliceLayout(0, BL)
+        L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, 8, 16])
+        S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
+        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
+        S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 8], gl.bfloat16)
+        DT: gl.constexpr = QD.dtype
+        w_bytes: gl.constexpr = F * D * DT.primitive_bitwidth // 8
+        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
 
-        Per mini-batch (the explicit W_end form; W = its start state, W' = its end state, both from the slots):
-          first half, at W':   the output's inner forward and LN backward, dq, and dL/dW' += the output's terms
-          second half, at W:   the keys' inner forward, the inner loss's gradient, and the gradients through
-                               W' = W - (its update) into dL/dW, dk, dv, deta
-        The two slot buffers alternate: W is the next mini-batch's W'. After the first half W' is dead and its
-        buffer takes dL/dW1^T and dL/dW2 in bf16 (the second half's operands), then the next mini-batch's W."""
+        pid = gl.program_id(0)
+        bh = pid // cnt
+        j = pid % cnt
+        i = mb0 + j
+        h = bh % H
+        slot = bh * n_slots + j + 1  # the end state W'
+        out_row = (bh * cnt + j).to(gl.int64)  # this mini-batch's scratch row
+
+        WT_s = gl.allocate_shared_memory(DT, [F, D], S_FD)
+        W2_s = gl.allocate_shared_memory(DT, [F, D], S_FD)
+        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        T_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        AA_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)
+        E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
+        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(bar, count=1)
+        L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
+        e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
+        E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
+        fence_async_shared()
+        _cta_barrier()
+        mbarrier.expect(bar, 2 * w_bytes + tile_bytes)
+        _tma_load(WTD, [slot * F, 0], bar, WT_s)
+        _tma_load(W2D, [slot * F, 0], bar, W2_s)
+        _tma_load(QD, [bh * N + i * MB, 0], bar, Q_s)
+        rows = gl.arange(0, MB, layout=gl.SliceLayout(1, BL))
+        dcol = gl.arange(0, D, layout=COL)
+        tok = (bh.to(gl.int64) * N + i * MB) * D
+        do = gl.load(DOUT + tok + rows[:, None] * D + dcol[None, :]).to(gl.float32)
+        mbarrier.wait(bar, 0)
+
+        gq1_0 = _zq1_half(Q_s, WT_s, AA_s, ST_B1 + slot * F, 0, MB, L_ZH, DT)
+        gq1_1 = _zq1_half(Q_s, WT_s, AA_s, ST_B1 + slot * F, 1, MB, L_ZH, DT)
+        fence_async_shared()
+        _cta_barrier()
+        zq2 = warpgroup_mma(AA_s, W2_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+        zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + slot * D + dcol)[None, :]
+        xq, rq = _ln_rows(zq2, D, eps)
+        gxo = do * gl.load(LNW + h * D + dcol)[None, :]
+        s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
+        dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
+        gl.store(CVEC + out_row * 3 * D + dcol, gl.sum(dzq2, axis=0))
+        gl.store(CVEC + out_row * 3 * D + D + dcol, gl.sum(do * xq, axis=0))
+        gl.store(CVEC + out_row * 3 * D + 2 * D + dcol, gl.sum(do, axis=0))
+        T_s.store(dzq2.to(DT))
+        fence_async_shared()
+        _cta_barrier()
+        c2 = warpgroup_mma(AA_s.permute((1, 0)), T_s, gl.zeros([F, D], gl.float32, L_W2), use_acc=False,
+                           is_async=True)
+        dzq1_0 = _dzq1_half(T_s, W2_s, gq1_0, 0, MB, L_ZH, DT)
+        dzq1_1 = _dzq1_half(T_s, W2_s, gq1_1, 1, MB, L_ZH, DT)
+        c2 = warpgroup_mma_wait(num_outstanding=0, deps=(c2,))
+        gl.store(C2 + out_row * F * D + _w_offsets(F, D, L_W2), c2)
+        _cta_barrier()  # every read of gelu(zq1) is done
+        AA_s.slice(0, 128, dim=1).store(dzq1_0)
+        AA_s.slice(128, 128, dim=1).store(dzq1_1)
+        fence_async_shared()
+        _cta_barrier()
+        dq = warpgroup_mma(AA_s, WT_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+        db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
+                            is_async=True)
+        dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
+        rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
+        cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
+        dq = dq + gl.load(DOUT + tok + rz[:, None] * D + cz[None, :]).to(gl.float32)
+        gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
+        gl.store(CB1 + out_row * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), gl.sum(db1, axis=1))
+        c1 = warpgroup_mma(Q_s.permute((1, 0)), AA_s, gl.zeros([D, F], gl.float32, L_ZF), use_acc=False)
+        gl.store(C1 + out_row * D * F + _w_offsets(D, F, L_ZF), c1)
+
+    @gluon.jit
+    def _gw_merge(GWP, CP, a1, b1, a2, b2, MMA: gl.constexpr, TWO: gl.constexpr, W1: gl.constexpr, ADD_C, COPY,
+                  F: gl.constexpr, D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr):
+        """A gradient accumulator in global memory (fp32; L2-resident) += a1^T b1 (+ a2^T b2) (with MMA) + the next
+        mini-batch's output-path term C (where ADD_C), 64 hidden units at a time so that only a [64, 64]
+        accumulator is live; COPY (an [F, D] shared buffer) receives the result in bf16 (dL/dW1 transposed), the next
+        mini-batch's operand. W1: dL/dW1 [D, F], a = [MB, D] tiles, b = [MB, F]; else dL/dW2 [F, D], a = [MB, F],
+        b = [MB, D]."""
+        r = gl.arange(0, 64, layout=gl.SliceLayout(1, L_ZD))
+        c = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
+        if W1:  # chunk ch: columns [64 ch, 64 ch + 64) of [D, F]
+            offs = r[:, None] * F + c[None, :]
+            step: gl.constexpr = 64
+        else:  # rows [64 ch, 64 ch + 64) of [F, D]
+            offs = r[:, None] * D + c[None, :]
+            step: gl.constexpr = 64 * D
+        nxt = gl.load(GWP + offs)
+        nc = gl.load(CP + offs, mask=(offs >= 0) & ADD_C, other=0.0)
+        for ch in gl.static_range(F // 64):
+            acc = nxt
+            cadd = nc
+            if ch + 1 < F // 64:
+                nxt = gl.load(GWP + (ch + 1) * step + offs)
+                nc = gl.load(CP + (ch + 1) * step + offs, mask=(offs >= 0) & ADD_C, other=0.0)
+            if MMA:
+                if W1:
+                    acc = warpgroup_mma(a1.permute((1, 0)), b1.slice(ch * 64, 64, dim=1), acc, is_async=True)
+                    if TWO:
+                        acc = warpgroup_mma(a2.permute((1, 0)), b2.slice(ch * 64, 64, dim=1), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(a1.slice(ch * 64, 64, dim=1).permute((1, 0)), b1, acc, is_async=True)
+                    if TWO:
+                        acc = warpgroup_mma(a2.slice(ch * 64, 64, dim=1).permute((1, 0)), b2, acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc = acc + cadd
+            gl.store(GWP + ch * step + offs, acc)
+            if W1:
+                COPY.slice(ch * 64, 64, dim=0).permute((1, 0)).store(acc.to(DT))
+            else:
+                COPY.slice(ch * 64, 64, dim=0).store(acc.to(DT))
+
+    @gluon.jit
+    def _ttt_mlp_bwd_smem_kernel(
+        KD, WTD, W2D, V, ETA, LNW, LNB, ST_B1, ST_B2,
+        C1, C2, CB1, CVEC,
+        GW1, GB1, GW2, GVEC,
+        DK, DV, DETA,
+        N, H, mb0, cnt, n_slots, eps,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """The sequential part of the TTT-MLP backward for one checkpoint group (mini-batches mb0 .. mb0 + cnt - 1,
+        in reverse), one 8-warp CTA per (sequence, head), after the STATES forward (the state at each mini-batch's
+        start in the scratch slots: W1^T and W2 in bf16 as [F, D] tiles, WTD / W2D; b1 / b2 in fp32, ST_B1 / ST_B2)
+        and _ttt_mlp_bwd_out_kernel (the output path's terms C1 / C2 / CB1 / CVEC and dq). The gradient
+        accumulators (fp32, per head: GW1 [D, F], GB1 [F], GW2 [F, D], GVEC [3, D] = dL/db2, dL/d(LN weight),
+        dL/d(LN bias)) hold dL/d(state after the group) on entry and are advanced to the group's start. dL/dW1 and
+        dL/dW2 (64 KB each) stay in global memory (L2), updated 64 hidden units at a time, once per mini-batch:
+        the update through mini-batch j's inner step and mini-batch j - 1's output term in one pass, which also
+        writes their bf16 copies, the operands of mini-batch j - 1.
+
+        Per mini-batch j (W = its start state; dL/dW' = the gradient at its end state with its output's terms):
+        the keys' inner forward at W, the inner loss's gradient, and the gradients through W' = W - (its update)
+        into dL/dW, dk, dv, deta. The two slot buffers alternate: one holds W, the other dL/dW' in bf16; at the end
+        the first takes dL/dW (for j - 1) and the second mini-batch j - 1's W. The [MB, F] element-wise work runs in
+        column halves (whole tiles spilled); the [MB, F] / [MB, D] tiles rotate over their buffers from one
+        mini-batch to the next (loop-invariant operand addresses are hoisted out of the loop by the compiler, a
+        64-bit wgmma descriptor per k-step, and held through the scan they spilled)."""
         gl.static_assert(num_warps == 8)
         gl.static_assert(F == 256)
         L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
@@ -638,12 +746,12 @@ if HAVE_GLUON:
         S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
         S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
         S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
-        # dL/db1's column sums as [F, MB] x [MB, 8] wgmmas against a ones column (the forward's E0, 8 columns: the
-        # narrowest wgmma)
+        # dL/db1's column sums as [F, MB] x [MB, 8] wgmmas against a ones column (8 columns: the narrowest wgmma)
         L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                        instr_shape=[16, 8, 16])
+        COL1: gl.constexpr = gl.SliceLayout(1, L_S1)
         S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 8], gl.bfloat16)
-        DT: gl.constexpr = QD.dtype
+        DT: gl.constexpr = KD.dtype
         tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
         w_bytes: gl.constexpr = F * D * DT.primitive_bitwidth // 8
 
@@ -651,58 +759,57 @@ if HAVE_GLUON:
         pid64 = pid.to(gl.int64)
         h = pid % H
         slot0 = pid * n_slots  # this head's first scratch slot
+        crow0 = pid64 * cnt  # this head's first output-term row
 
-        WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W1^T of a slot, then dL/dW1^T in bf16
-        W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W2 of a slot, then dL/dW2 in bf16
-        # [MB, F] tiles: AA = gelu(q W1' + b1'), dL/dzq1, gelu(Z1), dL/dZ1; BB = q and dL/dzq2 (first half, as
-        # [MB, D] tiles), Z1 (fp16), m1 gelu'(Z1), -P1. [MB, D] tiles: k; dl/dZ2, then -P2 = -eta dl/dZ2; dL/dZ2.
-        # The roles rotate over the buffers from one mini-batch to the next (AA / BB by the slot parity, the three
-        # [MB, D] tiles by j % 3): loop-invariant operand addresses are hoisted out of the loop by the compiler
-        # (a wgmma descriptor per k-step, 64-bit each), and held in registers through the scan they spilled
+        WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W1^T of a slot / dL/dW1'^T in bf16
+        W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W2 of a slot / dL/dW2' in bf16
+        # [MB, F] tiles: AA = gelu(Z1), dL/dZ1; BB = Z1 (fp16), m1 gelu'(Z1), -P1. [MB, D]: k; dl/dZ2, then
+        # -P2 = -eta dl/dZ2; dL/dZ2. Rotating roles (AA / BB by the slot parity, the three [MB, D] by jj % 3).
         XY_s = gl.allocate_shared_memory(DT, [2, MB, F], S_XF)
         Z3_s = gl.allocate_shared_memory(DT, [3, MB, D], S_XD)
         E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
         GB1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
-        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # slot buffers 0, 1; q / k
+        bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # slot buffers 0, 1; k
         for nb in gl.static_range(3):
             mbarrier.init(bars.index(nb), count=1)
 
         L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
         e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
         E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
-        GB1_s.store(gl.load(GB1 + pid64 * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1))))
+        fcol1 = gl.arange(0, F, layout=COL1)
+        GB1_s.store(gl.load(GB1 + pid64 * F + fcol1) + gl.load(CB1 + (crow0 + cnt - 1) * F + fcol1))
         gw1p = GW1 + pid64 * D * F
         gw2p = GW2 + pid64 * F * D
         # dL/db2, dL/d(LN weight), dL/d(LN bias): read and written in place (per head: no other CTA touches them),
-        # a CTA barrier between every thread's read and any thread's write; one base pointer for the three
+        # a CTA barrier between every thread's read and any thread's write
         gvec = GVEC + pid64 * 3 * D
+        # the last mini-batch's start state and k; the gradient's bf16 copies with its output term
+        Eb = cnt % 2
+        mbarrier.expect(bars.index(1 - Eb), 2 * w_bytes)
+        _tma_load(WTD, [(slot0 + cnt - 1) * F, 0], bars.index(1 - Eb), WT_s.index(1 - Eb))
+        _tma_load(W2D, [(slot0 + cnt - 1) * F, 0], bars.index(1 - Eb), W2_s.index(1 - Eb))
+        mbarrier.expect(bars.index(2), tile_bytes)
+        _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Z3_s.index(0))
+        c1p = C1 + (crow0 + cnt - 1) * D * F
+        c2p = C2 + (crow0 + cnt - 1) * F * D
+        _gw_merge(gw1p, c1p, Z3_s.index(0), XY_s.index(0), Z3_s.index(0), XY_s.index(0), False, False, True, True,
+                  WT_s.index(Eb), F, D, L_ZD, DT)
+        _gw_merge(gw2p, c2p, XY_s.index(0), Z3_s.index(0), XY_s.index(0), Z3_s.index(0), False, False, False, True,
+                  W2_s.index(Eb), F, D, L_ZD, DT)
         fence_async_shared()
         _cta_barrier()
-        # the last mini-batch's end and start states, its q and k
-        for s in gl.static_range(2):
-            slot = cnt - s
-            mbarrier.expect(bars.index(slot % 2), 2 * w_bytes)
-            _tma_load(WTD, [(slot0 + slot) * F, 0], bars.index(slot % 2), WT_s.index(slot % 2))
-            _tma_load(W2D, [(slot0 + slot) * F, 0], bars.index(slot % 2), W2_s.index(slot % 2))
-        mbarrier.expect(bars.index(2), 2 * tile_bytes)
-        _tma_load(QD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2),
-                  _reinterpret(XY_s.index(1 - cnt % 2), DT, [4, MB, D], S_XD).index(0))
-        _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Z3_s.index(0))
 
         for jj in range(cnt):
             j = cnt - 1 - jj
             i = mb0 + j
-            E = (j + 1) % 2  # buffer of the end state (slot j + 1)
-            S = j % 2  # buffer of the start state (slot j)
+            E = (j + 1) % 2  # buffer of dL/dW' in bf16
+            S = j % 2  # buffer of the start state W
             WTe = WT_s.index(E)
             W2e = W2_s.index(E)
             WTs = WT_s.index(S)
             W2s = W2_s.index(S)
             AA_s = XY_s.index(E)
             BB_s = XY_s.index(S)
-            QT = _reinterpret(BB_s, DT, [4, MB, D], S_XD)
-            Q_s = QT.index(0)
-            T_s = QT.index(1)
             Z1_s = _reinterpret(BB_s, gl.float16, [MB, F], S_XF)
             K_s = Z3_s.index(jj % 3)
             GZ_s = Z3_s.index((jj + 1) % 3)
@@ -712,57 +819,8 @@ if HAVE_GLUON:
             dcol = gl.arange(0, D, layout=COL)
             tile = rows[:, None] * D + dcol[None, :]
             mbarrier.wait(bars.index(2), jj % 2)
-            mbarrier.wait(bars.index(E), ((cnt - j - 1) // 2) % 2)
+            mbarrier.wait(bars.index(S), (jj // 2) % 2)
 
-            # ---- first half: the output at W' ----
-            gq1_0 = _zq1_half(Q_s, WTe, AA_s, ST_B1 + (slot0 + j + 1) * F, 0, MB, L_ZH, DT)
-            gq1_1 = _zq1_half(Q_s, WTe, AA_s, ST_B1 + (slot0 + j + 1) * F, 1, MB, L_ZH, DT)
-            fence_async_shared()
-            _cta_barrier()
-            zq2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-            zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + (slot0 + j + 1) * D + dcol)[None, :]
-            xq, rq = _ln_rows(zq2, D, eps)
-            do = gl.load(DOUT + tok + tile).to(gl.float32)
-            gxo = do * gl.load(LNW + h * D + dcol)[None, :]
-            s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
-            dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
-            gb2 = gl.load(gvec + dcol) + gl.sum(dzq2, axis=0)
-            glnw = gl.load(gvec + D + dcol) + gl.sum(do * xq, axis=0)
-            glnb = gl.load(gvec + 2 * D + dcol) + gl.sum(do, axis=0)
-            T_s.store(dzq2.to(DT))
-            fence_async_shared()
-            _cta_barrier()
-            gl.store(gvec + dcol, gb2)
-            gl.store(gvec + D + dcol, glnw)
-            gl.store(gvec + 2 * D + dcol, glnb)
-            dzq1_0 = _dzq1_half(T_s, W2e, gq1_0, 0, MB, L_ZH, DT)
-            dzq1_1 = _dzq1_half(T_s, W2e, gq1_1, 1, MB, L_ZH, DT)
-            _cta_barrier()  # both warpgroups are done reading W2' (its buffer takes dL/dW2 next)
-            # dL/dW2' += aq^T dL/dzq2, and its bf16 copy into W2's buffer
-            _gw_update(gw2p, AA_s, T_s, AA_s, T_s, False, False, W2e, F, D, L_ZD, DT)
-            _cta_barrier()  # every read of aq is done
-            AA_s.slice(0, 128, dim=1).store(dzq1_0)
-            AA_s.slice(128, 128, dim=1).store(dzq1_1)
-            fence_async_shared()
-            _cta_barrier()
-            rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
-            cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
-            dq = warpgroup_mma(AA_s, WTe, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
-            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
-                                is_async=True)
-            dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
-            dq = dq + gl.load(DOUT + tok + rz[:, None] * D + cz[None, :]).to(gl.float32)
-            gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
-            gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
-            _cta_barrier()  # every read of W1' and of dL/db1 is done
-            GB1_s.store(gb1)
-            # dL/dW1' += q^T dL/dzq1, and its bf16 copy (transposed) into W1's buffer
-            _gw_update(gw1p, Q_s, AA_s, Q_s, AA_s, False, True, WTe, F, D, L_ZD, DT)
-            fence_async_shared()
-            _cta_barrier()
-
-            # ---- second half: the keys' inner forward at W and the gradients through the update ----
-            mbarrier.wait(bars.index(S), ((cnt - j) // 2) % 2)
             _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 0, MB, L_ZH, DT)
             _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 1, MB, L_ZH, DT)
             fence_async_shared()
@@ -788,7 +846,9 @@ if HAVE_GLUON:
             gacc = warpgroup_mma(BB_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
             dp2, gacc = warpgroup_mma_wait(num_outstanding=0, deps=(dp2, gacc))
             e = gl.load(eta_rows + rows)
-            dp2 = -(gl.convert_layout(dp2, BL) + gl.load(gvec + dcol)[None, :])  # dL/dP2
+            # dL/db2 at the end state: the later mini-batches' and this one's output term
+            gb2 = gl.load(gvec + dcol) + gl.load(CVEC + (crow0 + j) * 3 * D + dcol)
+            dp2 = -(gl.convert_layout(dp2, BL) + gb2[None, :])  # dL/dP2
             de = gl.sum(dp2 * gz2, axis=1) - gl.convert_layout(de1_0 + de1_1, ROW)
             gl.store(DETA + pid64 * N + i * MB + rows, de)
             gG = e[:, None] * (dp2 - gl.convert_layout(gacc, BL))  # dL/d(dl/dZ2)
@@ -805,7 +865,7 @@ if HAVE_GLUON:
             sdx, sdxx = gl.reduce((dxh, dxh * xh), 1, _add2)
             drt = dr + sdxx / rstd
             dz2 = rstd[:, None] * (dxh - sdx[:, None] / D) - (drt * rstd * rstd / D)[:, None] * xh
-            gb2 = gl.load(gvec + dcol) + gl.sum(dz2, axis=0)
+            gb2 = gb2 + gl.sum(dz2, axis=0)
             DZ_s.store(dz2.to(DT))
             GZ_s.store((-e[:, None] * gz2).to(DT))  # -P2 (every read of dl/dZ2 was waited above)
             fence_async_shared()
@@ -813,10 +873,14 @@ if HAVE_GLUON:
             gl.store(gvec + dcol, gb2)
             gl.store(gvec + D + dcol, glnw)
             gl.store(gvec + 2 * D + dcol, glnb)
-            # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2
-            _gw_update(gw2p, BB_s, GZ_s, AA_s, DZ_s, True, False, None, F, D, L_ZD, DT)
             dz1_0, np1_0 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_0, gp_0, 0, MB, L_ZH, DT)
             dz1_1, np1_1 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_1, gp_1, 1, MB, L_ZH, DT)
+            _cta_barrier()  # every read of W2 (gacc, dL/dA, -P1) is done: its buffer takes dL/dW2 for j - 1
+            more = j > 0
+            # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2, and
+            # mini-batch j - 1's output term
+            _gw_merge(gw2p, C2 + (crow0 + j - 1) * F * D, BB_s, GZ_s, AA_s, DZ_s, True, True, False, more, W2s,
+                      F, D, L_ZD, DT)
             _cta_barrier()  # every read of gelu(Z1) and of BB is done
             AA_s.slice(0, 128, dim=1).store(dz1_0)
             AA_s.slice(128, 128, dim=1).store(dz1_1)
@@ -824,27 +888,30 @@ if HAVE_GLUON:
             BB_s.slice(128, 128, dim=1).store(np1_1)
             fence_async_shared()
             _cta_barrier()
+            rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
+            cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
             dk = warpgroup_mma(AA_s, WTs, gl.convert_layout(dg, L_ZD), is_async=True)
             dk = warpgroup_mma(BB_s, WTe, dk, is_async=True)
             db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
                                 is_async=True)
             dk, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, db1))
             gl.store(DK + tok + rz[:, None] * D + cz[None, :], dk.to(DT))
-            gb1 = GB1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)
-            # dL/dW1 += k^T dL/dZ1
-            _gw_update(gw1p, K_s, AA_s, K_s, AA_s, False, True, None, F, D, L_ZD, DT)
-            _cta_barrier()  # every read of this mini-batch's tiles, both slot buffers and dL/db1 is done
+            gb1 = GB1_s.load(COL1) + gl.sum(db1, axis=1) + gl.load(CB1 + (crow0 + j - 1) * F + fcol1,
+                                                                    mask=(fcol1 >= 0) & more, other=0.0)
+            _cta_barrier()  # every read of W1 and of dL/dW1' (dk) and of dL/db1 is done
             GB1_s.store(gb1)
-            if j > 0:  # the next mini-batch's start state into this one's end buffer, its q and k
+            if more:  # the next mini-batch's start state into dL/dW1''s buffer, its k into this one's dl/dZ2 tile
                 mbarrier.expect(bars.index(E), 2 * w_bytes)
-                _tma_load(WTD, [(slot0 + j - 1) * F, 0], bars.index(E), WT_s.index(E))
-                _tma_load(W2D, [(slot0 + j - 1) * F, 0], bars.index(E), W2_s.index(E))
-                mbarrier.expect(bars.index(2), 2 * tile_bytes)  # into the next mini-batch's BB (this AA) and k tile
-                _tma_load(QD, [pid * N + (i - 1) * MB, 0], bars.index(2),
-                          _reinterpret(AA_s, DT, [4, MB, D], S_XD).index(0))
+                _tma_load(WTD, [(slot0 + j - 1) * F, 0], bars.index(E), WTe)
+                _tma_load(W2D, [(slot0 + j - 1) * F, 0], bars.index(E), W2e)
+                mbarrier.expect(bars.index(2), tile_bytes)
                 _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), GZ_s)
-        _cta_barrier()
-        gl.store(GB1 + pid64 * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), GB1_s.load(gl.SliceLayout(1, L_S1)))
+            # dL/dW1 += k^T dL/dZ1, and mini-batch j - 1's output term
+            _gw_merge(gw1p, C1 + (crow0 + j - 1) * D * F, K_s, AA_s, K_s, AA_s, True, False, True, more, WTs,
+                      F, D, L_ZD, DT)
+            fence_async_shared()
+            _cta_barrier()
+        gl.store(GB1 + pid64 * F + fcol1, GB1_s.load(COL1))
 
 
 def tma_rows_fit(shape) -> bool:
@@ -919,12 +986,13 @@ BWD_LAUNCHES = 0
 
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "backward")):
-    """The Gluon TTT-MLP backward: per checkpoint group, last first, the STATES forward (the state at the start of
-    each of its mini-batches into scratch slots) then _ttt_mlp_bwd_smem_kernel. cks: the forward's row-major
-    checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate (dL/d initial state,
-    fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which of the two launches to issue
-    (benchmarks/gluon_bwd_parts.py times them apart; anything but both leaves the gradients meaningless)."""
+                       parts=("states", "out", "backward")):
+    """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
+    each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
+    dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
+    forward's row-major checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate
+    (dL/d initial state, fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which launches to issue
+    (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless)."""
     global BWD_LAUNCHES
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -935,11 +1003,15 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     gw = [e.clone() for e in ends[:3]]  # dL/d(W1, b1, W2), advanced group by group to the initial state
     gvec = torch.zeros(BH, 3, D, **f32)  # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias)
     gvec[:, 0] = ends[3]
+    ln_out = torch.zeros(BH, 2, D, **f32)  # the output path's dL/d(LN weight, bias)
     n_slots = G + 1
     st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
     st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
     st_b1 = torch.empty(BH * n_slots, F, **f32)
     st_b2 = torch.empty(BH * n_slots, D, **f32)
+    # the output path's terms, per (head, mini-batch of the group)
+    c1, c2 = torch.empty(BH * G, D, F, **f32), torch.empty(BH * G, F, D, **f32)
+    cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
     wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
     qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
@@ -955,13 +1027,19 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
                 N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
                 D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
+        if "out" in parts:
+            _ttt_mlp_bwd_out_kernel[(BH * cnt,)](
+                qd, wtd, w2d, dout, st_b1, st_b2, lnw, c1, c2, cb1, cvec, dq,
+                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+            )
+            ln_out += cvec[:BH * cnt].view(BH, cnt, 3, D)[:, :, 1:].sum(1)
         if "backward" in parts:
             _ttt_mlp_bwd_smem_kernel[(BH,)](
-                qd, kd, wtd, w2d, v, dout, eta, lnw, lnb, st_b1, st_b2, *gw, gvec, dq, dk, dv, deta,
+                kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
                 N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
             )
     BWD_LAUNCHES += 1
     dstate[:] = gw + [gvec[:, 0]]
-    dlnw.copy_(gvec[:, 1])
-    dlnb.copy_(gvec[:, 2])
+    dlnw.copy_(gvec[:, 1] + ln_out[:, 0])
+    dlnb.copy_(gvec[:, 2] + ln_out[:, 1])
     return True
