@@ -32,9 +32,10 @@ INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "i
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
 TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}  # [MB, D] tiles of q / k / v / out
-SLOT_DESCRIPTORS = {"WTD", "W2D"}  # the Gluon backward's [F, D] state tiles
+SLOT_DESCRIPTORS = {"WTD", "W2D", "WTD_OUT", "W2D_OUT"}  # the Gluon backward's [F, D] state tiles
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
-OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV", "ST_W1", "ST_W2"}
+OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
+BF16_PTRS = {"C1", "C2"}  # the Gluon backward's output-path terms (bf16 whatever the inputs)
 SASS_CLASSES = ["HGMMA", "HMMA", "FFMA", "FMUL", "FADD", "MUFU", "LDL", "STL", "LDG", "STG", "LDS", "STS",
                 "LDSM", "STSM", "BAR", "SHFL", "F2F", "WARPSYNC"]
 
@@ -116,7 +117,8 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in FLOAT_ARGS:
             signature[arg] = "fp32"
         else:
-            signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "i32" if arg in INT32_PTRS else "fp32")
+            signature[arg] = "*" + (op_dtype if arg in OPERAND_PTRS else "bf16" if arg in BF16_PTRS
+                                    else "i32" if arg in INT32_PTRS else "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
     opts = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     if "num_warps" in constexprs:  # a Gluon kernel: its layouts are written for the warp count it takes

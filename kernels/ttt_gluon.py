@@ -124,33 +124,30 @@ if HAVE_GLUON:
         gl.store(PB2 + dcol, b2)
 
     @gluon.jit
-    def _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot, W1B_s, W2B_s, b1, b2, dcol, D: gl.constexpr, F: gl.constexpr,
-                    num_warps: gl.constexpr):
-        """One state of the backward's recompute into its scratch slot, from the bf16 operand copies in shared memory
-        (the caller has put a CTA barrier after their last store): W1 transposed ([F, D], so that both weights reach
-        the backward as [256, 64] TMA tiles) and W2, read in a layout whose rows are whole 16-byte runs so that the
-        stores coalesce (from the wgmma layouts they would be 2- and 4-byte pieces); b1 / b2 in fp32."""
-        L_FD: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        offs = _w_offsets(F, D, L_FD)
-        gl.store(ST_W1 + slot * F * D + offs, W1B_s.permute((1, 0)).load(L_FD))
-        gl.store(ST_W2 + slot * F * D + offs, W2B_s.load(L_FD))
-        gl.store(ST_B1 + slot * F + gl.arange(0, F, layout=b1.type.layout), b1)
-        gl.store(ST_B2 + slot * D + dcol, b2)
+    def _store_slot(WTD_OUT, W2D_OUT, ST_B1, ST_B2, slot, W1T_s, W2B_s, b1, b2, dcol, F: gl.constexpr,
+                    D: gl.constexpr):
+        """One state of the backward's recompute into its scratch slot (the caller has fenced and barriered the last
+        stores to the shared copies): W1 transposed and W2 in the operand type, by TMA straight from the bf16
+        operand copies ([F, D] tiles, the layout the backward loads), b1 / b2 in fp32."""
+        _tma_store(WTD_OUT, [slot * F, 0], W1T_s)
+        _tma_store(W2D_OUT, [slot * F, 0], W2B_s)
+        gl.store(ST_B1 + slot.to(gl.int64) * F + gl.arange(0, F, layout=b1.type.layout), b1)
+        gl.store(ST_B2 + slot.to(gl.int64) * D + dcol, b2)
 
     @gluon.jit
     def _ttt_mlp_fwd_smem_kernel(
-        Q, K, V, QD, KD, VD, OD, ETA, LNW, LNB,
+        Q, K, V, QD, KD, VD, OD, WTD_OUT, W2D_OUT, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
-        ST_W1, ST_B1, ST_W2, ST_B2,
+        ST_B1, ST_B2,
         N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots,
         D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr, BSUM_MMA: gl.constexpr,
         STATES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The TTT-MLP forward (module docstring). With STATES (the backward's recompute of one checkpoint group):
         the state at the start of each of mini-batches [mb0, n_mb) and after the last into the head's scratch slots
-        (ST_*), from the checkpoint row pid * in_mul + in_add of W1_IN / B1_IN / W2_IN / B2_IN, and no output."""
+        (WTD_OUT / W2D_OUT: W1^T and W2 as [F, D] tiles; ST_B1 / ST_B2), from the checkpoint row pid * in_mul + in_add of W1_IN / B1_IN / W2_IN / B2_IN, and no output."""
         if STATES:
             gl.static_assert(TMA and BSUM_MMA and not SAVE)
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
@@ -198,7 +195,11 @@ if HAVE_GLUON:
                 mbarrier.init(bars.index(j), count=1)
         P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(q W1 + b1)
-        W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
+        if STATES:  # W1's copy kept transposed: the scratch slots' [F, D] layout, stored by TMA as it is
+            W1T_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
+            W1B_s = W1T_s.permute((1, 0))
+        else:
+            W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
         W2B_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
         W2F_s = gl.allocate_shared_memory(gl.float32, [F, D], S_W2F)
         B1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
@@ -220,14 +221,14 @@ if HAVE_GLUON:
         rows = gl.arange(0, MB, layout=ROW)
         dcol = gl.arange(0, D, layout=COL)
         b2 = gl.load(B2_IN + src * D + dcol)
-        slot0 = pid64 * n_slots
+        slot0 = pid * n_slots
         tile = rows[:, None] * D + dcol[None, :]
         tok = pid64 * N * D
         eta_base = pid64 * N
         fence_async_shared()
         _cta_barrier()
         if STATES:
-            _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot0, W1B_s, W2B_s, b1_in, b2, dcol, D, F, num_warps)
+            _store_slot(WTD_OUT, W2D_OUT, ST_B1, ST_B2, slot0, W1T_s, W2B_s, b1_in, b2, dcol, F, D)
         NXT: gl.constexpr = 1 if STATES else 2  # tiles copied ahead: k (and q, which the recompute does not read)
         tile_bytes: gl.constexpr = MB * D * K.dtype.element_ty.primitive_bitwidth // 8
         if TMA:
@@ -319,6 +320,8 @@ if HAVE_GLUON:
                     b1 = B1_s.load(COLF) + gl.sum(ga, axis=0)
                 p1 = ga.to(DT)
                 w2 = warpgroup_mma(A_s.permute((1, 0)), P2_s, W2F_s.load(L_W2))
+                if STATES:
+                    tma.store_wait(0)  # the last slot's TMA stores have read W1's and W2's copies
                 _cta_barrier()  # every warpgroup is done reading A_s, W2B_s, W2F_s and B1_s
                 A_s.store(p1)
                 W2F_s.store(w2)
@@ -336,14 +339,14 @@ if HAVE_GLUON:
                     W1B_s.store(w1.to(DT))
                     _cta_barrier()  # every thread has read b1
                     B1_s.store(b1n)
-                    if STATES:  # the state after mini-batch i: slot i - mb0 + 1
-                        _store_slot(ST_W1, ST_B1, ST_W2, ST_B2, slot0 + i - mb0 + 1, W1B_s, W2B_s, b1n, b2, dcol, D,
-                                    F, num_warps)
                 else:
                     w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1)
                     W1B_s.store(w1.to(DT))
                 fence_async_shared()
                 _cta_barrier()  # W1B_s and b1 complete; every warpgroup is done reading A_s (P1)
+                if STATES:  # the state after mini-batch i: slot i - mb0 + 1
+                    _store_slot(WTD_OUT, W2D_OUT, ST_B1, ST_B2, slot0 + i - mb0 + 1, W1T_s, W2B_s,
+                                B1_s.load(gl.SliceLayout(1, L_S1)), b2, dcol, F, D)
                 if not STATES:  # the output with the updated state
                     zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
                     A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
@@ -575,8 +578,9 @@ if HAVE_GLUON:
         """The output path of the TTT-MLP backward for one (sequence, head, mini-batch) of a checkpoint group, all of
         them at once: it needs the mini-batch's end state W' (slot j + 1) and dL/dout, not the gradient that the
         scan carries, so it leaves the sequential kernel. Per mini-batch j: dq, and the terms that dL/dW' gains
-        from the output: C1 = q^T dL/dzq1 [D, F], C2 = gelu(zq1)^T dL/dzq2 [F, D], CB1 = colsum dL/dzq1, and
-        CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (all fp32, scratch [BH, G, ...])."""
+        from the output: C1 = q^T dL/dzq1 [D, F], C2 = gelu(zq1)^T dL/dzq2 [F, D] (bf16 or fp32, the host's choice),
+        CB1 = colsum dL/dzq1,
+        and CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (fp32), scratch [BH, G, ...]."""
         gl.static_assert(num_warps == 8)
         L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
         L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -649,7 +653,7 @@ if HAVE_GLUON:
         dzq1_0 = _dzq1_half(T_s, W2_s, gq1_0, 0, MB, L_ZH, DT)
         dzq1_1 = _dzq1_half(T_s, W2_s, gq1_1, 1, MB, L_ZH, DT)
         c2 = warpgroup_mma_wait(num_outstanding=0, deps=(c2,))
-        gl.store(C2 + out_row * F * D + _w_offsets(F, D, L_W2), c2)
+        gl.store(C2 + out_row * F * D + _w_offsets(F, D, L_W2), c2.to(C2.dtype.element_ty))
         _cta_barrier()  # every read of gelu(zq1) is done
         AA_s.slice(0, 128, dim=1).store(dzq1_0)
         AA_s.slice(128, 128, dim=1).store(dzq1_1)
@@ -665,7 +669,16 @@ if HAVE_GLUON:
         gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
         gl.store(CB1 + out_row * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), gl.sum(db1, axis=1))
         c1 = warpgroup_mma(Q_s.permute((1, 0)), AA_s, gl.zeros([D, F], gl.float32, L_ZF), use_acc=False)
-        gl.store(C1 + out_row * D * F + _w_offsets(D, F, L_ZF), c1)
+        gl.store(C1 + out_row * D * F + _w_offsets(D, F, L_ZF), c1.to(C1.dtype.element_ty))
+
+    @gluon.jit
+    def _prefetch_l2(P, n_bytes: gl.constexpr, num_warps: gl.constexpr):
+        """Ask L2 for n_bytes from P (128-byte lines, no registers held): data that a later load in the scan needs
+        and that has left L2 since it was written (the output-path terms, written a kernel earlier)."""
+        L_P: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+        line = gl.arange(0, n_bytes // 128, layout=L_P) * (128 // (P.dtype.element_ty.primitive_bitwidth // 8))
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [P + line], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
     @gluon.jit
     def _gw_merge(GWP, CP, a1, b1, a2, b2, MMA: gl.constexpr, TWO: gl.constexpr, W1: gl.constexpr, ADD_C, COPY,
@@ -684,13 +697,13 @@ if HAVE_GLUON:
             offs = r[:, None] * D + c[None, :]
             step: gl.constexpr = 64 * D
         nxt = gl.load(GWP + offs)
-        nc = gl.load(CP + offs, mask=(offs >= 0) & ADD_C, other=0.0)
+        nc = gl.load(CP + offs, mask=(offs >= 0) & ADD_C, other=0.0).to(gl.float32)
         for ch in gl.static_range(F // 64):
             acc = nxt
             cadd = nc
             if ch + 1 < F // 64:
                 nxt = gl.load(GWP + (ch + 1) * step + offs)
-                nc = gl.load(CP + (ch + 1) * step + offs, mask=(offs >= 0) & ADD_C, other=0.0)
+                nc = gl.load(CP + (ch + 1) * step + offs, mask=(offs >= 0) & ADD_C, other=0.0).to(gl.float32)
             if MMA:
                 if W1:
                     acc = warpgroup_mma(a1.permute((1, 0)), b1.slice(ch * 64, 64, dim=1), acc, is_async=True)
@@ -818,6 +831,9 @@ if HAVE_GLUON:
             rows = gl.arange(0, MB, layout=ROW)
             dcol = gl.arange(0, D, layout=COL)
             tile = rows[:, None] * D + dcol[None, :]
+            if j > 0:  # mini-batch j - 1's output-path terms, merged into the gradient at the end of this one
+                _prefetch_l2(C1 + (crow0 + j - 1) * D * F, D * F * C1.dtype.element_ty.primitive_bitwidth // 8, num_warps)
+                _prefetch_l2(C2 + (crow0 + j - 1) * F * D, F * D * C2.dtype.element_ty.primitive_bitwidth // 8, num_warps)
             mbarrier.wait(bars.index(2), jj % 2)
             mbarrier.wait(bars.index(S), (jj // 2) % 2)
 
@@ -950,8 +966,8 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     global LAUNCHES
     LAUNCHES += 1
     _ttt_mlp_fwd_smem_kernel[(BH,)](
-        q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out)), eta, ln_w, ln_b, W1, b1, W2, b2, out, *finals, *cks,
-        q, b1, q, b1,  # no recompute slots
+        q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out, q, q)), eta, ln_w, ln_b, W1, b1, W2, b2, out,
+        *finals, *cks, b1, b1,  # (the two descriptors after out's and these: the recompute's slots, unused here)
         N, H, n_mb, n_ck, G, LN_EPS, 0, 1, 0, 0,
         D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps,
     )
@@ -1010,7 +1026,11 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     st_b1 = torch.empty(BH * n_slots, F, **f32)
     st_b2 = torch.empty(BH * n_slots, D, **f32)
     # the output path's terms, per (head, mini-batch of the group)
-    c1, c2 = torch.empty(BH * G, D, F, **f32), torch.empty(BH * G, F, D, **f32)
+    # (bf16 for bf16 inputs: most of the bytes this backward moves, each term rounded once before its fp32 sum;
+    # fp32 for fp16 inputs, whose finer operands the bf16 rounding would show: 1.4e-3 against 7.5e-4)
+    c_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    c1 = torch.empty(BH * G, D, F, device=dev, dtype=c_dtype)
+    c2 = torch.empty(BH * G, F, D, device=dev, dtype=c_dtype)
     cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
     wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
@@ -1021,9 +1041,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
         cnt = min(G, n_mb - mb0)
         if "states" in parts:
             _ttt_mlp_fwd_smem_kernel[(BH,)](
-                q, k, v, qd, kd, vd, vd, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
+                q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
                 q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
-                st_w1, st_b1, st_w2, st_b2,
+                st_b1, st_b2,
                 N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
                 D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
