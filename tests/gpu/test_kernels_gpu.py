@@ -128,8 +128,12 @@ def test_gmem_kernels_match_float64_reference(direction, dt, monkeypatch):
     _checked([f"mlp-gmem-{direction}", str(dt)], "mlp", 2, 3, 640, 64, 64, 4, dt)
 
 
-def test_a_split_stall_is_reported_without_a_sync_per_launch():
+def test_a_split_stall_is_reported_without_a_sync_per_launch(monkeypatch):
     from ttt_video.kernels import ttt_triton
+
+    # split launches in both directions (the defaults on Hopper, the Gluon kernels, have no group meetings to stall)
+    for name in ("mlp_fwd", "mlp_bwd"):
+        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, name, dict(ttt_triton.KERNEL_CONFIG[name], variant="split"))
 
     _checked(["mlp-stall-flag-clear"], "mlp", 1, 2, 256, 64, 64, 4, BF16)
     ttt_triton.check_split_stalls()  # a correct run leaves the flag clear
@@ -154,8 +158,9 @@ def test_split_forward_falls_back_to_gmem_beyond_one_round(monkeypatch):
     from ttt_video.kernels import ttt_triton
 
     monkeypatch.setattr(ttt_triton, "_split_group_capacity", lambda *a, **k: {"capacity": 2})
-    # the split as the forward's first choice (the default, the Gluon forward, would take this call)
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="split"))
+    # the split as both directions' first choice (the defaults, the Gluon kernels, would take this call)
+    for name in ("mlp_fwd", "mlp_bwd"):
+        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, name, dict(ttt_triton.KERNEL_CONFIG[name], variant="split"))
     _checked(["mlp-split-fallback"], "mlp", 2, 3, 256, 64, 64, 2, BF16)
     assert ttt_triton.SPLIT_INFO.get("fallback") == "gmem" and ttt_triton.SPLIT_INFO["heads"] == 6
     assert ttt_triton.SPLIT_INFO.get("bwd_fallback") == "gmem"  # the backward follows the same rule
