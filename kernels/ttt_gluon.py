@@ -1,5 +1,5 @@
-"""TTT-MLP and TTT-Linear forwards in Gluon (Triton's explicit-layout dialect) for Hopper: one CTA per (sequence,
-head), the state in shared memory and registers.
+"""TTT-MLP and TTT-Linear forwards and the TTT-MLP backward in Gluon (Triton's explicit-layout dialect) for Hopper:
+one CTA per (sequence, head) on the sequential chains, the state in shared memory and registers.
 
 Why a second language: the Triton kernels (kernels/ttt_triton.py) cannot keep a tensor in shared memory across
 loop iterations. The [64, 256] + [256, 64] fp32 TTT-MLP state (128 KB) does not fit in one program's registers, so
@@ -24,7 +24,9 @@ Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -
     W1 += k^T P1, b1 += sum P1                wgmma into the register master
     out = q + LN(gelu(q W1 + b1) W2 + b2)     two wgmmas with the updated state
 
-The TTT-Linear forward (mini-batch 16) is in _ttt_linear_fwd_smem_kernel's docstring.
+The TTT-Linear forward (mini-batch 16) is in _ttt_linear_fwd_smem_kernel's docstring. The TTT-MLP backward
+(mlp_backward_gluon: per checkpoint group the forward kernel with STATES, _ttt_mlp_bwd_out_kernel and
+_ttt_mlp_bwd_smem_kernel) is described in their docstrings and docs/performance.md, session 15.
 
 bf16 / fp16 inputs only (fp32 inputs take the Triton kernels: wgmma has no IEEE fp32 mode). The CPU interpreter
 does not run Gluon: these kernels are checked on the device (tests/gpu/test_kernels_gpu.py) against the float64

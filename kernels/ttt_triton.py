@@ -1608,9 +1608,10 @@ KERNEL_CONFIG = {
     # 48 heads: 9.4 / 12.2 / 14.6 / 17.9 ms against gmem's 16.9 / 17.2 / 17.6 / 18.2, and 776 vs 783 ms at the
     # one-minute shape's 48: the gain shrinks as programs come to share SMs but never turns into a loss, so no
     # limit of its own. split_num_warps: its warps (8 leave room for 33 groups).
-    # smem (session 15, kernels/ttt_gluon.py): the Gluon backward, per checkpoint group the STATES forward (each
-    # mini-batch's state into scratch slots) then one 8-warp CTA per head back through the group, dL/dW in L2. At
-    # 21,952 tokens x 96 heads: 36.8 ms against the split's ~55 (107 vs ~160 us a mini-batch). Runs where
+    # smem (session 15, kernels/ttt_gluon.py, the default): the Gluon backward, per checkpoint group the STATES
+    # forward (each mini-batch's state into scratch slots), the output path of all its mini-batches at once, then one
+    # 8-warp CTA per head back through the group with dL/dW in L2: 74.8 us a mini-batch at 96 heads against the
+    # split's ~160; one-minute fwd+bwd 462.8 vs 930.6 ms (docs/performance.md, session 15). Runs where
     # ttt_gluon.gluon_supports; elsewhere the split / gmem rule.
     "mlp_bwd": {"variant": "smem", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
