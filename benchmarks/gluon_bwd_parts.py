@@ -12,20 +12,7 @@ import argparse
 import json
 
 import torch
-
-
-def _ms(fn, reps):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end))
-    return best
+from bench_ttt import _timeit  # benchmarks/ is this script's directory
 
 
 def main(argv=None):
@@ -58,9 +45,9 @@ def main(argv=None):
     for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
                         ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
-        res[name] = _ms(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
-                                                             dstate, dlnw, dlnb, parts=parts), a.reps)
-    res["forward_ms"] = _ms(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), a.reps)
+        res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
+                                                             dstate, dlnw, dlnb, parts=parts), reps=a.reps)
+    res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
     n_mb = N // mb
     res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}
     print(json.dumps(res))

@@ -262,67 +262,57 @@ def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
     assert ttt_gluon.LAUNCHES > n0
 
 
-@pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3)])
-def test_smem_forward_short_scans_and_groups(n_tokens, group, monkeypatch):
-    """1-3 mini-batches, one mini-batch per checkpoint, and groups that do not divide the scan (7 = 3 + 3 + 1)."""
-    ttt_gluon = _smem_config(monkeypatch)
-    n0 = ttt_gluon.LAUNCHES
-    _checked(["mlp-smem-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
-    assert ttt_gluon.LAUNCHES > n0
+# The Gluon backward (kernels/ttt_gluon.py, mlp_bwd variant "smem", the default on Hopper: per checkpoint group the
+# recompute forward, the output path of all its mini-batches, then one 8-warp CTA per head back through the group):
+# the tests below run each Gluon direction alone (the other one the default), every gradient against the float64
+# reference.
+GLUON_DIRECTIONS = ["forward", "backward"]
 
 
-def test_smem_forward_long_sequence_bf16(monkeypatch):
-    ttt_gluon = _smem_config(monkeypatch)
-    n0 = ttt_gluon.LAUNCHES
-    _long_scan_errors(["mlp-smem-long", 1, 2, 4096, 64, 64, 16, "bf16"])
-    assert ttt_gluon.LAUNCHES > n0
-
-
-# The Gluon backward (kernels/ttt_gluon.py, mlp_bwd variant "smem": per checkpoint group the STATES forward into
-# scratch slots, then one 8-warp CTA per head back through the group with dL/dW in L2): every gradient against the
-# float64 reference, with scans of 1-3 mini-batches, groups that do not divide the scan, both dtypes, the long scan.
-def _smem_bwd_config(monkeypatch):
+def _gluon_direction(monkeypatch, direction):
+    """The Gluon kernel of ``direction`` pinned; returns a function giving its launch count so far."""
     from ttt_video.kernels import ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem"))
-    return _smem_config(monkeypatch)
+    ttt_gluon = _smem_config(monkeypatch)
+    if direction == "backward":
+        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem"))
+        return lambda: ttt_gluon.BWD_LAUNCHES
+    return lambda: ttt_gluon.LAUNCHES
 
 
 @pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
 def test_smem_backward_matches_float64_reference(dt, monkeypatch):
-    ttt_gluon = _smem_bwd_config(monkeypatch)
-    n0 = ttt_gluon.BWD_LAUNCHES
+    launches = _gluon_direction(monkeypatch, "backward")
+    n0 = launches()
     _checked(["mlp-smem-bwd", str(dt)], "mlp", 2, 3, 640, 64, 64, 4, dt)
-    assert ttt_gluon.BWD_LAUNCHES > n0
+    assert launches() > n0
 
 
+@pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
 @pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3), (1024, 16)])
-def test_smem_backward_short_scans_and_groups(n_tokens, group, monkeypatch):
-    ttt_gluon = _smem_bwd_config(monkeypatch)
-    n0 = ttt_gluon.BWD_LAUNCHES
-    _checked(["mlp-smem-bwd-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
-    assert ttt_gluon.BWD_LAUNCHES > n0
+def test_smem_short_scans_and_groups(n_tokens, group, direction, monkeypatch):
+    """1-3 mini-batches, one mini-batch per checkpoint, groups that do not divide the scan (7 = 3 + 3 + 1), and one
+    full group of 16."""
+    launches = _gluon_direction(monkeypatch, direction)
+    n0 = launches()
+    _checked([f"mlp-smem-{direction}-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
+    assert launches() > n0
 
 
-def test_smem_backward_long_sequence_bf16(monkeypatch):
-    ttt_gluon = _smem_bwd_config(monkeypatch)
-    n0 = ttt_gluon.BWD_LAUNCHES
-    _long_scan_errors(["mlp-smem-bwd-long", 1, 2, 4096, 64, 64, 16, "bf16"])
-    assert ttt_gluon.BWD_LAUNCHES > n0
+@pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
+def test_smem_long_sequence_bf16(direction, monkeypatch):
+    launches = _gluon_direction(monkeypatch, direction)
+    n0 = launches()
+    _long_scan_errors([f"mlp-smem-{direction}-long", 1, 2, 4096, 64, 64, 16, "bf16"])
+    assert launches() > n0
 
 
-def test_smem_backward_leaves_fp32_to_the_triton_kernels(monkeypatch):
-    ttt_gluon = _smem_bwd_config(monkeypatch)
-    n0 = ttt_gluon.BWD_LAUNCHES
-    _checked(["mlp-smem-bwd-fp32-fallback"], "mlp", 1, 2, 384, 64, 64, 4, FP32)
-    assert ttt_gluon.BWD_LAUNCHES == n0
-
-
-def test_smem_forward_leaves_fp32_to_the_triton_kernels(monkeypatch):
-    ttt_gluon = _smem_config(monkeypatch)
-    n0 = ttt_gluon.LAUNCHES
-    _checked(["mlp-smem-fp32-fallback"], "mlp", 1, 2, 384, 64, 64, 4, FP32)
-    assert ttt_gluon.LAUNCHES == n0
+@pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
+def test_smem_leaves_fp32_to_the_triton_kernels(direction, monkeypatch):
+    launches = _gluon_direction(monkeypatch, direction)
+    n0 = launches()
+    _checked([f"mlp-smem-{direction}-fp32-fallback"], "mlp", 1, 2, 384, 64, 64, 4, FP32)
+    assert launches() == n0
 
 
 def test_auto_backend_picks_triton_on_cuda():
