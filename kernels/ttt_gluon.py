@@ -581,8 +581,8 @@ if HAVE_GLUON:
         them at once: it needs the mini-batch's end state W' (slot j + 1) and dL/dout, not the gradient that the
         scan carries, so it leaves the sequential kernel. Per mini-batch j: dq, and the terms that dL/dW' gains
         from the output: C1 = q^T dL/dzq1 [D, F], C2 = gelu(zq1)^T dL/dzq2 [F, D] (bf16 or fp32, the host's choice),
-        CB1 = colsum dL/dzq1,
-        and CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (fp32), scratch [BH, G, ...]."""
+        CB1 = colsum dL/dzq1 and CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (fp32); scratch rows
+        [BH, G, ...]."""
         gl.static_assert(num_warps == 8)
         L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
         L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -1000,7 +1000,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     return out, finals, cks
 
 
-BWD_LAUNCHES = 0
+BWD_LAUNCHES = 0  # Gluon backward calls so far (tests check that a call took this path)
 
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
@@ -1010,7 +1010,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
     forward's row-major checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate
     (dL/d initial state, fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which launches to issue
-    (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless)."""
+    (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless).
+    Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
+    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16."""
     global BWD_LAUNCHES
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb

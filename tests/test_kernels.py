@@ -198,7 +198,7 @@ def test_split_forward_runs_only_while_every_head_has_its_group():
     assert split_groups(6, 4, forced=5) == 4
 
 
-def test_both_mlp_directions_default_to_the_split_at_the_device_checked_shape():
+def test_both_mlp_directions_default_to_gluon_else_the_split_at_the_device_checked_shape():
     """Forward and backward take the Gluon kernels where they run, else the split (under the launch rule above),
     only at shapes the device has checked; the backward's split runs with its own warp count."""
     import torch
@@ -345,8 +345,8 @@ def test_gluon_forward_that_does_not_build_falls_back_to_the_split_once(monkeypa
 
 
 def test_gluon_backward_that_does_not_build_falls_back_to_the_split(monkeypatch):
-    """The Gluon backward, like the forward: a Triton whose Gluon it does not build with warns and takes the split
-    backward, with the checkpoints as the forward left them."""
+    """The Gluon backward, like the forward: where this Triton's Gluon does not build it, the backward warns, remembers
+    (GLUON_DISABLED) and takes the split backward."""
     import torch
 
     from ttt_video.kernels import ttt_gluon, ttt_triton
