@@ -805,6 +805,7 @@ if HAVE_GLUON:
         _tma_load(W2D, [(slot0 + cnt - 1) * F, 0], bars.index(1 - Eb), W2_s.index(1 - Eb))
         mbarrier.expect(bars.index(2), tile_bytes)
         _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Z3_s.index(0))
+        # before the first mini-batch only its output term is added (MMA off: the operand tiles passed are unused)
         c1p = C1 + (crow0 + cnt - 1) * D * F
         c2p = C2 + (crow0 + cnt - 1) * F * D
         _gw_merge(gw1p, c1p, Z3_s.index(0), XY_s.index(0), Z3_s.index(0), XY_s.index(0), False, False, True, True,
