@@ -367,26 +367,35 @@ def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
 # The Gluon TTT-Linear forward (kernels/ttt_gluon.py, variant "smem": mini-batch 16, bf16 / fp16, D 64): the default
 # case, fp16, 1-3 mini-batch scans (the last output is finished in an extra iteration), checkpoint groups that do not
 # divide the scan, a long scan, large LayerNorm means (bf16 here: the kernel has no fp32 path), and the fallbacks.
+# Each of the kernel's loop forms (KERNEL_CONFIG["linear_fwd"]: lag, the default; compact without lag; neither, the
+# LayerNorm in the wgmma layout) runs every case.
+LINEAR_SMEM_FORMS = {"lag": dict(lag=1, compact=1), "compact": dict(lag=0, compact=1), "wgmma-rows": dict(lag=0, compact=0)}
+
+
+@pytest.mark.parametrize("form", list(LINEAR_SMEM_FORMS))
 @pytest.mark.parametrize("case", [(2, 3, 320, 8, BF16), (2, 3, 320, 8, FP16), (1, 3, 16, 1, BF16), (1, 3, 32, 3, BF16),
                                   (1, 3, 48, 2, BF16), (1, 2, 1360, 7, BF16), (1, 2, 4096, 16, BF16)],
                          ids=["bf16", "fp16", "one-minibatch", "two", "three", "groups-7", "long"])
-def test_linear_smem_forward_matches_float64_reference(case, monkeypatch):
+def test_linear_smem_forward_matches_float64_reference(case, form, monkeypatch):
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd",
+                        dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem", **LINEAR_SMEM_FORMS[form]))
     B, H, N, G, dt = case
     n0 = ttt_gluon.LINEAR_LAUNCHES
-    _checked(["linear-smem", B, H, N, G, str(dt)], "linear", B, H, N, 64, 16, G, dt)
+    _checked(["linear-smem", form, B, H, N, G, str(dt)], "linear", B, H, N, 64, 16, G, dt)
     assert ttt_gluon.LINEAR_LAUNCHES > n0
 
 
-def test_linear_smem_forward_with_large_layernorm_means(monkeypatch):
+@pytest.mark.parametrize("form", list(LINEAR_SMEM_FORMS))
+def test_linear_smem_forward_with_large_layernorm_means(form, monkeypatch):
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd",
+                        dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem", **LINEAR_SMEM_FORMS[form]))
     n0 = ttt_gluon.LINEAR_LAUNCHES
     errs = check("linear", 2, 3, 320, 64, 16, 8, BF16, "cuda", seed=_fresh_seed(), mean_shift=30.0)
-    _log({"case": ["linear-smem-large-means"], "errs": errs})
+    _log({"case": ["linear-smem-large-means", form], "errs": errs})
     bad = {k: v for k, v in errs.items() if not k.startswith("d") and not v < TOL[BF16]}
     assert not bad and ttt_gluon.LINEAR_LAUNCHES > n0, f"forward errors above {TOL[BF16]}: {bad}"
 
