@@ -79,9 +79,11 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True,
-                                                        COMPACT=bool(cfg.get("compact", 1) or cfg.get("lag", 1)),
-                                                        LAG=bool(cfg.get("lag", 1)), num_warps=4)
+            form = cfg.get("form", "lag")
+            if form == "rows":
+                return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, num_warps=4)
+            return tg._ttt_linear_fwd_halves_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, LAG=form == "lag",
+                                                          num_warps=4)
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":
@@ -96,7 +98,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     cfg = dict(tt.KERNEL_CONFIG[name])
     for item in filter(None, kv.split(",")):
         key, val = item.split("=")
-        cfg[key] = val if key in ("variant", "part") else int(val)
+        cfg[key] = val if key in ("variant", "part", "form") else int(val)
     fn, constexprs = _kernel_and_constexprs(name, cfg, D, F, op_dtype)
     fn = getattr(fn, "fn", fn) if not hasattr(fn, "arg_names") else fn
     signature, attrs = {}, {}
@@ -106,7 +108,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks
             from triton.experimental.gluon import language as gl
 
-            rows = constexprs["MB"]
+            rows = 8 if "LAG" in constexprs else constexprs["MB"]  # the halves kernel moves 8-row boxes
             layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{rows}, {D}],{layout!r}>"
         elif arg in SLOT_DESCRIPTORS:

@@ -373,98 +373,11 @@ if HAVE_GLUON:
 
 
     @gluon.jit
-    def _linear_ln_rows(Z_s, X_s, V_s, O_s, gamma, beta, e, eps, MB: gl.constexpr, D: gl.constexpr,
-                        L_R: gl.constexpr):
-        """The TTT-Linear forward's LayerNorm work on Z = [k_i; q_{i-1}] W + b (fp32 in Z_s), in a row layout (a row
-        over 8 lanes): mini-batch i - 1's output q + LN(Z_q) into O_s's q rows; returns -eta dl/dZ_k ([MB, D])."""
-        DT: gl.constexpr = O_s.dtype
-        zq = Z_s.slice(MB, MB).load(L_R)
-        xq = X_s.slice(MB, MB).load(L_R).to(gl.float32)
-        zk = Z_s.slice(0, MB).load(L_R)
-        xk = X_s.slice(0, MB).load(L_R).to(gl.float32)
-        v = V_s.slice(0, MB).load(L_R).to(gl.float32)
-        muq, muk = gl.sum(zq, axis=1) / D, gl.sum(zk, axis=1) / D
-        zcq, zck = zq - muq[:, None], zk - muk[:, None]
-        rq = gl.rsqrt(gl.sum(zcq * zcq, axis=1) / D + eps)
-        rk = gl.rsqrt(gl.sum(zck * zck, axis=1) / D + eps)
-        O_s.slice(MB, MB).store((xq + gamma[None, :] * (zcq * rq[:, None]) + beta[None, :]).to(DT))
-        xh = zck * rk[:, None]
-        gx = (gamma[None, :] * xh + beta[None, :] - (v - xk)) * gamma[None, :]
-        s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)  # one shuffle tree for both sums
-        ne = -e * rk  # -eta and 1/std folded into one per-row factor
-        return ne[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
-
-    @gluon.jit
-    def _linear_lag_loop(KD, QD, VD, OD, ETA, CK_W1, CK_B1, X_s3, V_s3, O_s, P_s, Z_s, W_s, ONES_s, A_s, bars,
-                         w, bfull, gamma, beta, e, pid64, row0, N, n_mb, G, eps, D: gl.constexpr, MB: gl.constexpr,
-                         SAVE: gl.constexpr, L_Z: gl.constexpr, L_R: gl.constexpr):
-        """_ttt_linear_fwd_smem_kernel's loop with LAG (its docstring): returns the final (W, b) accumulators. On
-        entry buffer 0 is loading k_0, v_0; P_s and A_s are zero (P_{-1} = 0), W_s holds W_0 in bf16."""
-        DT: gl.constexpr = O_s.dtype
-        R: gl.constexpr = 64
-        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
-        L_A: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, MB, 16])
-        rows_r = gl.arange(0, MB, layout=gl.SliceLayout(1, L_R))
-        rows = gl.arange(0, R, layout=gl.SliceLayout(1, L_Z))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, L_Z))
-        ones_a = gl.full([R, MB], 1.0, gl.float32, L_A)
-        # mini-batch 1's tiles (k_1, v_1 and q_0) into buffer 1: the loop then loads two mini-batches ahead
-        mbarrier.expect(bars.index(1), 3 * tile_bytes, pred=n_mb > 1)
-        mbarrier.expect(bars.index(1), tile_bytes, pred=n_mb == 1)
-        _tma_load(KD, [row0 + MB, 0], bars.index(1), X_s3.index(1).slice(0, MB), pred=n_mb > 1)
-        _tma_load(VD, [row0 + MB, 0], bars.index(1), V_s3.index(1).slice(0, MB), pred=n_mb > 1)
-        _tma_load(QD, [row0, 0], bars.index(1), X_s3.index(1).slice(MB, MB))
-        for i in range(n_mb + 1):
-            X_s = X_s3.index(i % 3)
-            Xp_s = X_s3.index((i + 2) % 3)  # mini-batch i - 1's tiles (zeros at i = 0)
-            Xn_s = X_s3.index((i + 1) % 3)  # mini-batch i + 1's, loaded during mini-batch i - 1
-            e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows_r, mask=(rows_r < MB) & (i + 1 < n_mb), other=0.0)
-            mbarrier.wait(bars.index(i % 3), (i // 3) % 2)
-            # the chain: Z = X_i W_{i-1} + b_{i-1} + A_i P_{i-1}
-            z = warpgroup_mma(X_s, W_s, bfull, is_async=True)
-            z = warpgroup_mma(A_s, P_s.slice(0, MB), z, is_async=True)
-            # off the chain, on the tensor cores during the LayerNorm work: W_i = W_{i-1} + k_{i-1}^T P_{i-1},
-            # b_i = b_{i-1} + 1 P_{i-1}, and A_{i+1} = X_{i+1} k_i^T + 1
-            w = warpgroup_mma(Xp_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
-            bfull = warpgroup_mma(ONES_s, P_s.slice(0, MB), bfull, is_async=True)
-            mbarrier.wait(bars.index((i + 1) % 3), ((i + 1) // 3) % 2, pred=i + 1 <= n_mb)
-            a_next = warpgroup_mma(Xn_s, X_s.slice(0, MB).permute((1, 0)), ones_a, is_async=True)
-            z = warpgroup_mma_wait(num_outstanding=3, deps=(z,))
-            Z_s.store(z)
-            tma.store_wait(0)  # mini-batch i - 2's output has left O_s
-            _cta_barrier()
-            p = _linear_ln_rows(Z_s, X_s, V_s3.index(i % 3), O_s, gamma, beta, e, eps, MB, D, L_R)
-            w, bfull, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull, a_next))
-            if SAVE:
-                if (i % G == 0) & (i < n_mb):
-                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                    gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
-            P_s.slice(0, MB).store(p.to(DT))
-            W_s.store(w.to(DT))
-            A_s.store(a_next.to(DT))
-            # mini-batch i + 2's tiles (k, v and q_{i+1}) into mini-batch i - 1's buffer, whose readers are done
-            nb = (i + 2) % 3
-            mbarrier.expect(bars.index(nb), 3 * tile_bytes, pred=i + 2 < n_mb)
-            mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 2 == n_mb)
-            _tma_load(KD, [row0 + (i + 2) * MB, 0], bars.index(nb), Xp_s.slice(0, MB), pred=i + 2 < n_mb)
-            _tma_load(VD, [row0 + (i + 2) * MB, 0], bars.index(nb), V_s3.index(nb).slice(0, MB), pred=i + 2 < n_mb)
-            _tma_load(QD, [row0 + (i + 1) * MB, 0], bars.index(nb), Xp_s.slice(MB, MB), pred=i + 2 <= n_mb)
-            fence_async_shared()
-            _cta_barrier()
-            if i > 0:
-                _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
-            e = e_next
-        tma.store_wait(0)
-        return w, bfull
-
-    @gluon.jit
     def _ttt_linear_fwd_smem_kernel(
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, COMPACT: gl.constexpr, LAG: gl.constexpr,
-        num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """TTT-Linear forward, one 4-warp CTA (a warpgroup) per (sequence, head), for small mini-batches (16).
 
@@ -473,19 +386,7 @@ if HAVE_GLUON:
         rows: every LayerNorm row sum stays inside a warp (no shared-memory exchange, no barrier), which is what the
         Triton kernel's profile is held up by (rows spanning 4 warps). Rows: [0, MB) k_i, [MB, 2 MB) q_{i-1}, the
         rest zeros (never loaded). W (fp32) lives in the accumulator registers; its bf16 copy, the row tiles and
-        -eta dl/dZ in shared memory; k, q, v arrive by TMA one mini-batch ahead and the output leaves by TMA.
-
-        COMPACT: the LayerNorm work leaves the wgmma layout, in which every thread holds 2 rows x 16 columns of the
-        padded tile (32 values, half of them padding, and the k rows' and q rows' work both on every row), for two
-        [MB, D] tiles in a blocked layout (8 values a thread each, a row over 8 lanes): Z goes through shared memory
-        once, and the chain's element-wise work (~770 of the ~990 instructions a mini-batch) shrinks ~3x.
-
-        LAG (with COMPACT): W's update leaves the chain. With A_i = X_i k_{i-1}^T + 1 (X_i = [k_i; q_{i-1}]),
-            X_i W_i + b_i = X_i W_{i-1} + b_{i-1} + A_i P_{i-1}      (P = -eta dl/dZ, W_i = W_{i-1} + k_{i-1}^T P_{i-1}),
-        so mini-batch i's inner forward needs W_{i-1} (ready a mini-batch earlier) and P_{i-1} (the chain's
-        product): one wgmma group of depth 64 + 16. W_i's update and A_{i+1} (its rows one mini-batch ahead: k, v, q
-        come two ahead, three buffers) run on the tensor cores during the LayerNorm work, and a mini-batch has one
-        barrier on its chain instead of two."""
+        -eta dl/dZ in shared memory; k, q, v arrive by TMA one mini-batch ahead and the output leaves by TMA."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(2 * MB <= 64)
@@ -503,35 +404,23 @@ if HAVE_GLUON:
         h = pid % H
         row0 = pid * N  # this sequence's first row in the [B H N, D] views
 
-        gl.static_assert(COMPACT or not LAG)
-        NB: gl.constexpr = 3 if LAG else 2  # row-tile buffers: the tiles arrive one (LAG: two) mini-batches ahead
-        X_s2 = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # [k_i; q_{i-1}; 0]
-        V_s2 = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
+        X_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # [k_i; q_{i-1}; 0], double-buffered
+        V_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
         O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output tile (rows [MB, 2 MB)) on its way out
         P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ (zero outside the k rows)
-        # COMPACT: Z in fp32 on its way from the wgmma layout to the row layout (a row over 8 lanes, 8 values each)
-        L_R: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        ROW_R: gl.constexpr = gl.SliceLayout(1, L_R)
-        COL_R: gl.constexpr = gl.SliceLayout(0, L_R)
-        Z_s = gl.allocate_shared_memory(gl.float32, [R if COMPACT else 1, D],
-                                        gl.SwizzledSharedLayout(2, 1, 16, order=[1, 0]))
         W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
         ONES_s = gl.allocate_shared_memory(DT, [R, MB], S_E)  # b's update as 1 P: every row gets the column sums
-        A_s = gl.allocate_shared_memory(DT, [R if LAG else 1, MB], S_E)  # LAG: A_i = X_i k_{i-1}^T + 1 in bf16
-        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())  # one per row-tile buffer
-        for j in gl.static_range(NB):
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # buffers 0, 1 (rows and v)
+        for j in gl.static_range(2):
             mbarrier.init(bars.index(j), count=1)
 
         rows = gl.arange(0, R, layout=ROW)
         cols = gl.arange(0, D, layout=COL)
         top = rows < MB  # the rows being learned (k_i)
         zero_t = gl.zeros([R, D], DT, L_Z)
-        for j in gl.static_range(NB):
+        for j in gl.static_range(2):
             X_s2.index(j).store(zero_t)
             V_s2.index(j).store(zero_t)
-        if LAG:
-            P_s.store(zero_t)  # P_{-1} = 0: the first mini-batch's update terms vanish
-            A_s.store(gl.zeros([R, MB], DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         ONES_s.store(gl.full([R, MB], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
         # b is carried as a [R, D] accumulator whose every row is b: it is then the inner forward's accumulator
@@ -540,84 +429,259 @@ if HAVE_GLUON:
         row_0 = (rows == 0)[:, None]
         b_offs = rows[:, None] * 0 + cols[None, :]
         W_s.store(w.to(DT))
-        if COMPACT:
-            gamma = gl.load(LNW + h * D + gl.arange(0, D, layout=COL_R))
-            beta = gl.load(LNB + h * D + gl.arange(0, D, layout=COL_R))
-            rows_r = gl.arange(0, MB, layout=ROW_R)
-            e = gl.load(ETA + pid64 * N + rows_r)
-        else:
-            gamma = gl.load(LNW + h * D + cols)
-            beta = gl.load(LNB + h * D + cols)
-            e = gl.load(ETA + pid64 * N + rows, mask=top, other=0.0)
+        gamma = gl.load(LNW + h * D + cols)
+        beta = gl.load(LNB + h * D + cols)
         fence_async_shared()
         _cta_barrier()
         mbarrier.expect(bars.index(0), 2 * tile_bytes)
         _tma_load(KD, [row0, 0], bars.index(0), X_s2.index(0).slice(0, MB))
         _tma_load(VD, [row0, 0], bars.index(0), V_s2.index(0).slice(0, MB))
+        e = gl.load(ETA + pid64 * N + rows, mask=top, other=0.0)
 
+        # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
+        for i in range(n_mb + 1):
+            if SAVE:
+                if (i % G == 0) & (i < n_mb):
+                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
+                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
+                    gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
+            X_s = X_s2.index(i % 2)
+            V_s = V_s2.index(i % 2)
+            nb = (i + 1) % 2
+            # the next iteration's tiles, one mini-batch ahead: k_{i+1}, v_{i+1} and q_i (the buffer's readers
+            # finished before the last barrier), and eta_{i+1}
+            nxt = i + 1 < n_mb
+            mbarrier.expect(bars.index(nb), 3 * tile_bytes, pred=nxt)
+            mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 1 == n_mb)
+            _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=nxt)
+            _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(nb), V_s2.index(nb).slice(0, MB), pred=nxt)
+            _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
+            e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows, mask=top & nxt, other=0.0)
+            mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
+            z = warpgroup_mma(X_s, W_s, bfull)
+            x = X_s.load(L_Z).to(gl.float32)
+            # LayerNorm of every row (each warp owns 16 whole rows: the sums are shuffles inside the warp)
+            mu = gl.sum(z, axis=1) / D
+            zc = z - mu[:, None]
+            rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
+            xh = zc * rstd[:, None]
+            out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
+            v = V_s.load(L_Z).to(gl.float32)
+            gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
+            s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)  # one shuffle tree for both sums
+            gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+            P_s.store(gl.where(top[:, None], -e[:, None] * gz, 0.0).to(DT))
+            O_s.store(out.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if i > 0:
+                _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
+            # W += k^T P, b += column sums of P (only the MB k rows of P are nonzero)
+            # (only the first MB rows matter: K = MB, not the padded 64)
+            w = warpgroup_mma(X_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
+            bfull = warpgroup_mma(ONES_s, P_s.slice(0, MB), bfull, is_async=True)
+            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
+            W_s.store(w.to(DT))
+            tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
+            fence_async_shared()
+            _cta_barrier()
+            e = e_next
+        gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
+        gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
+
+
+    @gluon.jit
+    def _top_rows(t):
+        """Rows 16 w + [0, 8) of a [64, C] wgmma-layout tensor, as [4, 8, C] (w = the warp). In the accumulator
+        layout every thread holds row 16 w + r and row 16 w + 8 + r: this keeps the first of the two."""
+        C: gl.constexpr = t.shape[1]
+        top, bottom = gl.split(gl.permute(gl.reshape(t, [4, 2, 8, C]), (0, 2, 3, 1)))
+        return top
+
+    @gluon.jit
+    def _from_top_rows(top):
+        """_top_rows' inverse, with zeros in the rows it leaves out: [4, 8, C] -> [64, C]."""
+        C: gl.constexpr = top.shape[2]
+        return gl.reshape(gl.permute(gl.join(top, gl.zeros_like(top)), (0, 3, 1, 2)), [64, C])
+
+    @gluon.jit
+    def _linear_ln_halves(z, x, v, gamma, beta, e, eps, D: gl.constexpr):
+        """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles (a row over 4 lanes): returns the output
+        x + LN(z) (used for the q rows) and -eta dl/dz (zero where e is: the q rows)."""
+        mu = gl.sum(z, axis=2) / D
+        zc = z - mu[:, :, None]
+        rstd = gl.rsqrt(gl.sum(zc * zc, axis=2) / D + eps)
+        xh = zc * rstd[:, :, None]
+        y = gamma * xh + beta
+        gx = (y - (v - x)) * gamma
+        s1, s2 = gl.reduce((gx, gx * xh), 2, _add2)  # one shuffle tree for both sums
+        p = (-e * rstd[:, :, None]) * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
+        return x + y, p
+
+    @gluon.jit
+    def _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, j, row0, n_mb, NB: gl.constexpr, MB: gl.constexpr):
+        """Mini-batch j's row tiles into buffer j % NB, in _ttt_linear_fwd_halves_kernel's row map: k_j and v_j
+        (if j < n_mb) into rows [0, 8) and [16, 24), q_{j-1} (if 1 <= j <= n_mb) into rows [32, 40) and [48, 56)."""
+        buf = j % NB
+        bar = bars.index(buf)
+        box: gl.constexpr = 8 * X_s.shape[2] * X_s.dtype.primitive_bitwidth // 8
+        has_k = j < n_mb
+        has_q = (j >= 1) & (j <= n_mb)
+        # one expect per phase (each is an arrive): the three cases are exclusive
+        mbarrier.expect(bar, 6 * box, pred=has_k & has_q)
+        mbarrier.expect(bar, 4 * box, pred=has_k & (j == 0))
+        mbarrier.expect(bar, 2 * box, pred=has_q & (j == n_mb))
+        for half in gl.static_range(2):
+            _tma_load(KD, [row0 + j * MB + 8 * half, 0], bar, X_s.index(buf).slice(16 * half, 8), pred=has_k)
+            _tma_load(VD, [row0 + j * MB + 8 * half, 0], bar, V_s.index(buf).slice(16 * half, 8), pred=has_k)
+            _tma_load(QD, [row0 + (j - 1) * MB + 8 * half, 0], bar, X_s.index(buf).slice(32 + 16 * half, 8),
+                      pred=has_q)
+
+    @gluon.jit
+    def _ttt_linear_fwd_halves_kernel(
+        KD, QD, VD, OD, ETA, LNW, LNB,
+        W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
+        N, H, n_mb, G, eps,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, LAG: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """TTT-Linear forward at mini-batch 16, one 4-warp CTA per (sequence, head); the LayerNorm work on only the
+        rows that hold data, straight from the wgmma accumulator.
+
+        As _ttt_linear_fwd_smem_kernel, mini-batch i's inner forward and mini-batch i - 1's output share one
+        [64, 64] x [64, 64] wgmma (rows [k_i; q_{i-1}] padded to 64), but the rows are placed so that each thread's
+        first accumulator row (row 16 w + r of warp w; its second is 16 w + 8 + r) holds data and its second is
+        padding: k rows 0-7 and 8-15 at tile rows [0, 8) and [16, 24), q rows at [32, 40) and [48, 56). Splitting
+        the accumulator's registers in two (_top_rows) then leaves each thread one row x 16 columns (16 values, a
+        row over 4 lanes) with no data movement: a third of the element-wise work of the padded tile's 32 values
+        a thread, and no trip through shared memory. TMA moves the tiles in 8-row boxes.
+
+        LAG: W's update leaves the chain. With A_i = X_i k_{i-1}^T + 1 (X_i = [k_i; q_{i-1}], P = -eta dl/dZ),
+            X_i W_i + b_i = X_i W_{i-1} + b_{i-1} + A_i P_{i-1},    W_i = W_{i-1} + k_{i-1}^T P_{i-1},
+        so mini-batch i's inner forward is one wgmma group (depth 64 + 32) on W_{i-1} and P_{i-1}; W_i's update and
+        A_{i+1} run on the tensor cores during the LayerNorm work, and the chain has one barrier a mini-batch, not
+        two. The tiles then come two mini-batches ahead (four buffers)."""
+        gl.static_assert(num_warps == 4)
+        gl.static_assert(D == 64)
+        gl.static_assert(MB == 16)  # the row map above
+        R: gl.constexpr = 64
+        K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the updates' depth)
+        NB: gl.constexpr = 4 if LAG else 2
+        L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+        L_A: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, K2, 16])
+        ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
+        COL: gl.constexpr = gl.SliceLayout(0, L_Z)
+        S_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], gl.bfloat16)
+        S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, K2], gl.bfloat16)
+        L_FILL: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
+        DT: gl.constexpr = KD.dtype
+
+        pid = gl.program_id(0)
+        pid64 = pid.to(gl.int64)
+        h = pid % H
+        row0 = pid * N
+
+        X_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)
+        V_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # v in the k rows' places, zeros elsewhere
+        O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output in the q rows' places
+        P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ in the k rows' places, zeros elsewhere
+        W_s = gl.allocate_shared_memory(DT, [D, D], S_T)
+        ONES_s = gl.allocate_shared_memory(DT, [R, K2], S_E)  # b's update as 1 P
+        A_s = gl.allocate_shared_memory(DT, [R if LAG else 1, K2], S_E)  # LAG: A_i in bf16
+        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(NB):
+            mbarrier.init(bars.index(j), count=1)
+
+        rows = gl.arange(0, R, layout=ROW)
+        cols = gl.arange(0, D, layout=COL)
+        blk = rows // 16
+        tok = (blk % 2) * 8 + rows % 8  # the row's token in its mini-batch
+        is_k = ((rows % 16) < 8) & (blk < 2)
+        zero_t = gl.zeros([R, D], DT, L_Z)
+        for j in gl.static_range(NB):
+            X_s.index(j).store(zero_t)
+            V_s.index(j).store(zero_t)
+        P_s.store(zero_t)  # (LAG: P_{-1} = 0, the first mini-batch's update terms vanish)
+        ONES_s.store(gl.full([R, K2], 1.0, DT, L_FILL))
         if LAG:
-            w, bfull = _linear_lag_loop(KD, QD, VD, OD, ETA, CK_W1, CK_B1, X_s2, V_s2, O_s, P_s, Z_s, W_s, ONES_s, A_s,
-                                        bars, w, bfull, gamma, beta, e, pid64, row0, N, n_mb, G, eps, D, MB, SAVE,
-                                        L_Z, L_R)
-        else:
-            # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
-            for i in range(n_mb + 1):
+            A_s.store(gl.zeros([R, K2], DT, L_FILL))
+        w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
+        # b as a [R, D] accumulator whose every row is b (the inner forward's accumulator start; its update 1 P)
+        bfull = gl.zeros([R, D], gl.float32, L_Z) + gl.load(B1_IN + pid64 * D + cols)[None, :]
+        W_s.store(w.to(DT))
+        zf = gl.zeros([R, D], gl.float32, L_Z)
+        gamma = _top_rows(zf + gl.load(LNW + h * D + cols)[None, :])
+        beta = _top_rows(zf + gl.load(LNB + h * D + cols)[None, :])
+        e = _top_rows(zf + gl.load(ETA + pid64 * N + tok, mask=is_k, other=0.0)[:, None])
+        fence_async_shared()
+        _cta_barrier()
+        _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
+        if LAG:
+            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 1, row0, n_mb, NB, MB)
+            ones_a = gl.full([R, K2], 1.0, gl.float32, L_A)
+
+        # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
+        for i in range(n_mb + 1):
+            Xb = X_s.index(i % NB)
+            Vb = V_s.index(i % NB)
+            mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
+            if LAG:
+                # the chain: Z = X_i W_{i-1} + b_{i-1} + A_i P_{i-1}
+                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+                z = warpgroup_mma(A_s, P_s.slice(0, K2), z, is_async=True)
+                # beside it: W_i = W_{i-1} + k_{i-1}^T P_{i-1}, b_i = b_{i-1} + 1 P_{i-1}, A_{i+1} = X_{i+1} k_i^T + 1
+                Xp = X_s.index((i + NB - 1) % NB)
+                w = warpgroup_mma(Xp.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
+                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
+                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 2, row0, n_mb, NB, MB)
+                mbarrier.wait(bars.index((i + 1) % NB), ((i + 1) // NB) % 2, pred=i + 1 <= n_mb)
+                a_next = warpgroup_mma(X_s.index((i + 1) % NB), Xb.slice(0, K2).permute((1, 0)), ones_a,
+                                       is_async=True)
+                e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
+                                                other=0.0)[:, None])
+                z = warpgroup_mma_wait(num_outstanding=3, deps=(z,))
+            else:
                 if SAVE:
                     if (i % G == 0) & (i < n_mb):
                         ck = pid64 * ((n_mb + G - 1) // G) + i // G
                         gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                        gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
-                X_s = X_s2.index(i % 2)
-                V_s = V_s2.index(i % 2)
-                nb = (i + 1) % 2
-                # the next iteration's tiles, one mini-batch ahead: k_{i+1}, v_{i+1} and q_i (the buffer's readers
-                # finished before the last barrier), and eta_{i+1}
-                nxt = i + 1 < n_mb
-                mbarrier.expect(bars.index(nb), 3 * tile_bytes, pred=nxt)
-                mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 1 == n_mb)
-                _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=nxt)
-                _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(nb), V_s2.index(nb).slice(0, MB), pred=nxt)
-                _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
-                if COMPACT:
-                    e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows_r, mask=(rows_r < MB) & nxt, other=0.0)
-                else:
-                    e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows, mask=top & nxt, other=0.0)
-                mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
-                z = warpgroup_mma(X_s, W_s, bfull)
-                if COMPACT:
-                    Z_s.store(z)
-                    _cta_barrier()
-                    P_s.slice(0, MB).store(_linear_ln_rows(Z_s, X_s, V_s, O_s, gamma, beta, e, eps, MB, D, L_R).to(DT))
-                else:
-                    x = X_s.load(L_Z).to(gl.float32)
-                    # LayerNorm of every row (each warp owns 16 whole rows: the sums are shuffles inside the warp)
-                    mu = gl.sum(z, axis=1) / D
-                    zc = z - mu[:, None]
-                    rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
-                    xh = zc * rstd[:, None]
-                    out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
-                    v = V_s.load(L_Z).to(gl.float32)
-                    gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
-                    s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)  # one shuffle tree for both sums
-                    gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
-                    P_s.store(gl.where(top[:, None], -e[:, None] * gz, 0.0).to(DT))
-                    O_s.store(out.to(DT))
-                fence_async_shared()
-                _cta_barrier()
-                if i > 0:
-                    _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
-                # W += k^T P, b += column sums of P (only the MB k rows of P are nonzero)
-                # (only the first MB rows matter: K = MB, not the padded 64)
-                w = warpgroup_mma(X_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
-                bfull = warpgroup_mma(ONES_s, P_s.slice(0, MB), bfull, is_async=True)
+                        gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
+                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+                # the next tiles into the other buffer (its readers finished before the last barrier)
+                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
+                e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
+                                                other=0.0)[:, None])
+                z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            out, p = _linear_ln_halves(_top_rows(z), _top_rows(Xb.load(L_Z).to(gl.float32)),
+                                       _top_rows(Vb.load(L_Z).to(gl.float32)), gamma, beta, e, eps, D)
+            tma.store_wait(0)  # the last output has left O_s
+            O_s.store(_from_top_rows(out).to(DT))
+            if LAG:
+                w, bfull, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull, a_next))
+                if SAVE:
+                    if (i % G == 0) & (i < n_mb):  # W_i, b_i: the state before mini-batch i
+                        ck = pid64 * ((n_mb + G - 1) // G) + i // G
+                        gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
+                        gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
+                W_s.store(w.to(DT))
+                A_s.store(a_next.to(DT))
+            P_s.store(_from_top_rows(p).to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if i > 0:
+                for half in gl.static_range(2):
+                    _tma_store(OD, [row0 + (i - 1) * MB + 8 * half, 0], O_s.slice(32 + 16 * half, 8))
+            if not LAG:
+                # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
+                w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
+                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
                 w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
                 W_s.store(w.to(DT))
-                tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
                 fence_async_shared()
                 _cta_barrier()
-                e = e_next
+            e = e_next
+        tma.store_wait(0)
         gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
-        gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
+        gl.store(B1_OUT + pid64 * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
 
 
     @gluon.jit
@@ -1118,16 +1182,23 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, compact=True, lag=True):
-    """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, form="lag"):
+    """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints. ``form``:
+    "lag" or "halves" (_ttt_linear_fwd_halves_kernel with and without LAG), "rows" (_ttt_linear_fwd_smem_kernel)."""
     global LINEAR_LAUNCHES
     W1, b1 = state
     B, H, N, D = q.shape
     LINEAR_LAUNCHES += 1
-    _ttt_linear_fwd_smem_kernel[(B * H,)](
-        *(_tile_descriptor(t, mb) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, COMPACT=compact or lag, LAG=lag, num_warps=4,
-    )
+    if form == "rows":
+        _ttt_linear_fwd_smem_kernel[(B * H,)](
+            *(_tile_descriptor(t, mb) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
+        )
+    else:
+        _ttt_linear_fwd_halves_kernel[(B * H,)](
+            *(_tile_descriptor(t, 8) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAG=form == "lag", num_warps=4,
+        )
     return out, finals, cks
 
 

@@ -367,9 +367,9 @@ def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
 # The Gluon TTT-Linear forward (kernels/ttt_gluon.py, variant "smem": mini-batch 16, bf16 / fp16, D 64): the default
 # case, fp16, 1-3 mini-batch scans (the last output is finished in an extra iteration), checkpoint groups that do not
 # divide the scan, a long scan, large LayerNorm means (bf16 here: the kernel has no fp32 path), and the fallbacks.
-# Each of the kernel's loop forms (KERNEL_CONFIG["linear_fwd"]: lag, the default; compact without lag; neither, the
-# LayerNorm in the wgmma layout) runs every case.
-LINEAR_SMEM_FORMS = {"lag": dict(lag=1, compact=1), "compact": dict(lag=0, compact=1), "wgmma-rows": dict(lag=0, compact=0)}
+# Each form of the kernel (KERNEL_CONFIG["linear_fwd"]["form"]: "lag", "halves", "rows"; ttt_gluon.linear_forward_gluon)
+# runs every case.
+LINEAR_SMEM_FORMS = {f: dict(form=f) for f in ("lag", "halves", "rows")}
 
 
 @pytest.mark.parametrize("form", list(LINEAR_SMEM_FORMS))
