@@ -108,9 +108,9 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks
             from triton.experimental.gluon import language as gl
 
-            rows = 8 if "LAG" in constexprs else constexprs["MB"]  # the halves kernel moves 8-row boxes
-            layout = gl.NVMMASharedLayout.get_default_for([rows, D], gl.float16)
-            signature[arg] = f"tensordesc<{op_dtype}[{rows}, {D}],{layout!r}>"
+            box = [2, 16, D] if "LAG" in constexprs else [constexprs["MB"], D]  # the halves kernel: 3-d boxes
+            layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
+            signature[arg] = f"tensordesc<{op_dtype}[{', '.join(map(str, box))}],{layout!r}>"
         elif arg in SLOT_DESCRIPTORS:
             from triton.experimental.gluon import language as gl
 

@@ -519,23 +519,30 @@ if HAVE_GLUON:
         return x + y, p
 
     @gluon.jit
+    def _rows_boxes(buf, half: gl.constexpr):
+        """Rows [32 half, 32 half + 32) of a [64, D] tile as the [2, 16, D] box of a 3-d row descriptor (see
+        _row_box_descriptor): rows [0, 8) and [16, 24) of the part are a mini-batch's 16 rows, the rest zeros."""
+        D: gl.constexpr = buf.shape[1]
+        S3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        return _reinterpret(buf, buf.dtype, [2, 2, 16, D], S3).index(half)
+
+    @gluon.jit
     def _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, j, row0, n_mb, NB: gl.constexpr, MB: gl.constexpr):
         """Mini-batch j's row tiles into buffer j % NB, in _ttt_linear_fwd_halves_kernel's row map: k_j and v_j
-        (if j < n_mb) into rows [0, 8) and [16, 24), q_{j-1} (if 1 <= j <= n_mb) into rows [32, 40) and [48, 56)."""
+        (if j < n_mb) into rows [0, 8) and [16, 24), q_{j-1} (if 1 <= j <= n_mb) into rows [32, 40) and [48, 56);
+        one TMA box each, whose out-of-bounds rows fill the rows between with zeros."""
         buf = j % NB
         bar = bars.index(buf)
-        box: gl.constexpr = 8 * X_s.shape[2] * X_s.dtype.primitive_bitwidth // 8
+        box: gl.constexpr = 32 * X_s.shape[2] * X_s.dtype.primitive_bitwidth // 8  # zero-filled rows count too
         has_k = j < n_mb
         has_q = (j >= 1) & (j <= n_mb)
         # one expect per phase (each is an arrive): the three cases are exclusive
-        mbarrier.expect(bar, 6 * box, pred=has_k & has_q)
-        mbarrier.expect(bar, 4 * box, pred=has_k & (j == 0))
-        mbarrier.expect(bar, 2 * box, pred=has_q & (j == n_mb))
-        for half in gl.static_range(2):
-            _tma_load(KD, [row0 + j * MB + 8 * half, 0], bar, X_s.index(buf).slice(16 * half, 8), pred=has_k)
-            _tma_load(VD, [row0 + j * MB + 8 * half, 0], bar, V_s.index(buf).slice(16 * half, 8), pred=has_k)
-            _tma_load(QD, [row0 + (j - 1) * MB + 8 * half, 0], bar, X_s.index(buf).slice(32 + 16 * half, 8),
-                      pred=has_q)
+        mbarrier.expect(bar, 3 * box, pred=has_k & has_q)
+        mbarrier.expect(bar, 2 * box, pred=has_k & (j == 0))
+        mbarrier.expect(bar, box, pred=has_q & (j == n_mb))
+        _tma_load(KD, [(row0 + j * MB) // 8, 0, 0], bar, _rows_boxes(X_s.index(buf), 0), pred=has_k)
+        _tma_load(VD, [(row0 + j * MB) // 8, 0, 0], bar, _rows_boxes(V_s.index(buf), 0), pred=has_k)
+        _tma_load(QD, [(row0 + (j - 1) * MB) // 8, 0, 0], bar, _rows_boxes(X_s.index(buf), 1), pred=has_q)
 
     @gluon.jit
     def _ttt_linear_fwd_halves_kernel(
@@ -668,8 +675,7 @@ if HAVE_GLUON:
             fence_async_shared()
             _cta_barrier()
             if i > 0:
-                for half in gl.static_range(2):
-                    _tma_store(OD, [row0 + (i - 1) * MB + 8 * half, 0], O_s.slice(32 + 16 * half, 8))
+                _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
             if not LAG:
                 # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
                 w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
@@ -1152,6 +1158,15 @@ def _tile_descriptor(t: torch.Tensor, mb: int) -> "TensorDescriptor":
     return TensorDescriptor(t, [t.numel() // D, D], [D, 1], [mb, D], layout)
 
 
+def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
+    """A TMA descriptor over [B, H, N, D] (contiguous) as [B H N / 8, 8, D], [2, 16, D] boxes: a 16-row mini-batch
+    lands in rows [0, 8) and [16, 24) of a 32-row tile, the box's out-of-bounds rows [8, 16) zero-filled on loads
+    and skipped on stores (the halves kernel's row map)."""
+    D = t.shape[-1]
+    layout = gl.NVMMASharedLayout.get_default_for([2, 16, D], gl.float16)  # 16-bit: the same for bf16
+    return TensorDescriptor(t, [t.numel() // (8 * D), 8, D], [8 * D, D, 1], [2, 16, D], layout)
+
+
 def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
                       bsum_mma=True):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
@@ -1196,7 +1211,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
         )
     else:
         _ttt_linear_fwd_halves_kernel[(B * H,)](
-            *(_tile_descriptor(t, 8) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+            *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
             N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAG=form == "lag", num_warps=4,
         )
     return out, finals, cks
