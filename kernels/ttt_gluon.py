@@ -505,16 +505,32 @@ if HAVE_GLUON:
         return gl.reshape(gl.permute(gl.join(top, gl.zeros_like(top)), (0, 3, 1, 2)), [64, C])
 
     @gluon.jit
+    def _row_sum(a):
+        """Row sums of a [4, 8, 64] tensor as _top_rows gives it (a thread holds 16 columns of a row, the row over 4
+        lanes). A reduction adds a thread's values one after another (16 dependent adds); summing columns 8 j + c
+        over j first gives each thread two independent chains of 8 (its two c) to interleave."""
+        s = gl.sum(gl.sum(gl.reshape(a, [a.shape[0], a.shape[1], 8, a.shape[2] // 8]), axis=2), axis=2)
+        # the same distribution as a row sum of a itself (a conversion without data movement)
+        return gl.convert_layout(s, gl.SliceLayout(2, a.type.layout), assert_trivial=True)
+
+    @gluon.jit
+    def _row_sums(a, b):
+        """_row_sum of a and of b in one shuffle tree."""
+        S: gl.constexpr = [a.shape[0], a.shape[1], 8, a.shape[2] // 8]
+        sa, sb = gl.reduce(gl.reduce((gl.reshape(a, S), gl.reshape(b, S)), 2, _add2), 2, _add2)
+        L: gl.constexpr = gl.SliceLayout(2, a.type.layout)
+        return gl.convert_layout(sa, L, assert_trivial=True), gl.convert_layout(sb, L, assert_trivial=True)
+
+    @gluon.jit
     def _linear_ln_halves(z, x, v, gamma, beta, e, eps, D: gl.constexpr):
         """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles (a row over 4 lanes): returns the output
         x + LN(z) (used for the q rows) and -eta dl/dz (zero where e is: the q rows)."""
-        mu = gl.sum(z, axis=2) / D
-        zc = z - mu[:, :, None]
-        rstd = gl.rsqrt(gl.sum(zc * zc, axis=2) / D + eps)
+        zc = z - (_row_sum(z) / D)[:, :, None]
+        rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
         xh = zc * rstd[:, :, None]
         y = gamma * xh + beta
         gx = (y - (v - x)) * gamma
-        s1, s2 = gl.reduce((gx, gx * xh), 2, _add2)  # one shuffle tree for both sums
+        s1, s2 = _row_sums(gx, gx * xh)
         p = (-e * rstd[:, :, None]) * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
         return x + y, p
 
@@ -528,21 +544,20 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, j, row0, n_mb, NB: gl.constexpr, MB: gl.constexpr):
-        """Mini-batch j's row tiles into buffer j % NB, in _ttt_linear_fwd_halves_kernel's row map: k_j and v_j
-        (if j < n_mb) into rows [0, 8) and [16, 24), q_{j-1} (if 1 <= j <= n_mb) into rows [32, 40) and [48, 56);
-        one TMA box each, whose out-of-bounds rows fill the rows between with zeros."""
-        buf = j % NB
-        bar = bars.index(buf)
+        """Mini-batch j's row tiles into buffer j % NB (for 0 <= j <= n_mb), in _ttt_linear_fwd_halves_kernel's row
+        map: k_j and v_j into rows [0, 8) and [16, 24), q_{j-1} into rows [32, 40) and [48, 56); one TMA box each,
+        whose out-of-bounds rows fill the rows between with zeros. The first and last iterations have no q_{-1} /
+        k_{n_mb}: they load the sequence's own q_0 / k, v_{n_mb - 1} instead (their results go nowhere: the first
+        output is not stored and the last k rows have eta 0), so every phase expects the same bytes (one arrive)."""
+        bar = bars.index(j % NB)
         box: gl.constexpr = 32 * X_s.shape[2] * X_s.dtype.primitive_bitwidth // 8  # zero-filled rows count too
-        has_k = j < n_mb
-        has_q = (j >= 1) & (j <= n_mb)
-        # one expect per phase (each is an arrive): the three cases are exclusive
-        mbarrier.expect(bar, 3 * box, pred=has_k & has_q)
-        mbarrier.expect(bar, 2 * box, pred=has_k & (j == 0))
-        mbarrier.expect(bar, box, pred=has_q & (j == n_mb))
-        _tma_load(KD, [(row0 + j * MB) // 8, 0, 0], bar, _rows_boxes(X_s.index(buf), 0), pred=has_k)
-        _tma_load(VD, [(row0 + j * MB) // 8, 0, 0], bar, _rows_boxes(V_s.index(buf), 0), pred=has_k)
-        _tma_load(QD, [(row0 + (j - 1) * MB) // 8, 0, 0], bar, _rows_boxes(X_s.index(buf), 1), pred=has_q)
+        ok = j <= n_mb
+        kv_row = (row0 + gl.minimum(j, n_mb - 1) * MB) // 8
+        q_row = (row0 + gl.maximum(j - 1, 0) * MB) // 8
+        mbarrier.expect(bar, 3 * box, pred=ok)
+        _tma_load(KD, [kv_row, 0, 0], bar, _rows_boxes(X_s.index(j % NB), 0), pred=ok)
+        _tma_load(VD, [kv_row, 0, 0], bar, _rows_boxes(V_s.index(j % NB), 0), pred=ok)
+        _tma_load(QD, [q_row, 0, 0], bar, _rows_boxes(X_s.index(j % NB), 1), pred=ok)
 
     @gluon.jit
     def _ttt_linear_fwd_halves_kernel(
