@@ -514,6 +514,10 @@ if HAVE_GLUON:
         return gl.convert_layout(s, gl.SliceLayout(2, a.type.layout), assert_trivial=True)
 
     @gluon.jit
+    def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
+        return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
+
+    @gluon.jit
     def _row_sums(a, b):
         """_row_sum of a and of b in one shuffle tree."""
         S: gl.constexpr = [a.shape[0], a.shape[1], 8, a.shape[2] // 8]
@@ -522,17 +526,56 @@ if HAVE_GLUON:
         return gl.convert_layout(sa, L, assert_trivial=True), gl.convert_layout(sb, L, assert_trivial=True)
 
     @gluon.jit
-    def _linear_ln_halves(z, x, v, gamma, beta, e, eps, D: gl.constexpr):
-        """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles (a row over 4 lanes): returns the output
-        x + LN(z) (used for the q rows) and -eta dl/dz (zero where e is: the q rows)."""
-        zc = z - (_row_sum(z) / D)[:, :, None]
-        rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
-        xh = zc * rstd[:, :, None]
-        y = gamma * xh + beta
-        gx = (y - (v - x)) * gamma
-        s1, s2 = _row_sums(gx, gx * xh)
-        p = (-e * rstd[:, :, None]) * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
-        return x + y, p
+    def _row_sums5(a, b, c, d, f):
+        """_row_sum of five tensors in one shuffle tree."""
+        S: gl.constexpr = [a.shape[0], a.shape[1], 8, a.shape[2] // 8]
+        L: gl.constexpr = gl.SliceLayout(2, a.type.layout)
+        sums = gl.reduce(gl.reduce((gl.reshape(a, S), gl.reshape(b, S), gl.reshape(c, S), gl.reshape(d, S),
+                                    gl.reshape(f, S)), 2, _add5), 2, _add5)
+        return (gl.convert_layout(sums[0], L, assert_trivial=True), gl.convert_layout(sums[1], L, assert_trivial=True),
+                gl.convert_layout(sums[2], L, assert_trivial=True), gl.convert_layout(sums[3], L, assert_trivial=True),
+                gl.convert_layout(sums[4], L, assert_trivial=True))
+
+    @gluon.jit
+    def _center_rows(z):
+        """z minus its row means ([4, 8, D] as _top_rows gives it)."""
+        return z - (_row_sum(z) / z.shape[2])[:, :, None]
+
+    @gluon.jit
+    def _linear_ln_target(x, v, gamma, beta):
+        """c in _linear_ln_halves' FOLD form: gamma (beta - (v - x)), the target gradient's part without z."""
+        return gamma * (beta + x - v)
+
+    @gluon.jit
+    def _linear_ln_halves(zc, x, v, c, gamma, beta, e, eps, D: gl.constexpr, FOLD: gl.constexpr):
+        """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles (a row over 4 lanes), given zc = z - its
+        row mean (_center_rows): returns the output x + LN(z) (used for the q rows) and -eta dl/dz (zero where e
+        is: the q rows).
+
+        FOLD: two rounds of row sums on the chain instead of three. With xh = (z - mu) rstd and the target's
+        gradient gx = gamma (gamma xh + beta - (v - x)) = gamma^2 xh + c, the backward's sums
+            s1 = sum gx = rstd sum gamma^2 zc + sum c,   s2 = sum gx xh = rstd^2 sum gamma^2 zc^2 + rstd sum c zc
+        (zc = z - mu) need only mu: they join the variance's round (no one-pass variance: sum zc^2 is still
+        taken about the mean). c (= _linear_ln_target(x, v, gamma, beta)) does not depend on z: the caller computes
+        it while the wgmma runs."""
+        if FOLD:
+            g2 = gamma * gamma
+            a = g2 * zc
+            sq, sa, sc, sa2, scz = _row_sums5(zc * zc, a, c, a * zc, c * zc)
+            rstd = gl.rsqrt(sq / D + eps)
+            s1 = rstd * sa + sc
+            s2 = rstd * (rstd * sa2 + scz)
+            xh = zc * rstd[:, :, None]
+            p = (-e * rstd[:, :, None]) * (xh * (g2 - s2[:, :, None] / D) + (c - s1[:, :, None] / D))
+            return x + gamma * xh + beta, p
+        else:
+            rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
+            xh = zc * rstd[:, :, None]
+            y = gamma * xh + beta
+            gx = (y - (v - x)) * gamma
+            s1, s2 = _row_sums(gx, gx * xh)
+            p = (-e * rstd[:, :, None]) * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
+            return x + y, p
 
     @gluon.jit
     def _rows_boxes(buf, half: gl.constexpr):
@@ -564,7 +607,8 @@ if HAVE_GLUON:
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, LAG: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, LAG: gl.constexpr, FOLD: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA per (sequence, head); the LayerNorm work on only the
         rows that hold data, straight from the wgmma accumulator.
@@ -660,6 +704,8 @@ if HAVE_GLUON:
                                        is_async=True)
                 e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
                                                 other=0.0)[:, None])
+                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
                 z = warpgroup_mma_wait(num_outstanding=3, deps=(z,))
             else:
                 if SAVE:
@@ -672,12 +718,12 @@ if HAVE_GLUON:
                 _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
                 e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
                                                 other=0.0)[:, None])
+                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
                 z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
-            out, p = _linear_ln_halves(_top_rows(z), _top_rows(Xb.load(L_Z).to(gl.float32)),
-                                       _top_rows(Vb.load(L_Z).to(gl.float32)), gamma, beta, e, eps, D)
-            tma.store_wait(0)  # the last output has left O_s
-            O_s.store(_from_top_rows(out).to(DT))
+            zc = _center_rows(_top_rows(z))
             if LAG:
+                # the side work's results, stored while the chain waits on its row sums
                 w, bfull, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull, a_next))
                 if SAVE:
                     if (i % G == 0) & (i < n_mb):  # W_i, b_i: the state before mini-batch i
@@ -686,6 +732,9 @@ if HAVE_GLUON:
                         gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
                 W_s.store(w.to(DT))
                 A_s.store(a_next.to(DT))
+            out, p = _linear_ln_halves(zc, x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
+            tma.store_wait(0)  # the last output has left O_s
+            O_s.store(_from_top_rows(out).to(DT))
             P_s.store(_from_top_rows(p).to(DT))
             fence_async_shared()
             _cta_barrier()
@@ -1212,7 +1261,7 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, form="lag"):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, form="lag", fold=True):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints. ``form``:
     "lag" or "halves" (_ttt_linear_fwd_halves_kernel with and without LAG), "rows" (_ttt_linear_fwd_smem_kernel)."""
     global LINEAR_LAUNCHES
@@ -1227,7 +1276,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     else:
         _ttt_linear_fwd_halves_kernel[(B * H,)](
             *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAG=form == "lag", num_warps=4,
+            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAG=form == "lag", FOLD=fold, num_warps=4,
         )
     return out, finals, cks
 
