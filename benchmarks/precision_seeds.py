@@ -1,4 +1,4 @@
-"""Relative error of the Triton TTT-MLP kernels against float64, over several fixed seeds (device only).
+"""Relative error of the TTT kernels against float64, over several fixed seeds (device only).
 
 One seed is one draw; a bound like "< 1e-2 for bf16 operands" needs the spread over draws, and a kernel
 change needs the same draws before and after. This runs the long-sequence case of tests/gpu (4,096 tokens,
@@ -6,6 +6,7 @@ change needs the same draws before and after. This runs the long-sequence case o
 version of kernels/ttt_triton.py (e.g. `git show <commit>:kernels/ttt_triton.py > old.py`) on the same seeds.
 
     python benchmarks/precision_seeds.py --seeds 6 [--other old.py] [--config mlp_bwd:variant=gmem] [--json out.json]
+    python benchmarks/precision_seeds.py --kind linear --shape 1,2,4096,64,16,16 --seed-list 506004197,251556017
 
 --shape B,H,N,D,MB,G picks another case of tests/gpu (e.g. 2,3,640,64,64,4); --repeat R runs every seed R times:
 a deterministic kernel gives the same numbers each time, a race does not.
@@ -40,11 +41,12 @@ def _load_other(path: str):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def run(seeds: int, label: str, shape: tuple, device: str, dtype: str, repeat: int = 1, seed0: int = 1000) -> list[dict]:
+def run(seeds, label: str, shape: tuple, device: str, dtype: str, repeat: int = 1, seed0: int = 1000) -> list[dict]:
+    """``seeds``: a count (seeds seed0, seed0 + 1, ...) or a list of seeds."""
     rows = []
     kind, B, H, N, D, mb, G = shape
     dt = DTYPES[dtype]
-    for seed in range(seed0, seed0 + seeds):
+    for seed in (range(seed0, seed0 + seeds) if isinstance(seeds, int) else seeds):
         for rep in range(repeat):
             errs = check(kind, B, H, N, D, mb, G, dt, device, seed=seed)
             worst = max(errs, key=errs.get)
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--shape", default="", help="B,H,N,D,MB,G (overrides --tokens)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each seed (a race gives different numbers)")
     ap.add_argument("--seed0", type=int, default=1000)
+    ap.add_argument("--seed-list", default="", help="comma list of seeds (e.g. a test's logged draws) instead of --seeds")
+    ap.add_argument("--kind", default="mlp", choices=["mlp", "linear"], help="the TTT layer (--shape's MB: its mini-batch)")
     ap.add_argument("--split-any-shape", action="store_true",
                     help="let the split forward run at this (D, mini-batch) although the device has not verified it")
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels under TRITON_INTERPRET=1")
@@ -75,20 +79,22 @@ def main() -> None:
 
         for spec in filter(None, args.config.split(";")):
             _apply_config(spec)
-    kind, B, H, _, D, mb, G, _ = SHAPE
+    _, B, H, _, D, mb, G, _ = SHAPE
+    kind = args.kind
     shape = (kind, *map(int, args.shape.split(","))) if args.shape else (kind, B, H, args.tokens, D, mb, G)
+    seeds = [int(x) for x in args.seed_list.split(",")] if args.seed_list else args.seeds
     if args.split_any_shape:
         from ttt_video.kernels import ttt_triton
 
         ttt_triton.SPLIT_DEVICE_VERIFIED = ttt_triton.SPLIT_DEVICE_VERIFIED | {(shape[4], shape[5])}
-    rows = run(args.seeds, "repo", shape, args.device, args.dtype, args.repeat, args.seed0)
+    rows = run(seeds, "repo", shape, args.device, args.dtype, args.repeat, args.seed0)
     if args.other:
         pkg, other = _load_other(args.other)
         repo_mod = pkg.ttt_triton
         pkg.ttt_triton = other  # what kernel_checks.check imports
         sys.modules["ttt_video.kernels.ttt_triton"] = other
         try:
-            rows += run(args.seeds, "other", shape, args.device, args.dtype, args.repeat, args.seed0)
+            rows += run(seeds, "other", shape, args.device, args.dtype, args.repeat, args.seed0)
         finally:
             pkg.ttt_triton = repo_mod
             sys.modules["ttt_video.kernels.ttt_triton"] = repo_mod

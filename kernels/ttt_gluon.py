@@ -499,6 +499,15 @@ if HAVE_GLUON:
         return top
 
     @gluon.jit
+    def _k_row_eta(ETA, base, ok, like):
+        """eta of the k rows as _top_rows keeps them ([4, 8]: warps 0, 1 hold tokens 8 w + [0, 8), laid out as the
+        row sums of ``like``), zero on the q rows' warps and where not ``ok``."""
+        L: gl.constexpr = gl.SliceLayout(2, like.type.layout)
+        w = gl.arange(0, 4, layout=gl.SliceLayout(1, L))[:, None]
+        r = gl.arange(0, 8, layout=gl.SliceLayout(0, L))[None, :]
+        return gl.load(ETA + base + (w % 2) * 8 + r, mask=(w < 2) & (r < 8) & ok, other=0.0)
+
+    @gluon.jit
     def _from_top_rows(top):
         """_top_rows' inverse, with zeros in the rows it leaves out: [4, 8, C] -> [64, C]."""
         C: gl.constexpr = top.shape[2]
@@ -566,7 +575,7 @@ if HAVE_GLUON:
             s1 = rstd * sa + sc
             s2 = rstd * (rstd * sa2 + scz)
             xh = zc * rstd[:, :, None]
-            p = (-e * rstd[:, :, None]) * (xh * (g2 - s2[:, :, None] / D) + (c - s1[:, :, None] / D))
+            p = (-e * rstd)[:, :, None] * (xh * (g2 - s2[:, :, None] / D) + (c - s1[:, :, None] / D))
             return x + gamma * xh + beta, p
         else:
             rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
@@ -574,7 +583,7 @@ if HAVE_GLUON:
             y = gamma * xh + beta
             gx = (y - (v - x)) * gamma
             s1, s2 = _row_sums(gx, gx * xh)
-            p = (-e * rstd[:, :, None]) * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
+            p = (-e * rstd)[:, :, None] * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
             return x + y, p
 
     @gluon.jit
@@ -659,9 +668,6 @@ if HAVE_GLUON:
 
         rows = gl.arange(0, R, layout=ROW)
         cols = gl.arange(0, D, layout=COL)
-        blk = rows // 16
-        tok = (blk % 2) * 8 + rows % 8  # the row's token in its mini-batch
-        is_k = ((rows % 16) < 8) & (blk < 2)
         zero_t = gl.zeros([R, D], DT, L_Z)
         for j in gl.static_range(NB):
             X_s.index(j).store(zero_t)
@@ -677,7 +683,7 @@ if HAVE_GLUON:
         zf = gl.zeros([R, D], gl.float32, L_Z)
         gamma = _top_rows(zf + gl.load(LNW + h * D + cols)[None, :])
         beta = _top_rows(zf + gl.load(LNB + h * D + cols)[None, :])
-        e = _top_rows(zf + gl.load(ETA + pid64 * N + tok, mask=is_k, other=0.0)[:, None])
+        e = _k_row_eta(ETA, pid64 * N, True, gamma)
         fence_async_shared()
         _cta_barrier()
         _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
@@ -702,8 +708,7 @@ if HAVE_GLUON:
                 mbarrier.wait(bars.index((i + 1) % NB), ((i + 1) // NB) % 2, pred=i + 1 <= n_mb)
                 a_next = warpgroup_mma(X_s.index((i + 1) % NB), Xb.slice(0, K2).permute((1, 0)), ones_a,
                                        is_async=True)
-                e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
-                                                other=0.0)[:, None])
+                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
                 x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
                 c_t = _linear_ln_target(x_t, v_t, gamma, beta)
                 z = warpgroup_mma_wait(num_outstanding=3, deps=(z,))
@@ -716,8 +721,7 @@ if HAVE_GLUON:
                 z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
                 # the next tiles into the other buffer (its readers finished before the last barrier)
                 _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
-                e_next = _top_rows(zf + gl.load(ETA + pid64 * N + (i + 1) * MB + tok, mask=is_k & (i + 1 < n_mb),
-                                                other=0.0)[:, None])
+                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
                 x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
                 c_t = _linear_ln_target(x_t, v_t, gamma, beta)
                 z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
