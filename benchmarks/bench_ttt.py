@@ -178,7 +178,7 @@ def _apply_config(spec: str):
     cfg = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
     for item in filter(None, kv.split(",")):
         key, val = item.split("=")
-        cfg[name][key] = val if key in ("variant", "form") else int(val)
+        cfg[name][key] = val if key == "variant" else int(val)
     ttt_triton.KERNEL_CONFIG.clear()
     ttt_triton.KERNEL_CONFIG.update(cfg)
     return name, cfg[name]
@@ -276,7 +276,7 @@ def main(argv=None):
             cfg = {k: dict(v) for k, v in base.items()}
             for item in filter(None, kv.split(",")):
                 key, val = item.split("=")
-                cfg[name][key] = val if key in ("variant", "form") else int(val)
+                cfg[name][key] = val if key == "variant" else int(val)
             ttt_triton.KERNEL_CONFIG.clear()
             ttt_triton.KERNEL_CONFIG.update(cfg)
             kind = "mlp" if name.startswith("mlp") else "linear"

@@ -373,124 +373,6 @@ if HAVE_GLUON:
 
 
     @gluon.jit
-    def _ttt_linear_fwd_smem_kernel(
-        KD, QD, VD, OD, ETA, LNW, LNB,
-        W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
-        N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """TTT-Linear forward, one 4-warp CTA (a warpgroup) per (sequence, head), for small mini-batches (16).
-
-        The Triton pipe kernel's idea (mini-batch i's inner forward and mini-batch i - 1's output share one dot:
-        rows [k_i; q_{i-1}] times W) with the rows padded to the 64 a wgmma takes, so that each warp owns 16 whole
-        rows: every LayerNorm row sum stays inside a warp (no shared-memory exchange, no barrier), which is what the
-        Triton kernel's profile is held up by (rows spanning 4 warps). Rows: [0, MB) k_i, [MB, 2 MB) q_{i-1}, the
-        rest zeros (never loaded). W (fp32) lives in the accumulator registers; its bf16 copy, the row tiles and
-        -eta dl/dZ in shared memory; k, q, v arrive by TMA one mini-batch ahead and the output leaves by TMA."""
-        gl.static_assert(num_warps == 4)
-        gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
-        gl.static_assert(2 * MB <= 64)
-        R: gl.constexpr = 64  # rows of the padded tile
-        L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-        ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
-        COL: gl.constexpr = gl.SliceLayout(0, L_Z)
-        S_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], gl.bfloat16)
-        S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, MB], gl.bfloat16)
-        DT: gl.constexpr = KD.dtype
-        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
-
-        pid = gl.program_id(0)
-        pid64 = pid.to(gl.int64)
-        h = pid % H
-        row0 = pid * N  # this sequence's first row in the [B H N, D] views
-
-        X_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # [k_i; q_{i-1}; 0], double-buffered
-        V_s2 = gl.allocate_shared_memory(DT, [2, R, D], S_T)  # rows [0, MB): v_i; the rest stays zero
-        O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output tile (rows [MB, 2 MB)) on its way out
-        P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ (zero outside the k rows)
-        W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
-        ONES_s = gl.allocate_shared_memory(DT, [R, MB], S_E)  # b's update as 1 P: every row gets the column sums
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # buffers 0, 1 (rows and v)
-        for j in gl.static_range(2):
-            mbarrier.init(bars.index(j), count=1)
-
-        rows = gl.arange(0, R, layout=ROW)
-        cols = gl.arange(0, D, layout=COL)
-        top = rows < MB  # the rows being learned (k_i)
-        zero_t = gl.zeros([R, D], DT, L_Z)
-        for j in gl.static_range(2):
-            X_s2.index(j).store(zero_t)
-            V_s2.index(j).store(zero_t)
-        ONES_s.store(gl.full([R, MB], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
-        w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
-        # b is carried as a [R, D] accumulator whose every row is b: it is then the inner forward's accumulator
-        # start and its update (1 P, ones times P) a 16-deep wgmma, with no layout change from rows to columns
-        bfull = gl.zeros([R, D], gl.float32, L_Z) + gl.load(B1_IN + pid64 * D + cols)[None, :]
-        row_0 = (rows == 0)[:, None]
-        b_offs = rows[:, None] * 0 + cols[None, :]
-        W_s.store(w.to(DT))
-        gamma = gl.load(LNW + h * D + cols)
-        beta = gl.load(LNB + h * D + cols)
-        fence_async_shared()
-        _cta_barrier()
-        mbarrier.expect(bars.index(0), 2 * tile_bytes)
-        _tma_load(KD, [row0, 0], bars.index(0), X_s2.index(0).slice(0, MB))
-        _tma_load(VD, [row0, 0], bars.index(0), V_s2.index(0).slice(0, MB))
-        e = gl.load(ETA + pid64 * N + rows, mask=top, other=0.0)
-
-        # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
-        for i in range(n_mb + 1):
-            if SAVE:
-                if (i % G == 0) & (i < n_mb):
-                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                    gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
-            X_s = X_s2.index(i % 2)
-            V_s = V_s2.index(i % 2)
-            nb = (i + 1) % 2
-            # the next iteration's tiles, one mini-batch ahead: k_{i+1}, v_{i+1} and q_i (the buffer's readers
-            # finished before the last barrier), and eta_{i+1}
-            nxt = i + 1 < n_mb
-            mbarrier.expect(bars.index(nb), 3 * tile_bytes, pred=nxt)
-            mbarrier.expect(bars.index(nb), tile_bytes, pred=i + 1 == n_mb)
-            _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), X_s2.index(nb).slice(0, MB), pred=nxt)
-            _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(nb), V_s2.index(nb).slice(0, MB), pred=nxt)
-            _tma_load(QD, [row0 + i * MB, 0], bars.index(nb), X_s2.index(nb).slice(MB, MB), pred=i + 1 <= n_mb)
-            e_next = gl.load(ETA + pid64 * N + (i + 1) * MB + rows, mask=top & nxt, other=0.0)
-            mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
-            z = warpgroup_mma(X_s, W_s, bfull)
-            x = X_s.load(L_Z).to(gl.float32)
-            # LayerNorm of every row (each warp owns 16 whole rows: the sums are shuffles inside the warp)
-            mu = gl.sum(z, axis=1) / D
-            zc = z - mu[:, None]
-            rstd = gl.rsqrt(gl.sum(zc * zc, axis=1) / D + eps)
-            xh = zc * rstd[:, None]
-            out = x + gamma[None, :] * xh + beta[None, :]  # rows [MB, 2 MB): mini-batch i - 1's output
-            v = V_s.load(L_Z).to(gl.float32)
-            gx = (gamma[None, :] * xh + beta[None, :] - (v - x)) * gamma[None, :]
-            s1, s2 = gl.reduce((gx, gx * xh), 1, _add2)  # one shuffle tree for both sums
-            gz = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
-            P_s.store(gl.where(top[:, None], -e[:, None] * gz, 0.0).to(DT))
-            O_s.store(out.to(DT))
-            fence_async_shared()
-            _cta_barrier()
-            if i > 0:
-                _tma_store(OD, [row0 + (i - 1) * MB, 0], O_s.slice(MB, MB))
-            # W += k^T P, b += column sums of P (only the MB k rows of P are nonzero)
-            # (only the first MB rows matter: K = MB, not the padded 64)
-            w = warpgroup_mma(X_s.slice(0, MB).permute((1, 0)), P_s.slice(0, MB), w, is_async=True)
-            bfull = warpgroup_mma(ONES_s, P_s.slice(0, MB), bfull, is_async=True)
-            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
-            W_s.store(w.to(DT))
-            tma.store_wait(0)  # the output has left O_s before the barrier lets the next iteration rewrite it
-            fence_async_shared()
-            _cta_barrier()
-            e = e_next
-        gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
-        gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
-
-
-    @gluon.jit
     def _top_rows(t):
         """Rows 16 w + [0, 8) of a [64, C] wgmma-layout tensor, as [4, 8, C] (w = the warp). In the accumulator
         layout every thread holds row 16 w + r and row 16 w + 8 + r: this keeps the first of the two."""
@@ -596,7 +478,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, j, row0, n_mb, NB: gl.constexpr, MB: gl.constexpr):
-        """Mini-batch j's row tiles into buffer j % NB (for 0 <= j <= n_mb), in _ttt_linear_fwd_halves_kernel's row
+        """Mini-batch j's row tiles into buffer j % NB (for 0 <= j <= n_mb), in _ttt_linear_fwd_smem_kernel's row
         map: k_j and v_j into rows [0, 8) and [16, 24), q_{j-1} into rows [32, 40) and [48, 56); one TMA box each,
         whose out-of-bounds rows fill the rows between with zeros. The first and last iterations have no q_{-1} /
         k_{n_mb}: they load the sequence's own q_0 / k, v_{n_mb - 1} instead (their results go nowhere: the first
@@ -612,57 +494,50 @@ if HAVE_GLUON:
         _tma_load(QD, [q_row, 0, 0], bar, _rows_boxes(X_s.index(j % NB), 1), pred=ok)
 
     @gluon.jit
-    def _ttt_linear_fwd_halves_kernel(
+    def _ttt_linear_fwd_smem_kernel(
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, LAG: gl.constexpr, FOLD: gl.constexpr,
-        num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """TTT-Linear forward at mini-batch 16, one 4-warp CTA per (sequence, head); the LayerNorm work on only the
-        rows that hold data, straight from the wgmma accumulator.
+        """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
+        in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
+        arrive by TMA one mini-batch ahead and the output leaves by TMA.
 
-        As _ttt_linear_fwd_smem_kernel, mini-batch i's inner forward and mini-batch i - 1's output share one
-        [64, 64] x [64, 64] wgmma (rows [k_i; q_{i-1}] padded to 64), but the rows are placed so that each thread's
-        first accumulator row (row 16 w + r of warp w; its second is 16 w + 8 + r) holds data and its second is
-        padding: k rows 0-7 and 8-15 at tile rows [0, 8) and [16, 24), q rows at [32, 40) and [48, 56). Splitting
-        the accumulator's registers in two (_top_rows) then leaves each thread one row x 16 columns (16 values, a
-        row over 4 lanes) with no data movement: a third of the element-wise work of the padded tile's 32 values
-        a thread, and no trip through shared memory. TMA moves the tiles in 8-row boxes.
-
-        LAG: W's update leaves the chain. With A_i = X_i k_{i-1}^T + 1 (X_i = [k_i; q_{i-1}], P = -eta dl/dZ),
-            X_i W_i + b_i = X_i W_{i-1} + b_{i-1} + A_i P_{i-1},    W_i = W_{i-1} + k_{i-1}^T P_{i-1},
-        so mini-batch i's inner forward is one wgmma group (depth 64 + 32) on W_{i-1} and P_{i-1}; W_i's update and
-        A_{i+1} run on the tensor cores during the LayerNorm work, and the chain has one barrier a mini-batch, not
-        two. The tiles then come two mini-batches ahead (four buffers)."""
+        Mini-batch i's inner forward and mini-batch i - 1's output share one [64, 64] x [64, 64] wgmma (rows
+        [k_i; q_{i-1}], the Triton pipe kernel's pairing, padded to the 64 rows a wgmma takes). The rows are placed
+        so that every thread's first accumulator row (row 16 w + r of warp w; its second is 16 w + 8 + r) holds
+        data and its second is padding: k_i's rows 0-7 and 8-15 at tile rows [0, 8) and [16, 24), q_{i-1}'s at
+        [32, 40) and [48, 56). Keeping the first half of the accumulator's registers (_top_rows) then leaves each
+        thread one row x 16 columns, a row over 4 lanes, with no data movement: the LayerNorm work runs on the 16
+        values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
+        shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
+        (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding. FOLD: see _linear_ln_halves."""
         gl.static_assert(num_warps == 4)
-        gl.static_assert(D == 64)
+        gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
         R: gl.constexpr = 64
-        K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the updates' depth)
-        NB: gl.constexpr = 4 if LAG else 2
+        K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the update's depth)
+        NB: gl.constexpr = 2  # row-tile buffers
         L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-        L_A: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, K2, 16])
         ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
         COL: gl.constexpr = gl.SliceLayout(0, L_Z)
         S_T: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, D], gl.bfloat16)
         S_E: gl.constexpr = gl.NVMMASharedLayout.get_default_for([R, K2], gl.bfloat16)
-        L_FILL: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])
         DT: gl.constexpr = KD.dtype
 
         pid = gl.program_id(0)
         pid64 = pid.to(gl.int64)
         h = pid % H
-        row0 = pid * N
+        row0 = pid * N  # this sequence's first row in the [B H N, D] views
 
-        X_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)
-        V_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # v in the k rows' places, zeros elsewhere
+        X_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # [k_i; q_{i-1}] in the row map, zeros elsewhere
+        V_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # v_i in the k rows' places, zeros elsewhere
         O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output in the q rows' places
         P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ in the k rows' places, zeros elsewhere
-        W_s = gl.allocate_shared_memory(DT, [D, D], S_T)
-        ONES_s = gl.allocate_shared_memory(DT, [R, K2], S_E)  # b's update as 1 P
-        A_s = gl.allocate_shared_memory(DT, [R if LAG else 1, K2], S_E)  # LAG: A_i in bf16
-        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())
+        W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
+        ONES_s = gl.allocate_shared_memory(DT, [R, K2], S_E)  # b's update as 1 P: every row gets the column sums
+        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())  # one per row-tile buffer
         for j in gl.static_range(NB):
             mbarrier.init(bars.index(j), count=1)
 
@@ -672,13 +547,13 @@ if HAVE_GLUON:
         for j in gl.static_range(NB):
             X_s.index(j).store(zero_t)
             V_s.index(j).store(zero_t)
-        P_s.store(zero_t)  # (LAG: P_{-1} = 0, the first mini-batch's update terms vanish)
-        ONES_s.store(gl.full([R, K2], 1.0, DT, L_FILL))
-        if LAG:
-            A_s.store(gl.zeros([R, K2], DT, L_FILL))
+        ONES_s.store(gl.full([R, K2], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
-        # b as a [R, D] accumulator whose every row is b (the inner forward's accumulator start; its update 1 P)
+        # b is carried as a [R, D] accumulator whose every row is b: it is then the inner forward's accumulator
+        # start and its update (1 P, ones times P) a wgmma, with no layout change from rows to columns
         bfull = gl.zeros([R, D], gl.float32, L_Z) + gl.load(B1_IN + pid64 * D + cols)[None, :]
+        row_0 = (rows == 0)[:, None]
+        b_offs = rows[:, None] * 0 + cols[None, :]
         W_s.store(w.to(DT))
         zf = gl.zeros([R, D], gl.float32, L_Z)
         gamma = _top_rows(zf + gl.load(LNW + h * D + cols)[None, :])
@@ -687,56 +562,26 @@ if HAVE_GLUON:
         fence_async_shared()
         _cta_barrier()
         _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
-        if LAG:
-            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 1, row0, n_mb, NB, MB)
-            ones_a = gl.full([R, K2], 1.0, gl.float32, L_A)
 
         # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
         for i in range(n_mb + 1):
+            if SAVE:
+                if (i % G == 0) & (i < n_mb):
+                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
+                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
+                    gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
             Xb = X_s.index(i % NB)
             Vb = V_s.index(i % NB)
             mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
-            if LAG:
-                # the chain: Z = X_i W_{i-1} + b_{i-1} + A_i P_{i-1}
-                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-                z = warpgroup_mma(A_s, P_s.slice(0, K2), z, is_async=True)
-                # beside it: W_i = W_{i-1} + k_{i-1}^T P_{i-1}, b_i = b_{i-1} + 1 P_{i-1}, A_{i+1} = X_{i+1} k_i^T + 1
-                Xp = X_s.index((i + NB - 1) % NB)
-                w = warpgroup_mma(Xp.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
-                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
-                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 2, row0, n_mb, NB, MB)
-                mbarrier.wait(bars.index((i + 1) % NB), ((i + 1) // NB) % 2, pred=i + 1 <= n_mb)
-                a_next = warpgroup_mma(X_s.index((i + 1) % NB), Xb.slice(0, K2).permute((1, 0)), ones_a,
-                                       is_async=True)
-                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
-                z = warpgroup_mma_wait(num_outstanding=3, deps=(z,))
-            else:
-                if SAVE:
-                    if (i % G == 0) & (i < n_mb):
-                        ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                        gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                        gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
-                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-                # the next tiles into the other buffer (its readers finished before the last barrier)
-                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
-                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
-                z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
-            zc = _center_rows(_top_rows(z))
-            if LAG:
-                # the side work's results, stored while the chain waits on its row sums
-                w, bfull, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull, a_next))
-                if SAVE:
-                    if (i % G == 0) & (i < n_mb):  # W_i, b_i: the state before mini-batch i
-                        ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                        gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                        gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
-                W_s.store(w.to(DT))
-                A_s.store(a_next.to(DT))
-            out, p = _linear_ln_halves(zc, x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
+            z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+            # while it runs: the next tiles into the other buffer (its readers finished before the last barrier),
+            # the next eta, and the target's part that does not depend on z
+            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
+            e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
+            x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+            c_t = _linear_ln_target(x_t, v_t, gamma, beta)
+            z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            out, p = _linear_ln_halves(_center_rows(_top_rows(z)), x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
             tma.store_wait(0)  # the last output has left O_s
             O_s.store(_from_top_rows(out).to(DT))
             P_s.store(_from_top_rows(p).to(DT))
@@ -744,18 +589,17 @@ if HAVE_GLUON:
             _cta_barrier()
             if i > 0:
                 _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
-            if not LAG:
-                # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
-                w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
-                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
-                w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
-                W_s.store(w.to(DT))
-                fence_async_shared()
-                _cta_barrier()
+            # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
+            w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
+            bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
+            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
+            W_s.store(w.to(DT))
+            fence_async_shared()
+            _cta_barrier()
             e = e_next
         tma.store_wait(0)
         gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
-        gl.store(B1_OUT + pid64 * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
+        gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
 
 
     @gluon.jit
@@ -1265,23 +1109,16 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, form="lag", fold=True):
-    """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints. ``form``:
-    "lag" or "halves" (_ttt_linear_fwd_halves_kernel with and without LAG), "rows" (_ttt_linear_fwd_smem_kernel)."""
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True):
+    """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
     B, H, N, D = q.shape
     LINEAR_LAUNCHES += 1
-    if form == "rows":
-        _ttt_linear_fwd_smem_kernel[(B * H,)](
-            *(_tile_descriptor(t, mb) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
-        )
-    else:
-        _ttt_linear_fwd_halves_kernel[(B * H,)](
-            *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-            N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAG=form == "lag", FOLD=fold, num_warps=4,
-        )
+    _ttt_linear_fwd_smem_kernel[(B * H,)](
+        *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, num_warps=4,
+    )
     return out, finals, cks
 
 
