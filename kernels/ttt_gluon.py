@@ -390,6 +390,13 @@ if HAVE_GLUON:
         return gl.load(ETA + base + (w % 2) * 8 + r, mask=(w < 2) & (r < 8) & ok, other=0.0)
 
     @gluon.jit
+    def _store_top_rows(buf, top):
+        """Store a [4, 8, C] tensor (_top_rows) into rows 16 w + [0, 8) of a [64, C] tile, leaving the others."""
+        C: gl.constexpr = buf.shape[1]
+        S3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
+        _reinterpret(buf, buf.dtype, [4, 16, C], S3).slice(0, 8, dim=1).store(top)
+
+    @gluon.jit
     def _from_top_rows(top):
         """_top_rows' inverse, with zeros in the rows it leaves out: [4, 8, C] -> [64, C]."""
         C: gl.constexpr = top.shape[2]
@@ -495,10 +502,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ttt_linear_fwd_smem_kernel(
-        KD, QD, VD, OD, ETA, LNW, LNB,
+        KD, QD, VD, OD, OUT, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, OUT_TMA: gl.constexpr,
+        TOP_STORES: gl.constexpr, num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
         in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
@@ -512,7 +520,10 @@ if HAVE_GLUON:
         thread one row x 16 columns, a row over 4 lanes, with no data movement: the LayerNorm work runs on the 16
         values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
         shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
-        (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding. FOLD: see _linear_ln_halves."""
+        (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding. FOLD: see _linear_ln_halves.
+        OUT_TMA=False: the output leaves by plain stores from registers (no O_s tile, no wait on its last TMA
+        store before rewriting it). TOP_STORES: P and the output go to shared memory as the 16 values a thread holds
+        (a [4, 8, D] view of the tile's data rows), not as the full tile with its padding rows' zeros."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
@@ -547,6 +558,7 @@ if HAVE_GLUON:
         for j in gl.static_range(NB):
             X_s.index(j).store(zero_t)
             V_s.index(j).store(zero_t)
+        P_s.store(zero_t)
         ONES_s.store(gl.full([R, K2], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
         # b is carried as a [R, D] accumulator whose every row is b: it is then the inner forward's accumulator
@@ -582,12 +594,27 @@ if HAVE_GLUON:
             c_t = _linear_ln_target(x_t, v_t, gamma, beta)
             z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
             out, p = _linear_ln_halves(_center_rows(_top_rows(z)), x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
-            tma.store_wait(0)  # the last output has left O_s
-            O_s.store(_from_top_rows(out).to(DT))
-            P_s.store(_from_top_rows(p).to(DT))
+            if OUT_TMA:
+                tma.store_wait(0)  # the last output has left O_s
+                if TOP_STORES:
+                    _store_top_rows(O_s, out.to(DT))
+                else:
+                    O_s.store(_from_top_rows(out).to(DT))
+            else:
+                # mini-batch i - 1's output from the q rows' warps (2, 3: tokens 8 (w - 2) + [0, 8))
+                L_O: gl.constexpr = gl.SliceLayout(2, out.type.layout)
+                ow = gl.arange(0, 4, layout=gl.SliceLayout(1, L_O))[:, None]
+                orow = row0 + (i - 1) * MB + (ow % 2) * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, L_O))[None, :]
+                ocol = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, out.type.layout)))[None, None, :]
+                gl.store(OUT + orow.to(gl.int64)[:, :, None] * D + ocol, out.to(DT),
+                         mask=((ow >= 2) & (i > 0))[:, :, None] & (ocol < D))
+            if TOP_STORES:  # (P_s's other rows stay the zeros they start as)
+                _store_top_rows(P_s, p.to(DT))
+            else:
+                P_s.store(_from_top_rows(p).to(DT))
             fence_async_shared()
             _cta_barrier()
-            if i > 0:
+            if OUT_TMA & (i > 0):
                 _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
             # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
             w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
@@ -1109,15 +1136,17 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True, out_tma=True,
+                         top_stores=True):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
     B, H, N, D = q.shape
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
-        *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, num_warps=4,
+        *(_row_box_descriptor(t) for t in (k, q, v, out)), out, eta, ln_w, ln_b, W1, b1, *finals, *cks,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, OUT_TMA=out_tma,
+        TOP_STORES=top_stores, num_warps=4,
     )
     return out, finals, cks
 
