@@ -81,8 +81,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
 
             return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True,
                                                         FOLD=bool(cfg.get("fold", 1)),
-                                                        OUT_TMA=bool(cfg.get("out_tma", 1)),
-                                                        TOP_STORES=bool(cfg.get("top_stores", 1)), num_warps=4)
+                                                        PIPE=bool(cfg.get("pipe", 1)), num_warps=4)
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":

@@ -397,12 +397,6 @@ if HAVE_GLUON:
         _reinterpret(buf, buf.dtype, [4, 16, C], S3).slice(0, 8, dim=1).store(top)
 
     @gluon.jit
-    def _from_top_rows(top):
-        """_top_rows' inverse, with zeros in the rows it leaves out: [4, 8, C] -> [64, C]."""
-        C: gl.constexpr = top.shape[2]
-        return gl.reshape(gl.permute(gl.join(top, gl.zeros_like(top)), (0, 3, 1, 2)), [64, C])
-
-    @gluon.jit
     def _row_sum(a):
         """Row sums of a [4, 8, 64] tensor as _top_rows gives it (a thread holds 16 columns of a row, the row over 4
         lanes). A reduction adds a thread's values one after another (16 dependent adds); summing columns 8 j + c
@@ -502,11 +496,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ttt_linear_fwd_smem_kernel(
-        KD, QD, VD, OD, OUT, ETA, LNW, LNB,
+        KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, OUT_TMA: gl.constexpr,
-        TOP_STORES: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, PIPE: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
         in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
@@ -521,15 +515,15 @@ if HAVE_GLUON:
         values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
         shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
         (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding. FOLD: see _linear_ln_halves.
-        OUT_TMA=False: the output leaves by plain stores from registers (no O_s tile, no wait on its last TMA
-        store before rewriting it). TOP_STORES: P and the output go to shared memory as the 16 values a thread holds
-        (a [4, 8, D] view of the tile's data rows), not as the full tile with its padding rows' zeros."""
+        PIPE: the work of mini-batch i + 1 that does not need W (its tiles' loads from shared memory, the target's
+        z-free part, eta) runs while mini-batch i's update of W is on the tensor cores, instead of while its own
+        inner forward is (which then has little to hide): the tiles come two mini-batches ahead, three buffers."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
         R: gl.constexpr = 64
         K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the update's depth)
-        NB: gl.constexpr = 2  # row-tile buffers
+        NB: gl.constexpr = 3 if PIPE else 2  # row-tile buffers
         L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
         ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
         COL: gl.constexpr = gl.SliceLayout(0, L_Z)
@@ -575,6 +569,12 @@ if HAVE_GLUON:
         _cta_barrier()
         _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
 
+        if PIPE:  # mini-batch 0's operands before the loop; the loop prepares i + 1's during W's update
+            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 1, row0, n_mb, NB, MB)
+            mbarrier.wait(bars.index(0), 0)
+            x_t, v_t = _top_rows(X_s.index(0).load(L_Z).to(gl.float32)), _top_rows(V_s.index(0).load(L_Z).to(gl.float32))
+            c_t = _linear_ln_target(x_t, v_t, gamma, beta)
+
         # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
         for i in range(n_mb + 1):
             if SAVE:
@@ -583,42 +583,41 @@ if HAVE_GLUON:
                     gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
                     gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
             Xb = X_s.index(i % NB)
-            Vb = V_s.index(i % NB)
-            mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
-            z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-            # while it runs: the next tiles into the other buffer (its readers finished before the last barrier),
-            # the next eta, and the target's part that does not depend on z
-            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
-            e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-            x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-            c_t = _linear_ln_target(x_t, v_t, gamma, beta)
-            z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            if PIPE:
+                z = warpgroup_mma(Xb, W_s, bfull)
+            else:
+                Vb = V_s.index(i % NB)
+                mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
+                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+                # while it runs: the next tiles into the other buffer (its readers finished before the last
+                # barrier), the next eta, and the target's part that does not depend on z
+                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
+                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
+                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
+                z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
             out, p = _linear_ln_halves(_center_rows(_top_rows(z)), x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
-            if OUT_TMA:
-                tma.store_wait(0)  # the last output has left O_s
-                if TOP_STORES:
-                    _store_top_rows(O_s, out.to(DT))
-                else:
-                    O_s.store(_from_top_rows(out).to(DT))
-            else:
-                # mini-batch i - 1's output from the q rows' warps (2, 3: tokens 8 (w - 2) + [0, 8))
-                L_O: gl.constexpr = gl.SliceLayout(2, out.type.layout)
-                ow = gl.arange(0, 4, layout=gl.SliceLayout(1, L_O))[:, None]
-                orow = row0 + (i - 1) * MB + (ow % 2) * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, L_O))[None, :]
-                ocol = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, out.type.layout)))[None, None, :]
-                gl.store(OUT + orow.to(gl.int64)[:, :, None] * D + ocol, out.to(DT),
-                         mask=((ow >= 2) & (i > 0))[:, :, None] & (ocol < D))
-            if TOP_STORES:  # (P_s's other rows stay the zeros they start as)
-                _store_top_rows(P_s, p.to(DT))
-            else:
-                P_s.store(_from_top_rows(p).to(DT))
+            tma.store_wait(0)  # the last output has left O_s
+            # out and P as the 16 values a thread holds (the tiles' padding rows stay the zeros they start as)
+            _store_top_rows(O_s, out.to(DT))
+            _store_top_rows(P_s, p.to(DT))
             fence_async_shared()
             _cta_barrier()
-            if OUT_TMA & (i > 0):
+            if i > 0:
                 _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
             # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
             w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
             bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
+            if PIPE:
+                # while it runs: mini-batch i + 2's tiles into i - 1's buffer (its readers are done), and mini-batch
+                # i + 1's operands that do not depend on W (its tiles arrived during mini-batch i)
+                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 2, row0, n_mb, NB, MB)
+                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
+                nb = (i + 1) % NB
+                mbarrier.wait(bars.index(nb), ((i + 1) // NB) % 2, pred=i + 1 <= n_mb)
+                x_t = _top_rows(X_s.index(nb).load(L_Z).to(gl.float32))
+                v_t = _top_rows(V_s.index(nb).load(L_Z).to(gl.float32))
+                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
             w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
             W_s.store(w.to(DT))
             fence_async_shared()
@@ -1136,17 +1135,15 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True, out_tma=True,
-                         top_stores=True):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True, pipe=True):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
     B, H, N, D = q.shape
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
-        *(_row_box_descriptor(t) for t in (k, q, v, out)), out, eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, OUT_TMA=out_tma,
-        TOP_STORES=top_stores, num_warps=4,
+        *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, PIPE=pipe, num_warps=4,
     )
     return out, finals, cks
 

@@ -367,10 +367,9 @@ def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
 # The Gluon TTT-Linear forward (kernels/ttt_gluon.py, variant "smem": mini-batch 16, bf16 / fp16, D 64): the default
 # case, fp16, 1-3 mini-batch scans (the last output is finished in an extra iteration), checkpoint groups that do not
 # divide the scan, a long scan, large LayerNorm means (bf16 here: the kernel has no fp32 path), and the fallbacks.
-# The kernel as configured and with each of its options off (KERNEL_CONFIG["linear_fwd"]: fold, out_tma, top_stores;
+# The kernel as configured and with each of its options off (KERNEL_CONFIG["linear_fwd"]: fold, pipe;
 # ttt_gluon._ttt_linear_fwd_smem_kernel) runs every case.
-LINEAR_SMEM_FORMS = {"default": {}, "unfolded": dict(fold=0), "out-stores": dict(out_tma=0),
-                     "full-tile-stores": dict(top_stores=0)}
+LINEAR_SMEM_FORMS = {"default": {}, "unfolded": dict(fold=0), "unpiped": dict(pipe=0)}
 
 
 @pytest.mark.parametrize("form", list(LINEAR_SMEM_FORMS))
