@@ -79,9 +79,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True,
-                                                        FOLD=bool(cfg.get("fold", 1)),
-                                                        PIPE=bool(cfg.get("pipe", 1)), num_warps=4)
+            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, num_warps=4)
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":
@@ -106,7 +104,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
         elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks
             from triton.experimental.gluon import language as gl
 
-            box = [2, 16, D] if "FOLD" in constexprs else [constexprs["MB"], D]  # the Linear one: 3-d boxes
+            box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]  # the Linear one: 3-d boxes
             layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{', '.join(map(str, box))}],{layout!r}>"
         elif arg in SLOT_DESCRIPTORS:

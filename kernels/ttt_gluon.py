@@ -406,10 +406,6 @@ if HAVE_GLUON:
         return gl.convert_layout(s, gl.SliceLayout(2, a.type.layout), assert_trivial=True)
 
     @gluon.jit
-    def _add5(a0, a1, a2, a3, a4, b0, b1, b2, b3, b4):
-        return a0 + b0, a1 + b1, a2 + b2, a3 + b3, a4 + b4
-
-    @gluon.jit
     def _row_sums(a, b):
         """_row_sum of a and of b in one shuffle tree."""
         S: gl.constexpr = [a.shape[0], a.shape[1], 8, a.shape[2] // 8]
@@ -418,56 +414,17 @@ if HAVE_GLUON:
         return gl.convert_layout(sa, L, assert_trivial=True), gl.convert_layout(sb, L, assert_trivial=True)
 
     @gluon.jit
-    def _row_sums5(a, b, c, d, f):
-        """_row_sum of five tensors in one shuffle tree."""
-        S: gl.constexpr = [a.shape[0], a.shape[1], 8, a.shape[2] // 8]
-        L: gl.constexpr = gl.SliceLayout(2, a.type.layout)
-        sums = gl.reduce(gl.reduce((gl.reshape(a, S), gl.reshape(b, S), gl.reshape(c, S), gl.reshape(d, S),
-                                    gl.reshape(f, S)), 2, _add5), 2, _add5)
-        return (gl.convert_layout(sums[0], L, assert_trivial=True), gl.convert_layout(sums[1], L, assert_trivial=True),
-                gl.convert_layout(sums[2], L, assert_trivial=True), gl.convert_layout(sums[3], L, assert_trivial=True),
-                gl.convert_layout(sums[4], L, assert_trivial=True))
-
-    @gluon.jit
-    def _center_rows(z):
-        """z minus its row means ([4, 8, D] as _top_rows gives it)."""
-        return z - (_row_sum(z) / z.shape[2])[:, :, None]
-
-    @gluon.jit
-    def _linear_ln_target(x, v, gamma, beta):
-        """c in _linear_ln_halves' FOLD form: gamma (beta - (v - x)), the target gradient's part without z."""
-        return gamma * (beta + x - v)
-
-    @gluon.jit
-    def _linear_ln_halves(zc, x, v, c, gamma, beta, e, eps, D: gl.constexpr, FOLD: gl.constexpr):
-        """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles (a row over 4 lanes), given zc = z - its
-        row mean (_center_rows): returns the output x + LN(z) (used for the q rows) and -eta dl/dz (zero where e
-        is: the q rows).
-
-        FOLD: two rounds of row sums on the chain instead of three. With xh = (z - mu) rstd and the target's
-        gradient gx = gamma (gamma xh + beta - (v - x)) = gamma^2 xh + c, the backward's sums
-            s1 = sum gx = rstd sum gamma^2 zc + sum c,   s2 = sum gx xh = rstd^2 sum gamma^2 zc^2 + rstd sum c zc
-        (zc = z - mu) need only mu: they join the variance's round (no one-pass variance: sum zc^2 is still
-        taken about the mean). c (= _linear_ln_target(x, v, gamma, beta)) does not depend on z: the caller computes
-        it while the wgmma runs."""
-        if FOLD:
-            g2 = gamma * gamma
-            a = g2 * zc
-            sq, sa, sc, sa2, scz = _row_sums5(zc * zc, a, c, a * zc, c * zc)
-            rstd = gl.rsqrt(sq / D + eps)
-            s1 = rstd * sa + sc
-            s2 = rstd * (rstd * sa2 + scz)
-            xh = zc * rstd[:, :, None]
-            p = (-e * rstd)[:, :, None] * (xh * (g2 - s2[:, :, None] / D) + (c - s1[:, :, None] / D))
-            return x + gamma * xh + beta, p
-        else:
-            rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
-            xh = zc * rstd[:, :, None]
-            y = gamma * xh + beta
-            gx = (y - (v - x)) * gamma
-            s1, s2 = _row_sums(gx, gx * xh)
-            p = (-e * rstd)[:, :, None] * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
-            return x + y, p
+    def _linear_ln_top_rows(z, x, v, gamma, beta, e, eps, D: gl.constexpr):
+        """The TTT-Linear forward's LayerNorm work on [4, 8, D] row tiles as _top_rows gives them (a row over 4
+        lanes): returns the output x + LN(z) (used for the q rows) and -eta dl/dz (zero where e is: the q rows)."""
+        zc = z - (_row_sum(z) / D)[:, :, None]
+        rstd = gl.rsqrt(_row_sum(zc * zc) / D + eps)
+        xh = zc * rstd[:, :, None]
+        y = gamma * xh + beta
+        gx = (y - (v - x)) * gamma
+        s1, s2 = _row_sums(gx, gx * xh)
+        p = (-e * rstd)[:, :, None] * (gx - s1[:, :, None] / D - xh * (s2[:, :, None] / D))
+        return x + y, p
 
     @gluon.jit
     def _rows_boxes(buf, half: gl.constexpr):
@@ -499,8 +456,7 @@ if HAVE_GLUON:
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, FOLD: gl.constexpr, PIPE: gl.constexpr,
-        num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
         in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
@@ -514,16 +470,14 @@ if HAVE_GLUON:
         thread one row x 16 columns, a row over 4 lanes, with no data movement: the LayerNorm work runs on the 16
         values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
         shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
-        (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding. FOLD: see _linear_ln_halves.
-        PIPE: the work of mini-batch i + 1 that does not need W (its tiles' loads from shared memory, the target's
-        z-free part, eta) runs while mini-batch i's update of W is on the tensor cores, instead of while its own
-        inner forward is (which then has little to hide): the tiles come two mini-batches ahead, three buffers."""
+        (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding, and P and the output go to shared memory
+        as the 16 values a thread holds (_store_top_rows)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
         R: gl.constexpr = 64
         K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the update's depth)
-        NB: gl.constexpr = 3 if PIPE else 2  # row-tile buffers
+        NB: gl.constexpr = 2  # row-tile buffers
         L_Z: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
         ROW: gl.constexpr = gl.SliceLayout(1, L_Z)
         COL: gl.constexpr = gl.SliceLayout(0, L_Z)
@@ -569,12 +523,6 @@ if HAVE_GLUON:
         _cta_barrier()
         _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
 
-        if PIPE:  # mini-batch 0's operands before the loop; the loop prepares i + 1's during W's update
-            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 1, row0, n_mb, NB, MB)
-            mbarrier.wait(bars.index(0), 0)
-            x_t, v_t = _top_rows(X_s.index(0).load(L_Z).to(gl.float32)), _top_rows(V_s.index(0).load(L_Z).to(gl.float32))
-            c_t = _linear_ln_target(x_t, v_t, gamma, beta)
-
         # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
         for i in range(n_mb + 1):
             if SAVE:
@@ -583,20 +531,16 @@ if HAVE_GLUON:
                     gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
                     gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
             Xb = X_s.index(i % NB)
-            if PIPE:
-                z = warpgroup_mma(Xb, W_s, bfull)
-            else:
-                Vb = V_s.index(i % NB)
-                mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
-                z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-                # while it runs: the next tiles into the other buffer (its readers finished before the last
-                # barrier), the next eta, and the target's part that does not depend on z
-                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
-                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-                x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
-                z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
-            out, p = _linear_ln_halves(_center_rows(_top_rows(z)), x_t, v_t, c_t, gamma, beta, e, eps, D, FOLD)
+            Vb = V_s.index(i % NB)
+            mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
+            z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+            # while it runs: the next tiles into the other buffer (its readers finished before the last barrier),
+            # the next eta, and this mini-batch's rows in the row layout
+            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
+            e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
+            x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+            z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            out, p = _linear_ln_top_rows(_top_rows(z), x_t, v_t, gamma, beta, e, eps, D)
             tma.store_wait(0)  # the last output has left O_s
             # out and P as the 16 values a thread holds (the tiles' padding rows stay the zeros they start as)
             _store_top_rows(O_s, out.to(DT))
@@ -608,16 +552,6 @@ if HAVE_GLUON:
             # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
             w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
             bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
-            if PIPE:
-                # while it runs: mini-batch i + 2's tiles into i - 1's buffer (its readers are done), and mini-batch
-                # i + 1's operands that do not depend on W (its tiles arrived during mini-batch i)
-                _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 2, row0, n_mb, NB, MB)
-                e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-                nb = (i + 1) % NB
-                mbarrier.wait(bars.index(nb), ((i + 1) // NB) % 2, pred=i + 1 <= n_mb)
-                x_t = _top_rows(X_s.index(nb).load(L_Z).to(gl.float32))
-                v_t = _top_rows(V_s.index(nb).load(L_Z).to(gl.float32))
-                c_t = _linear_ln_target(x_t, v_t, gamma, beta)
             w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
             W_s.store(w.to(DT))
             fence_async_shared()
@@ -1135,7 +1069,7 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, fold=True, pipe=True):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
@@ -1143,7 +1077,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
         *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, FOLD=fold, PIPE=pipe, num_warps=4,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
     )
     return out, finals, cks
 
