@@ -101,7 +101,7 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks
+        elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks (Linear: 3-d)
             from triton.experimental.gluon import language as gl
 
             box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]  # the Linear one: 3-d boxes

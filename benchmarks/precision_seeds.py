@@ -65,8 +65,10 @@ def main() -> None:
     ap.add_argument("--shape", default="", help="B,H,N,D,MB,G (overrides --tokens)")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each seed (a race gives different numbers)")
     ap.add_argument("--seed0", type=int, default=1000)
-    ap.add_argument("--seed-list", default="", help="comma list of seeds (e.g. a test's logged draws) instead of --seeds")
-    ap.add_argument("--kind", default="mlp", choices=["mlp", "linear"], help="the TTT layer (--shape's MB: its mini-batch)")
+    ap.add_argument("--seed-list", default="",
+                    help="comma list of seeds (e.g. a test's logged draws) instead of --seeds")
+    ap.add_argument("--kind", default="mlp", choices=["mlp", "linear"],
+                    help="the TTT layer (--shape's MB: its mini-batch)")
     ap.add_argument("--split-any-shape", action="store_true",
                     help="let the split forward run at this (D, mini-batch) although the device has not verified it")
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs the kernels under TRITON_INTERPRET=1")
