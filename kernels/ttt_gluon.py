@@ -1033,7 +1033,7 @@ def _tile_descriptor(t: torch.Tensor, mb: int) -> "TensorDescriptor":
 def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
     """A TMA descriptor over [B, H, N, D] (contiguous) as [B H N / 8, 8, D], [2, 16, D] boxes: a 16-row mini-batch
     lands in rows [0, 8) and [16, 24) of a 32-row tile, the box's out-of-bounds rows [8, 16) zero-filled on loads
-    and skipped on stores (the halves kernel's row map)."""
+    and skipped on stores (_ttt_linear_fwd_smem_kernel's row map)."""
     D = t.shape[-1]
     layout = gl.NVMMASharedLayout.get_default_for([2, 16, D], gl.float16)  # 16-bit: the same for bf16
     return TensorDescriptor(t, [t.numel() // (8 * D), 8, D], [8 * D, D, 1], [2, 16, D], layout)
