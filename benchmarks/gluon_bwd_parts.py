@@ -1,9 +1,8 @@
-"""Time the Gluon TTT-MLP backward's launches apart, on the device (issue 4's backward work).
+"""Time the Gluon TTT-MLP backward's two launches apart, on the device (issue 4's backward work).
 
 Per checkpoint group the backward issues the STATES forward (recompute: the state at each mini-batch's start into
 scratch slots), the output-path kernel (all mini-batches at once) and the sequential kernel; this prints the whole
-backward (with the next group's first two beside the sequential kernel, and without), and each kind of launch
-alone, at one shape:
+backward and each kind of launch alone, at one shape:
 
     python benchmarks/gluon_bwd_parts.py --tokens 21952 --heads 48      # B = 2 directions
 """
@@ -43,14 +42,11 @@ def main(argv=None):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
     res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name()}
-    all3 = ("states", "out", "backward")
-    for name, parts, overlap in [("backward_ms", all3, True), ("backward_serial_ms", all3, False),
-                                 ("states_only_ms", ("states",), False), ("out_only_ms", ("out",), False),
-                                 ("sequential_only_ms", ("backward",), False)]:
+    for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
+                        ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
         res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
-                                                             dstate, dlnw, dlnb, parts=parts, overlap=overlap),
-                            reps=a.reps)
+                                                             dstate, dlnw, dlnb, parts=parts), reps=a.reps)
     res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
     n_mb = N // mb
     res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}

@@ -1085,33 +1085,16 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
 BWD_LAUNCHES = 0  # Gluon backward calls so far (tests check that a call took this path)
 
 
-_STREAMS: dict = {}
-
-
-def _backward_streams(dev: torch.device) -> tuple:
-    """(critical, side) CUDA streams of a device: the sequential kernels on a high-priority stream (their CTAs go
-    first when SMs free up), the next group's recompute and output path on a low-priority one."""
-    if dev not in _STREAMS:
-        lo, hi = torch.cuda.Stream.priority_range()
-        _STREAMS[dev] = (torch.cuda.Stream(dev, priority=hi), torch.cuda.Stream(dev, priority=lo))
-    return _STREAMS[dev]
-
-
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "out", "backward"), overlap=True):
+                       parts=("states", "out", "backward")):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
     forward's row-major checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate
     (dL/d initial state, fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which launches to issue
     (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless).
-
-    ``overlap``: the sequential kernel holds one SM per head (96 of 132 at the one-minute shape), so the next group's
-    recompute and output path (which need only the forward's checkpoint, not the gradient the scan carries) run on
-    a second stream beside it, on the SMs it leaves idle, with two sets of scratch (a set is reused two groups
-    later, after that group's sequential kernel). Scratch, freed on return: per set and head (G + 1) states (2 F D
-    operand-type elements each) and G output terms (2 D F bf16 or fp32 elements each): ~210 MB a set at the
-    one-minute shape's 96 heads, G 16, bf16."""
+    Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
+    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16."""
     global BWD_LAUNCHES
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -1119,86 +1102,48 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     F, n_ck = ckW1.shape[-1], ckW1.shape[1]
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
-    overlap = overlap and n_ck > 1 and set(parts) == {"states", "out", "backward"}
-    main = torch.cuda.current_stream(dev)
-    crit, side = _backward_streams(dev) if overlap else (main, main)
     gw = [e.clone() for e in ends[:3]]  # dL/d(W1, b1, W2), advanced group by group to the initial state
     gvec = torch.zeros(BH, 3, D, **f32)  # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias)
     gvec[:, 0] = ends[3]
     ln_out = torch.zeros(BH, 2, D, **f32)  # the output path's dL/d(LN weight, bias)
     n_slots = G + 1
+    st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
+    st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
+    st_b1 = torch.empty(BH * n_slots, F, **f32)
+    st_b2 = torch.empty(BH * n_slots, D, **f32)
     # the output path's terms, per (head, mini-batch of the group)
     # (bf16 for bf16 inputs: most of the bytes this backward moves, each term rounded once before its fp32 sum;
     # fp32 for fp16 inputs, whose finer operands the bf16 rounding would show: 1.4e-3 against 7.5e-4)
     c_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    c1 = torch.empty(BH * G, D, F, device=dev, dtype=c_dtype)
+    c2 = torch.empty(BH * G, F, D, device=dev, dtype=c_dtype)
+    cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
-    sets = []
-    for _ in range(2 if overlap else 1):
-        st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
-        st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
-        sets.append(dict(
-            st_b1=torch.empty(BH * n_slots, F, **f32), st_b2=torch.empty(BH * n_slots, D, **f32),
-            c1=torch.empty(BH * G, D, F, device=dev, dtype=c_dtype), c2=torch.empty(BH * G, F, D, device=dev, dtype=c_dtype),
-            cb1=torch.empty(BH * G, F, **f32), cvec=torch.empty(BH * G, 3, D, **f32),
-            wtd=TensorDescriptor(st_w1, list(st_w1.shape), [D, 1], [F, D], w_layout),
-            w2d=TensorDescriptor(st_w2, list(st_w2.shape), [D, 1], [F, D], w_layout), keep=(st_w1, st_w2)))
+    wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
     qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
     dq, dk, dv, deta = grads
-    groups = list(reversed(range(n_ck)))
-    ready, done = {}, {}  # per group: its output path finished / its sequential kernel finished
-
-    def prepare(c):
-        """Group c's recompute and output path (on the side stream when overlapping)."""
-        sc, mb0 = sets[c % len(sets)], c * G
+    for c in reversed(range(n_ck)):
+        mb0 = c * G
         cnt = min(G, n_mb - mb0)
-        with torch.cuda.stream(side):
-            if c + len(sets) in done:  # the set's previous group (two later in time order) is through with it
-                side.wait_event(done[c + len(sets)])
-            if "states" in parts:
-                _ttt_mlp_fwd_smem_kernel[(BH,)](
-                    q, k, v, qd, kd, vd, vd, sc["wtd"], sc["w2d"], eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
-                    q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
-                    sc["st_b1"], sc["st_b2"],
-                    N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
-                    D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
-                )
-            if "out" in parts:
-                _ttt_mlp_bwd_out_kernel[(BH * cnt,)](
-                    qd, sc["wtd"], sc["w2d"], dout, sc["st_b1"], sc["st_b2"], lnw, sc["c1"], sc["c2"], sc["cb1"],
-                    sc["cvec"], dq, N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
-                )
-                ln_out.add_(sc["cvec"][:BH * cnt].view(BH, cnt, 3, D)[:, :, 1:].sum(1))
-            if overlap:
-                ready[c] = torch.cuda.Event()
-                ready[c].record(side)
-
-    if overlap:
-        for st in (crit, side):
-            st.wait_stream(main)  # the inputs, ends and the zeroed accumulators
-    for c in groups[:len(sets)]:
-        prepare(c)
-    for i, c in enumerate(groups):
-        sc, mb0 = sets[c % len(sets)], c * G
-        cnt = min(G, n_mb - mb0)
-        if not overlap and i >= len(sets):
-            prepare(c)
+        if "states" in parts:
+            _ttt_mlp_fwd_smem_kernel[(BH,)](
+                q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
+                q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
+                st_b1, st_b2,
+                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
+                D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
+            )
+        if "out" in parts:
+            _ttt_mlp_bwd_out_kernel[(BH * cnt,)](
+                qd, wtd, w2d, dout, st_b1, st_b2, lnw, c1, c2, cb1, cvec, dq,
+                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+            )
+            ln_out += cvec[:BH * cnt].view(BH, cnt, 3, D)[:, :, 1:].sum(1)
         if "backward" in parts:
-            with torch.cuda.stream(crit):
-                if overlap:
-                    crit.wait_event(ready[c])
-                _ttt_mlp_bwd_smem_kernel[(BH,)](
-                    kd, sc["wtd"], sc["w2d"], v, eta, lnw, lnb, sc["st_b1"], sc["st_b2"], sc["c1"], sc["c2"],
-                    sc["cb1"], sc["cvec"], *gw, gvec, dk, dv, deta,
-                    N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
-                )
-                if overlap:
-                    done[c] = torch.cuda.Event()
-                    done[c].record(crit)
-        if overlap and i + len(sets) < len(groups):
-            prepare(groups[i + len(sets)])
-    if overlap:
-        for st in (crit, side):
-            main.wait_stream(st)
+            _ttt_mlp_bwd_smem_kernel[(BH,)](
+                kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
+                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+            )
     BWD_LAUNCHES += 1
     dstate[:] = gw + [gvec[:, 0]]
     dlnw.copy_(gvec[:, 1] + ln_out[:, 0])

@@ -288,32 +288,6 @@ def test_smem_backward_matches_float64_reference(dt, monkeypatch):
     assert launches() > n0
 
 
-@pytest.mark.parametrize("n_tokens,group", [(1024, 3), (4096, 16)])
-def test_smem_backward_overlap_equals_serial(n_tokens, group, monkeypatch):
-    """The backward with each next group's recompute and output path on a second stream (KERNEL_CONFIG mlp_bwd
-    "overlap", the default) gives exactly the serial order's gradients, twice over: the same kernels and sums in the
-    same order, so any difference is a race between the streams."""
-    from kernel_checks import make_inputs
-    from ttt_video.kernels import ttt_triton
-
-    launches = _gluon_direction(monkeypatch, "backward")
-    g = torch.Generator().manual_seed(_fresh_seed())
-    xs = make_inputs("mlp", 2, 3, n_tokens, 64, BF16, "cuda", g)
-    dout = torch.randn(xs[0].shape, generator=g).to("cuda", BF16)
-    grads = {}
-    for run, overlap in [("serial", 0), ("overlap", 1), ("overlap-again", 1)]:
-        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], overlap=overlap))
-        leaves = [t.detach().clone().requires_grad_(True) for t in xs]
-        q, k, v, eta, *rest = leaves
-        n0 = launches()
-        out, final = ttt_triton.ttt_mlp_triton(q, k, v, eta, tuple(rest[:4]), rest[4], rest[5], 64, group)
-        grads[run] = torch.autograd.grad((out.float() * dout.float()).sum() + sum(f.sum() for f in final), leaves)
-        assert launches() == n0 + 1
-    for run in ("overlap", "overlap-again"):
-        for i, (a, b) in enumerate(zip(grads["serial"], grads[run])):
-            assert torch.equal(a, b), f"{run}: gradient {i} differs from the serial order's (max {(a - b).abs().max()})"
-
-
 @pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
 @pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3), (1024, 16)])
 def test_smem_short_scans_and_groups(n_tokens, group, direction, monkeypatch):
