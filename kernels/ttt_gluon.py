@@ -456,7 +456,7 @@ if HAVE_GLUON:
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, LAZY_B: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
         in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
@@ -471,7 +471,7 @@ if HAVE_GLUON:
         values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
         shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
         (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding, and P and the output go to shared memory
-        as the 16 values a thread holds (_store_top_rows). LAZY_B: b's update leaves the chain (see the loop)."""
+        as the 16 values a thread holds (_store_top_rows)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
@@ -525,7 +525,7 @@ if HAVE_GLUON:
 
         # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
         for i in range(n_mb + 1):
-            if SAVE & (not LAZY_B):
+            if SAVE:
                 if (i % G == 0) & (i < n_mb):
                     ck = pid64 * ((n_mb + G - 1) // G) + i // G
                     gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
@@ -534,28 +534,13 @@ if HAVE_GLUON:
             Vb = V_s.index(i % NB)
             mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
             z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-            if LAZY_B:
-                # bfull is still b_{i-1}: its last update (1 P_{i-1}, P_s's content) joins the inner forward's
-                # group, and the master's own update follows it, off the chain
-                z = warpgroup_mma(ONES_s, P_s.slice(0, K2), z, is_async=True)
-                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
             # while it runs: the next tiles into the other buffer (its readers finished before the last barrier),
             # the next eta, and this mini-batch's rows in the row layout
             _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
             e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
             x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-            if LAZY_B:
-                z = warpgroup_mma_wait(num_outstanding=1, deps=(z,))
-            else:
-                z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
             out, p = _linear_ln_top_rows(_top_rows(z), x_t, v_t, gamma, beta, e, eps, D)
-            if LAZY_B:
-                bfull = warpgroup_mma_wait(num_outstanding=0, deps=(bfull,))  # (before P_s is rewritten)
-                if SAVE:
-                    if (i % G == 0) & (i < n_mb):  # W_i, b_i
-                        ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                        gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                        gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
             tma.store_wait(0)  # the last output has left O_s
             # out and P as the 16 values a thread holds (the tiles' padding rows stay the zeros they start as)
             _store_top_rows(O_s, out.to(DT))
@@ -564,13 +549,10 @@ if HAVE_GLUON:
             _cta_barrier()
             if i > 0:
                 _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
-            # W += k^T P (the k rows and the zero rows between them: depth 32), b += 1 P (LAZY_B: next iteration)
+            # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
             w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
-            if LAZY_B:
-                w = warpgroup_mma_wait(num_outstanding=0, deps=(w,))
-            else:
-                bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
-                w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
+            bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
+            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
             W_s.store(w.to(DT))
             fence_async_shared()
             _cta_barrier()
@@ -1087,7 +1069,7 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, lazy_b=True):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
@@ -1095,7 +1077,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
         *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, LAZY_B=lazy_b, num_warps=4,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
     )
     return out, finals, cks
 
