@@ -373,6 +373,205 @@ if HAVE_GLUON:
 
 
     @gluon.jit
+    def _store_output(O_s, zq2, q, b2, LNW, LNB, h, dcol, eps, BL: gl.constexpr, D: gl.constexpr):
+        """out = q + LN(zq2 + b2) into the staging tile O_s, fenced for the TMA store."""
+        xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
+        gamma = gl.load(LNW + h * D + dcol)[None, :]
+        beta = gl.load(LNB + h * D + dcol)[None, :]
+        O_s.store((q.to(gl.float32) + gamma * xq + beta).to(O_s.dtype))
+        fence_async_shared()
+
+    @gluon.jit
+    def _ttt_mlp_fwd_fused_kernel(
+        Q, QD, KD, VD, OD, ETA, LNW, LNB,
+        W1_IN, B1_IN, W2_IN, B2_IN,
+        W1_OUT, B1_OUT, W2_OUT, B2_OUT,
+        CK_W1, CK_B1, CK_W2, CK_B2,
+        N, H, n_mb, n_ck, G, eps,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """The TTT-MLP forward with the output path folded into the update chain (KERNEL_CONFIG mlp_fwd fuse_out).
+
+        _ttt_mlp_fwd_smem_kernel runs seven dependent wgmma rounds a mini-batch, the output's two after the state's
+        update. Here the output needs neither the updated W1 nor its own round:
+            q W1' + b1' = q W1 + b1 + (q k^T + 1) P1          (W1' = W1 + k^T P1, b1' = b1 + column sums of P1)
+        so gelu(q W1' + b1') comes from the round that updates W1 (Q W1 and M P1 with M = q k^T + 1, a [64, 64] bf16
+        tile made in the round before), and the output's second matmul (gelu(.) W2' + b2') joins the next
+        mini-batch's first round (its Z1 = k W1' waits on the same barrier). Five rounds a mini-batch:
+            1. out_{i-1}: Aq W2' (LN, out by TMA)   beside   Z1 = k_i W1, gelu, gelu'
+            2. Z2 = A W2 + b2, P2 = -eta dl/dZ2
+            3. P2 W2^T (-> P1), P2^T [1 0 ..] (b2), q k^T (-> M); then W2 += A^T P2
+            4. W1 += k^T P1, P1^T [1 0 ..] (b1), Zq = q W1 + M P1 (-> Aq = gelu(Zq + b1))
+        q's tile is single-buffered (first read in round 3, its next copy issued after round 4), which pays for M's
+        tile; the output is staged in M's tile, whose next write (round 3) comes after the store has read it.
+        bf16 / fp16, TMA and the wgmma bias sums only (the smem kernel keeps the other options)."""
+        WG: gl.constexpr = num_warps // 4
+        L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, F // WG, 16])
+        L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, D // WG, 16])
+        L_W2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 16])
+        BL: gl.constexpr = gl.BlockedLayout([1, D // 8], [4, 8], [num_warps, 1], [1, 0])
+        ROW: gl.constexpr = gl.SliceLayout(1, BL)
+        COL: gl.constexpr = gl.SliceLayout(0, BL)
+        COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
+        S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
+        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
+        S_W1: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], gl.bfloat16)
+        S_W2: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_W2F: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.float32)
+        S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+        E0W: gl.constexpr = 8 * WG
+        L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, E0W, 16])
+        L_S2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
+                                                       instr_shape=[16, 8, 16])
+        S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, E0W], gl.bfloat16)
+        gl.static_assert(MB == D)  # M ([MB, MB]) and the output share a tile
+        DT = Q.dtype.element_ty
+
+        pid = gl.program_id(0)
+        pid64 = pid.to(gl.int64)
+        h = pid % H
+
+        K_s2 = gl.allocate_shared_memory(DT, [2, MB, D], S_XD)  # k: mini-batch i + 1's copied while i runs
+        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        V_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        M_s = gl.allocate_shared_memory(DT, [MB, MB], S_XD)  # q k^T + 1 (rounds 3-4), the output (rounds 1-3)
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())  # k buffer 0, 1; q; v
+        for j in gl.static_range(4):
+            mbarrier.init(bars.index(j), count=1)
+        P2_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        A_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)  # gelu(Z1), then P1, then gelu(Zq)
+        W1B_s = gl.allocate_shared_memory(DT, [D, F], S_W1)
+        W2B_s = gl.allocate_shared_memory(DT, [F, D], S_W2)
+        W2F_s = gl.allocate_shared_memory(gl.float32, [F, D], S_W2F)
+        B1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
+        E0_s = gl.allocate_shared_memory(DT, [MB, E0W], S_ONES)  # column 0 ones, the rest zeros
+        L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WG, WG], [num_warps, 1], [1, 0])
+        e0c = gl.arange(0, E0W, layout=gl.SliceLayout(0, L_E0))
+        E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, E0W], DT, L_E0))
+
+        w1 = gl.load(W1_IN + pid64 * D * F + _w_offsets(D, F, L_ZF))
+        w2 = gl.load(W2_IN + pid64 * F * D + _w_offsets(F, D, L_W2))
+        W1B_s.store(w1.to(DT))
+        W2F_s.store(w2)
+        W2B_s.store(w2.to(DT))
+        B1_s.store(gl.load(B1_IN + pid64 * F + gl.arange(0, F, layout=COLF)))
+        rows = gl.arange(0, MB, layout=ROW)
+        dcol = gl.arange(0, D, layout=COL)
+        b2 = gl.load(B2_IN + pid64 * D + dcol)
+        eta_base = pid64 * N
+        row0 = pid * N
+        fence_async_shared()
+        _cta_barrier()
+        tile_bytes: gl.constexpr = MB * D * Q.dtype.element_ty.primitive_bitwidth // 8
+        mbarrier.expect(bars.index(0), tile_bytes)
+        _tma_load(KD, [row0, 0], bars.index(0), K_s2.index(0))
+        mbarrier.expect(bars.index(2), tile_bytes)
+        _tma_load(QD, [row0, 0], bars.index(2), Q_s)
+        mbarrier.expect(bars.index(3), tile_bytes)
+        _tma_load(VD, [row0, 0], bars.index(3), V_s)
+        q_prev = gl.zeros([MB, D], DT, BL)  # the previous mini-batch's q (its output's residual)
+
+        for c in range(n_ck):
+            if SAVE:
+                ck = pid64 * n_ck + c
+                _store_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, CK_B2 + ck * D, w1, B1_s, W2F_s,
+                             b2, dcol, D, F, L_ZF, L_W2)
+            for i in range(c * G, gl.minimum(c * G + G, n_mb)):
+                K_s = K_s2.index(i % 2)
+                nb = (i + 1) % 2  # its last reader (round 4 of i - 1) has passed the barrier that ended it
+                more = i + 1 < n_mb
+                mbarrier.expect(bars.index(nb), tile_bytes, pred=more)
+                _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
+                e = gl.load(ETA + eta_base + i * MB + rows)
+                mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
+                # round 1: the previous mini-batch's output (A_s holds its gelu(Zq); garbage at i = 0, unused)
+                # beside this one's inner forward
+                zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+                z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False, is_async=True)
+                zq2 = warpgroup_mma_wait(num_outstanding=1, deps=(zq2,))
+                if i > 0:
+                    _store_output(M_s, zq2, q_prev, b2, LNW, LNB, h, dcol, eps, BL, D)
+                z1 = warpgroup_mma_wait(num_outstanding=0, deps=(z1,))
+                a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
+                da = da.to(gl.float16)  # as in _ttt_mlp_fwd_smem_kernel
+                _cta_barrier()  # every warpgroup's Aq W2 has read A_s; the output tile is complete
+                if i > 0:
+                    _tma_store(OD, [row0 + (i - 1) * MB, 0], M_s)
+                A_s.store(a.to(DT))
+                fence_async_shared()
+                _cta_barrier()
+                # round 2: Z2 and the LayerNorm target gradient
+                z2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+                xh, rstd = _ln_rows(gl.convert_layout(z2, BL) + b2[None, :], D, eps)
+                # the LN parameters are re-read (L1 hits) rather than held through the scan: registers are short
+                gamma = gl.load(LNW + h * D + dcol)[None, :]
+                beta = gl.load(LNB + h * D + dcol)[None, :]
+                mbarrier.wait(bars.index(3), i % 2)
+                v = V_s.load(BL)
+                k = K_s.load(BL)
+                gx = (gamma * xh + beta - (v.to(gl.float32) - k.to(gl.float32))) * gamma
+                s1 = gl.sum(gx, axis=1)
+                s2 = gl.sum(gx * xh, axis=1)
+                gz2 = rstd[:, None] * (gx - s1[:, None] / D - xh * (s2[:, None] / D))
+                P2_s.store((-e[:, None] * gz2).to(DT))
+                fence_async_shared()
+                _cta_barrier()  # P2 complete; every thread has read V_s
+                mbarrier.expect(bars.index(3), tile_bytes, pred=more)
+                _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(3), V_s, pred=more)
+                # round 3: P2 W2^T, b2's sum, q k^T; then W2's update
+                mbarrier.wait(bars.index(2), i % 2)
+                qk = warpgroup_mma(Q_s, K_s.permute((1, 0)), gl.zeros([MB, MB], gl.float32, L_ZD), use_acc=False,
+                                   is_async=True)
+                ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF),
+                                   use_acc=False, is_async=True)
+                db2 = warpgroup_mma(P2_s.permute((1, 0)), E0_s, gl.zeros([D, E0W], gl.float32, L_S2),
+                                    use_acc=False, is_async=True)
+                qk, ga, db2 = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ga, db2))
+                m = (qk + 1.0).to(DT)  # the ones: b1's update, a column sum of P1, reaches every row of Zq
+                b2 = b2 + gl.convert_layout(gl.sum(db2, axis=1), COL)
+                p1 = (ga * da.to(gl.float32)).to(DT)
+                w2 = warpgroup_mma(A_s.permute((1, 0)), P2_s, W2F_s.load(L_W2))
+                tma.store_wait(0)  # the output's TMA store has read M_s
+                _cta_barrier()  # every warpgroup is done reading A_s, W2B_s and W2F_s
+                A_s.store(p1)
+                W2F_s.store(w2)
+                W2B_s.store(w2.to(DT))
+                M_s.store(m)
+                fence_async_shared()
+                _cta_barrier()
+                # round 4: W1's update, b1's sum and the output's Zq = q W1 + (q k^T + 1) P1 from the old W1
+                w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1, is_async=True)
+                db1 = warpgroup_mma(A_s.permute((1, 0)), E0_s, gl.zeros([F, E0W], gl.float32, L_S1),
+                                    use_acc=False, is_async=True)
+                zq = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False, is_async=True)
+                zq = warpgroup_mma(M_s, A_s, zq, is_async=True)
+                w1, db1, zq = warpgroup_mma_wait(num_outstanding=0, deps=(w1, db1, zq))
+                b1n = B1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)  # columns 1.. are zeros
+                aq = _gelu(zq + B1_s.load(COLF)[None, :]).to(DT)
+                q_prev = Q_s.load(BL)
+                _cta_barrier()  # every thread has read b1 and Q_s; every warpgroup's round-4 wgmmas are done
+                mbarrier.expect(bars.index(2), tile_bytes, pred=more)
+                _tma_load(QD, [row0 + (i + 1) * MB, 0], bars.index(2), Q_s, pred=more)
+                B1_s.store(b1n)
+                W1B_s.store(w1.to(DT))
+                A_s.store(aq)
+                fence_async_shared()
+                _cta_barrier()
+        # the last mini-batch's output
+        zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+        _store_output(M_s, zq2, q_prev, b2, LNW, LNB, h, dcol, eps, BL, D)
+        _cta_barrier()
+        _tma_store(OD, [row0 + (n_mb - 1) * MB, 0], M_s)
+        tma.store_wait(0)
+        _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
+                     B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
+
+
+    @gluon.jit
     def _top_rows(t):
         """Rows 16 w + [0, 8) of a [64, C] wgmma-layout tensor, as [4, 8, C] (w = the warp). In the accumulator
         layout every thread holds row 16 w + r and row 16 w + 8 + r: this keeps the first of the two."""
@@ -1040,8 +1239,9 @@ def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
 
 
 def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
-                      bsum_mma=True):
-    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
+                      bsum_mma=True, fuse_out=False):
+    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
+    fuse_out: _ttt_mlp_fwd_fused_kernel (the output path folded into the update chain; TMA and bsum_mma only)."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
     BH, F = B * H, W1.shape[-1]
@@ -1049,6 +1249,14 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     n_ck = -(-n_mb // G)
     global LAUNCHES
     LAUNCHES += 1
+    if fuse_out:
+        if not (tma and bsum_mma):
+            raise ValueError("fuse_out needs tma and bsum_mma")
+        _ttt_mlp_fwd_fused_kernel[(BH,)](
+            q, *(_tile_descriptor(t, mb) for t in (q, k, v, out)), eta, ln_w, ln_b, W1, b1, W2, b2, *finals, *cks,
+            N, H, n_mb, n_ck, G, LN_EPS, D=D, F=F, MB=mb, SAVE=save, num_warps=num_warps,
+        )
+        return out, finals, cks, 0
     _ttt_mlp_fwd_smem_kernel[(BH,)](
         q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out, q, q)), eta, ln_w, ln_b, W1, b1, W2, b2, out,
         *finals, *cks, b1, b1,  # (the two descriptors after out's and these: the recompute's slots, unused here)
