@@ -48,8 +48,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem" and cfg.get("fuse_out"):
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_mlp_fwd_fused_kernel, dict(D=D, F=F, MB=64, SAVE=True, USE_M=cfg["fuse_out"] == 1,
-                                                      num_warps=cfg.get("smem_num_warps", 8))
+            return tg._ttt_mlp_fwd_fused_kernel, dict(D=D, F=F, MB=64, SAVE=True, num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 

@@ -381,17 +381,14 @@ if HAVE_GLUON:
         O_s.store((q.to(gl.float32) + gamma * xq + beta).to(O_s.dtype))
         fence_async_shared()
 
-    # the scan's lengths stay runtime values: a scan of one mini-batch specialised to constants folds the loops and
-    # Triton 3.6's LLVM lowering then fails an assertion (device call 1 of session 17)
-    @gluon.jit(do_not_specialize=["n_mb", "n_ck", "G"])
+    @gluon.jit
     def _ttt_mlp_fwd_fused_kernel(
         Q, QD, KD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
         N, H, n_mb, n_ck, G, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, USE_M: gl.constexpr,
-        num_warps: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The TTT-MLP forward with the output path folded into the update chain (KERNEL_CONFIG mlp_fwd fuse_out).
 
@@ -472,6 +469,8 @@ if HAVE_GLUON:
         tile_bytes: gl.constexpr = MB * D * Q.dtype.element_ty.primitive_bitwidth // 8
         mbarrier.expect(bars.index(0), tile_bytes)
         _tma_load(KD, [row0, 0], bars.index(0), K_s2.index(0))
+        mbarrier.expect(bars.index(2), tile_bytes)
+        _tma_load(QD, [row0, 0], bars.index(2), Q_s)
         mbarrier.expect(bars.index(3), tile_bytes)
         _tma_load(VD, [row0, 0], bars.index(3), V_s)
         q_prev = gl.zeros([MB, D], DT, BL)  # the previous mini-batch's q (its output's residual)
@@ -487,13 +486,10 @@ if HAVE_GLUON:
                 more = i + 1 < n_mb
                 mbarrier.expect(bars.index(nb), tile_bytes, pred=more)
                 _tma_load(KD, [row0 + (i + 1) * MB, 0], bars.index(nb), K_s2.index(nb), pred=more)
-                mbarrier.expect(bars.index(2), tile_bytes)  # Q_s: its last reader was round 4 of i - 1
-                _tma_load(QD, [row0 + i * MB, 0], bars.index(2), Q_s)
                 e = gl.load(ETA + eta_base + i * MB + rows)
                 mbarrier.wait(bars.index(i % 2), (i // 2) % 2)
-                # round 1: the previous mini-batch's output (its LayerNorm while this one's Z1 runs: A_s holds the
-                # previous gelu(Zq); garbage at i = 0, unused), then this one's inner forward. (Z1 first and the
-                # output beside the GELU spills ~2x more: the output's accumulator is live through the GELU.)
+                # round 1: the previous mini-batch's output (A_s holds its gelu(Zq); garbage at i = 0, unused)
+                # beside this one's inner forward
                 zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
                 z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False, is_async=True)
                 zq2 = warpgroup_mma_wait(num_outstanding=1, deps=(zq2,))
@@ -526,59 +522,45 @@ if HAVE_GLUON:
                 _cta_barrier()  # P2 complete; every thread has read V_s
                 mbarrier.expect(bars.index(3), tile_bytes, pred=more)
                 _tma_load(VD, [row0 + (i + 1) * MB, 0], bars.index(3), V_s, pred=more)
-                # round 3: P2 W2^T, b2's sum (and q k^T); then W2's update
+                # round 3: P2 W2^T, b2's sum, q k^T; then W2's update
+                mbarrier.wait(bars.index(2), i % 2)
+                qk = warpgroup_mma(Q_s, K_s.permute((1, 0)), gl.zeros([MB, MB], gl.float32, L_ZD), use_acc=False,
+                                   is_async=True)
                 ga = warpgroup_mma(P2_s, W2B_s.permute((1, 0)), gl.zeros([MB, F], gl.float32, L_ZF),
                                    use_acc=False, is_async=True)
                 db2 = warpgroup_mma(P2_s.permute((1, 0)), E0_s, gl.zeros([D, E0W], gl.float32, L_S2),
                                     use_acc=False, is_async=True)
-                if USE_M:
-                    mbarrier.wait(bars.index(2), i % 2)
-                    qk = warpgroup_mma(Q_s, K_s.permute((1, 0)), gl.zeros([MB, MB], gl.float32, L_ZD),
-                                       use_acc=False, is_async=True)
-                    ga, db2 = warpgroup_mma_wait(num_outstanding=1, deps=(ga, db2))
-                else:
-                    ga, db2 = warpgroup_mma_wait(num_outstanding=0, deps=(ga, db2))
-                p1 = (ga * da.to(gl.float32)).to(DT)
+                qk, ga, db2 = warpgroup_mma_wait(num_outstanding=0, deps=(qk, ga, db2))
+                m = (qk + 1.0).to(DT)  # the ones: b1's update, a column sum of P1, reaches every row of Zq
                 b2 = b2 + gl.convert_layout(gl.sum(db2, axis=1), COL)
-                if USE_M:
-                    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-                    m = (qk + 1.0).to(DT)  # the ones: b1's update, a column sum of P1, reaches every row of Zq
+                p1 = (ga * da.to(gl.float32)).to(DT)
                 w2 = warpgroup_mma(A_s.permute((1, 0)), P2_s, W2F_s.load(L_W2))
                 tma.store_wait(0)  # the output's TMA store has read M_s
                 _cta_barrier()  # every warpgroup is done reading A_s, W2B_s and W2F_s
                 A_s.store(p1)
                 W2F_s.store(w2)
                 W2B_s.store(w2.to(DT))
-                if USE_M:
-                    M_s.store(m)
+                M_s.store(m)
                 fence_async_shared()
                 _cta_barrier()
-                # round 4: the output's Zq, W1's update and b1's sum
-                if USE_M:  # Zq = q W1 + (q k^T + 1) P1 from the old W1, first: its GELU runs beside the update
-                    zq = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False,
-                                       is_async=True)
-                    zq = warpgroup_mma(M_s, A_s, zq, is_async=True)
+                # round 4: W1's update, b1's sum and the output's Zq = q W1 + (q k^T + 1) P1 from the old W1
                 w1 = warpgroup_mma(K_s.permute((1, 0)), A_s, w1, is_async=True)
                 db1 = warpgroup_mma(A_s.permute((1, 0)), E0_s, gl.zeros([F, E0W], gl.float32, L_S1),
                                     use_acc=False, is_async=True)
-                if USE_M:
-                    zq = warpgroup_mma_wait(num_outstanding=2, deps=(zq,))
-                    aq = _gelu(zq + B1_s.load(COLF)[None, :]).to(DT)
-                w1, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(w1, db1))
+                zq = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False, is_async=True)
+                zq = warpgroup_mma(M_s, A_s, zq, is_async=True)
+                w1, db1, zq = warpgroup_mma_wait(num_outstanding=0, deps=(w1, db1, zq))
                 b1n = B1_s.load(gl.SliceLayout(1, L_S1)) + gl.sum(db1, axis=1)  # columns 1.. are zeros
-                _cta_barrier()  # every thread has read b1; every warpgroup's round-4 wgmmas are done
+                aq = _gelu(zq + B1_s.load(COLF)[None, :]).to(DT)
+                q_prev = Q_s.load(BL)
+                _cta_barrier()  # every thread has read b1 and Q_s; every warpgroup's round-4 wgmmas are done
+                mbarrier.expect(bars.index(2), tile_bytes, pred=more)
+                _tma_load(QD, [row0 + (i + 1) * MB, 0], bars.index(2), Q_s, pred=more)
                 B1_s.store(b1n)
                 W1B_s.store(w1.to(DT))
-                if not USE_M:  # Zq = q W1' + b1'
-                    fence_async_shared()
-                    _cta_barrier()
-                    mbarrier.wait(bars.index(2), i % 2)
-                    zq = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-                    aq = _gelu(zq + B1_s.load(COLF)[None, :]).to(DT)
-                q_prev = Q_s.load(BL)
                 A_s.store(aq)
                 fence_async_shared()
-                _cta_barrier()  # also: every thread has read Q_s (its next copy is issued next)
+                _cta_barrier()
         # the last mini-batch's output
         zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
         _store_output(M_s, zq2, q_prev, b2, LNW, LNB, h, dcol, eps, BL, D)
@@ -1259,8 +1241,7 @@ def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
 def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
                       bsum_mma=True, fuse_out=False):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
-    fuse_out: _ttt_mlp_fwd_fused_kernel (the output path folded into the update chain; TMA and bsum_mma only):
-    1 with M = q k^T + 1 (USE_M), 2 without."""
+    fuse_out: _ttt_mlp_fwd_fused_kernel (the output path folded into the update chain; TMA and bsum_mma only)."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
     BH, F = B * H, W1.shape[-1]
@@ -1273,7 +1254,7 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
             raise ValueError("fuse_out needs tma and bsum_mma")
         _ttt_mlp_fwd_fused_kernel[(BH,)](
             q, *(_tile_descriptor(t, mb) for t in (q, k, v, out)), eta, ln_w, ln_b, W1, b1, W2, b2, *finals, *cks,
-            N, H, n_mb, n_ck, G, LN_EPS, D=D, F=F, MB=mb, SAVE=save, USE_M=fuse_out == 1, num_warps=num_warps,
+            N, H, n_mb, n_ck, G, LN_EPS, D=D, F=F, MB=mb, SAVE=save, num_warps=num_warps,
         )
         return out, finals, cks, 0
     _ttt_mlp_fwd_smem_kernel[(BH,)](

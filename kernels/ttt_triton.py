@@ -1855,7 +1855,7 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             cfg = KERNEL_CONFIG["mlp_fwd"]
             res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
                              mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
-                             bsum_mma=bool(cfg.get("bsum_mma", 1)), fuse_out=int(cfg.get("fuse_out", 0)))
+                             bsum_mma=bool(cfg.get("bsum_mma", 1)), fuse_out=bool(cfg.get("fuse_out", 0)))
             if res is not None:
                 return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
