@@ -45,10 +45,6 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
 
     ieee = op_dtype == "fp32"
     if name == "mlp_fwd":
-        if cfg.get("variant") == "smem" and cfg.get("fuse_out"):
-            from ttt_video.kernels import ttt_gluon as tg
-
-            return tg._ttt_mlp_fwd_fused_kernel, dict(D=D, F=F, MB=64, SAVE=True, num_warps=cfg.get("smem_num_warps", 8))
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
@@ -165,8 +161,7 @@ def _disassemble(cubin: bytes, line_info: bool = False) -> str:
 def report(spec: str, op_dtype: str = "bf16") -> dict:
     cfg, compiled = compile_one(spec, op_dtype=op_dtype)
     ptxas = ptxas_path()
-    out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__,
-           "shared_bytes": getattr(compiled.metadata, "shared", None)}
+    out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__}
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:

@@ -1595,7 +1595,7 @@ KERNEL_CONFIG = {
     # output out by TMA (tma: 59.0 vs 63.6 ms). At the one-minute shape, 96 heads: 58.8-59.4 ms against gmem's 136-138
     # (48 heads: 59.3 vs the split's 88.6); 16 warps 72.3. Runs where ttt_gluon.gluon_supports (Hopper, bf16 / fp16,
     # D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "fuse_out": 0,
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1,
                 "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
@@ -1855,7 +1855,7 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             cfg = KERNEL_CONFIG["mlp_fwd"]
             res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
                              mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
-                             bsum_mma=bool(cfg.get("bsum_mma", 1)), fuse_out=bool(cfg.get("fuse_out", 0)))
+                             bsum_mma=bool(cfg.get("bsum_mma", 1)))
             if res is not None:
                 return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape

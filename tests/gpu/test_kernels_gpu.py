@@ -243,7 +243,7 @@ def test_split_forward_long_sequence_bf16(rowshare, monkeypatch):
 # The Gluon forward (kernels/ttt_gluon.py, variant "smem": one CTA per head, the state in shared memory; the
 # default on Hopper for bf16 / fp16 at D 64, F 256, mini-batch 64): each option, short scans, checkpoint groups that
 # do not divide the scan, the long scan, and fp32 inputs, which it leaves to the Triton kernels.
-SMEM_CHANGES = [{}, {"bsum_mma": 0}, {"tma": 0}, {"smem_num_warps": 16}, {"fuse_out": 1}]
+SMEM_CHANGES = [{}, {"bsum_mma": 0}, {"tma": 0}, {"smem_num_warps": 16}]
 
 
 def _smem_config(monkeypatch, **change):
@@ -254,7 +254,7 @@ def _smem_config(monkeypatch, **change):
 
 
 @pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("change", SMEM_CHANGES, ids=["default", "bsum-reduce", "no-tma", "16-warps", "fuse-out"])
+@pytest.mark.parametrize("change", SMEM_CHANGES, ids=["default", "bsum-reduce", "no-tma", "16-warps"])
 def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
     ttt_gluon = _smem_config(monkeypatch, **change)
     n0 = ttt_gluon.LAUNCHES
@@ -266,15 +266,14 @@ def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
 # recompute forward, the output path of all its mini-batches, then one 8-warp CTA per head back through the group):
 # the tests below run each Gluon direction alone (the other one the default), every gradient against the float64
 # reference.
-GLUON_DIRECTIONS = ["forward", "forward-fused", "backward"]
+GLUON_DIRECTIONS = ["forward", "backward"]
 
 
 def _gluon_direction(monkeypatch, direction):
-    """The Gluon kernel of ``direction`` pinned ("forward-fused": the forward with fuse_out); returns a function
-    giving its launch count so far."""
+    """The Gluon kernel of ``direction`` pinned; returns a function giving its launch count so far."""
     from ttt_video.kernels import ttt_triton
 
-    ttt_gluon = _smem_config(monkeypatch, **({"fuse_out": 1} if direction == "forward-fused" else {}))
+    ttt_gluon = _smem_config(monkeypatch)
     if direction == "backward":
         monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem"))
         return lambda: ttt_gluon.BWD_LAUNCHES
