@@ -161,7 +161,8 @@ def _disassemble(cubin: bytes, line_info: bool = False) -> str:
 def report(spec: str, op_dtype: str = "bf16") -> dict:
     cfg, compiled = compile_one(spec, op_dtype=op_dtype)
     ptxas = ptxas_path()
-    out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__}
+    out = {"spec": spec, "dtype": op_dtype, "triton": triton.__version__,
+           "shared_bytes": getattr(compiled.metadata, "shared", None)}
     with tempfile.TemporaryDirectory() as d:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
