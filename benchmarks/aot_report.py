@@ -79,9 +79,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True,
-                                                        UNROLL=cfg.get("unroll", 0) > 0, THREE=cfg.get("unroll", 0) == 2,
-                                                        num_warps=4)
+            return tg._ttt_linear_fwd_smem_kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, num_warps=4)
         kernel = tt._linear_fwd_kernel(cfg.get("mb", 16), cfg.get("variant"))
         return kernel, dict(D=D, MB=cfg.get("mb", 16), SAVE=True, IEEE=ieee, **tt._linear_fwd_options(kernel, cfg))
     if name == "linear_bwd":

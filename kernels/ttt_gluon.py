@@ -436,102 +436,27 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, j, row0, n_mb, NB: gl.constexpr, MB: gl.constexpr):
-        _linear_load_tile_set(KD, QD, VD, X_s.index(j % NB), V_s.index(j % NB), bars.index(j % NB), j, row0, n_mb, MB)
-
-    @gluon.jit
-    def _linear_load_tile_set(KD, QD, VD, Xb, Vb, bar, j, row0, n_mb, MB: gl.constexpr):
         """Mini-batch j's row tiles into buffer j % NB (for 0 <= j <= n_mb), in _ttt_linear_fwd_smem_kernel's row
         map: k_j and v_j into rows [0, 8) and [16, 24), q_{j-1} into rows [32, 40) and [48, 56); one TMA box each,
         whose out-of-bounds rows fill the rows between with zeros. The first and last iterations have no q_{-1} /
         k_{n_mb}: they load the sequence's own q_0 / k, v_{n_mb - 1} instead (their results go nowhere: the first
         output is not stored and the last k rows have eta 0), so every phase expects the same bytes (one arrive)."""
-        box: gl.constexpr = 32 * Xb.shape[1] * Xb.dtype.primitive_bitwidth // 8  # zero-filled rows count too
+        bar = bars.index(j % NB)
+        box: gl.constexpr = 32 * X_s.shape[2] * X_s.dtype.primitive_bitwidth // 8  # zero-filled rows count too
         ok = j <= n_mb
         kv_row = (row0 + gl.minimum(j, n_mb - 1) * MB) // 8
         q_row = (row0 + gl.maximum(j - 1, 0) * MB) // 8
         mbarrier.expect(bar, 3 * box, pred=ok)
-        _tma_load(KD, [kv_row, 0, 0], bar, _rows_boxes(Xb, 0), pred=ok)
-        _tma_load(VD, [kv_row, 0, 0], bar, _rows_boxes(Vb, 0), pred=ok)
-        _tma_load(QD, [q_row, 0, 0], bar, _rows_boxes(Xb, 1), pred=ok)
-
-    @gluon.jit
-    def _linear_load_tile_set3(KD, QD, VD, Xb, Vb, bk, bv, bq, j, row0, n_mb, MB: gl.constexpr):
-        """_linear_load_tile_set with an mbarrier per copy, their expects first: Triton 3.6's barrier pass puts a
-        CTA barrier between any two operations on one mbarrier allocation (each copy arrives on its mbarrier), so
-        one mbarrier for three copies costs three barriers; this order costs two (the k and q boxes share Xb)."""
-        box: gl.constexpr = 32 * Xb.shape[1] * Xb.dtype.primitive_bitwidth // 8
-        ok = j <= n_mb
-        kv_row = (row0 + gl.minimum(j, n_mb - 1) * MB) // 8
-        q_row = (row0 + gl.maximum(j - 1, 0) * MB) // 8
-        mbarrier.expect(bk, box, pred=ok)
-        mbarrier.expect(bv, box, pred=ok)
-        mbarrier.expect(bq, box, pred=ok)
-        _tma_load(KD, [kv_row, 0, 0], bk, _rows_boxes(Xb, 0), pred=ok)
-        _tma_load(VD, [kv_row, 0, 0], bv, _rows_boxes(Vb, 0), pred=ok)
-        _tma_load(QD, [q_row, 0, 0], bq, _rows_boxes(Xb, 1), pred=ok)
-
-    @gluon.jit
-    def _linear_step(i, Xb, Vb, bar, bar_v, bar_q, Xn, Vn, barn, barn_v, barn_q, O_b, P_s, W_s, ONES_s, KD, QD, VD,
-                     OD, ETA, CK_W1, CK_B1, w, bfull, e, gamma, beta, row0, n_mb, N, G, pid64, eps,
-                     SAVE: gl.constexpr, LATE_WAIT: gl.constexpr, THREE: gl.constexpr, D: gl.constexpr,
-                     MB: gl.constexpr):
-        """Iteration i of _ttt_linear_fwd_smem_kernel's scan: learns mini-batch i (i < n_mb) from the tile set
-        (Xb, Vb; mbarrier bar, or with THREE bar / bar_v / bar_q, one per copy), finishes mini-batch i - 1's output
-        (i > 0) through O_b, and loads mini-batch i + 1's tiles into (Xn, Vn; barn[_v, _q]). LATE_WAIT: O_b is one
-        of two output tiles; the previous store is waited for before the closing barrier (else before O_b's
-        rewrite). Returns W, b and the next mini-batch's eta."""
-        K2: gl.constexpr = 32  # rows [0, 32): the k rows with the padding between them (the update's depth)
-        DT: gl.constexpr = Xb.dtype
-        L_Z: gl.constexpr = w.type.layout
-        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, L_Z))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, L_Z))
-        if SAVE:
-            if (i % G == 0) & (i < n_mb):
-                ck = pid64 * ((n_mb + G - 1) // G) + i // G
-                gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
-                gl.store(CK_B1 + ck * D + rows[:, None] * 0 + cols[None, :], bfull, mask=(rows == 0)[:, None])
-        mbarrier.wait(bar, (i // 2) % 2)
-        if THREE:
-            mbarrier.wait(bar_v, (i // 2) % 2)
-            mbarrier.wait(bar_q, (i // 2) % 2)
-        z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
-        # while it runs: the next tiles into the other set (its readers finished before the last barrier), the next
-        # eta, and this mini-batch's rows in the row layout
-        if THREE:
-            _linear_load_tile_set3(KD, QD, VD, Xn, Vn, barn, barn_v, barn_q, i + 1, row0, n_mb, MB)
-        else:
-            _linear_load_tile_set(KD, QD, VD, Xn, Vn, barn, i + 1, row0, n_mb, MB)
-        e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
-        x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
-        z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
-        out, p = _linear_ln_top_rows(_top_rows(z), x_t, v_t, gamma, beta, e, eps, D)
-        if not LATE_WAIT:
-            tma.store_wait(0)  # the last output has left O_b
-        # out and P as the 16 values a thread holds (the tiles' padding rows stay the zeros they start as)
-        _store_top_rows(O_b, out.to(DT))
-        _store_top_rows(P_s, p.to(DT))
-        fence_async_shared()
-        _cta_barrier()
-        if i > 0:
-            _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_b, 1))
-        # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
-        w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
-        bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
-        w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
-        W_s.store(w.to(DT))
-        fence_async_shared()
-        if LATE_WAIT:
-            tma.store_wait(1)  # the previous output's store has read the other output tile (rewritten next)
-        _cta_barrier()
-        return w, bfull, e_next
+        _tma_load(KD, [kv_row, 0, 0], bar, _rows_boxes(X_s.index(j % NB), 0), pred=ok)
+        _tma_load(VD, [kv_row, 0, 0], bar, _rows_boxes(V_s.index(j % NB), 0), pred=ok)
+        _tma_load(QD, [q_row, 0, 0], bar, _rows_boxes(X_s.index(j % NB), 1), pred=ok)
 
     @gluon.jit
     def _ttt_linear_fwd_smem_kernel(
         KD, QD, VD, OD, ETA, LNW, LNB,
         W1_IN, B1_IN, W1_OUT, B1_OUT, CK_W1, CK_B1,
         N, H, n_mb, G, eps,
-        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, UNROLL: gl.constexpr, THREE: gl.constexpr,
-        num_warps: gl.constexpr,
+        D: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, num_warps: gl.constexpr,
     ):
         """TTT-Linear forward at mini-batch 16, one 4-warp CTA (a warpgroup) per (sequence, head). W (fp32) lives
         in the wgmma accumulator registers, its bf16 copy, the row tiles and -eta dl/dZ in shared memory; k, q, v
@@ -546,15 +471,7 @@ if HAVE_GLUON:
         values that hold data instead of the padded tile's 32 a thread (session 14's layout), with no trip through
         shared memory (session 16's first try). TMA moves each row tile as one [2, 16, D] box
         (_row_box_descriptor) whose out-of-bounds rows zero-fill the padding, and P and the output go to shared memory
-        as the 16 values a thread holds (_store_top_rows).
-
-        UNROLL: the scan two mini-batches an iteration, with each parity's row tiles, output tile and mbarrier in
-        allocations of their own. Triton's barrier pass sees one allocation as one buffer: with the tiles as slices
-        of one allocation it puts a CTA barrier before each TMA load into the next tile set (the threads are
-        reading the current one) and after it (before those reads); separate allocations leave only the two
-        barriers the scan needs. The output tile is double-buffered too: the store of mini-batch i - 1's output
-        is waited for at the end of the next iteration, before its barrier, instead of before the tile's reuse
-        (which needed a barrier of its own, the store being one thread's)."""
+        as the 16 values a thread holds (_store_top_rows)."""
         gl.static_assert(num_warps == 4)
         gl.static_assert(D == 64)  # W's [D, D] tile shares the row tiles' 64-row layout
         gl.static_assert(MB == 16)  # the row map above
@@ -573,52 +490,22 @@ if HAVE_GLUON:
         h = pid % H
         row0 = pid * N  # this sequence's first row in the [B H N, D] views
 
+        X_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # [k_i; q_{i-1}] in the row map, zeros elsewhere
+        V_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # v_i in the k rows' places, zeros elsewhere
+        O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output in the q rows' places
         P_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # -eta dl/dZ in the k rows' places, zeros elsewhere
         W_s = gl.allocate_shared_memory(DT, [D, D], S_T)  # W in bf16: the next inner forward's operand
         ONES_s = gl.allocate_shared_memory(DT, [R, K2], S_E)  # b's update as 1 P: every row gets the column sums
-        zero_t = gl.zeros([R, D], DT, L_Z)
-        if UNROLL:  # each parity's tiles in allocations of their own (docstring)
-            X0 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            X1 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            V0 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            V1 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            O0 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            O1 = gl.allocate_shared_memory(DT, [R, D], S_T)
-            bar0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            bar1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(bar0, count=1)
-            mbarrier.init(bar1, count=1)
-            if THREE:  # an mbarrier per copy (_linear_load_tile_set3)
-                bar0v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-                bar0q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-                bar1v = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-                bar1q = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-                mbarrier.init(bar0v, count=1)
-                mbarrier.init(bar0q, count=1)
-                mbarrier.init(bar1v, count=1)
-                mbarrier.init(bar1q, count=1)
-            else:
-                bar0v = bar0
-                bar0q = bar0
-                bar1v = bar1
-                bar1q = bar1
-            for X in gl.static_range(1):  # (a loop keeps the four stores one statement each)
-                X0.store(zero_t)
-                X1.store(zero_t)
-                V0.store(zero_t)
-                V1.store(zero_t)
-        else:
-            X_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # [k_i; q_{i-1}] in the row map, zeros elsewhere
-            V_s = gl.allocate_shared_memory(DT, [NB, R, D], S_T)  # v_i in the k rows' places, zeros elsewhere
-            O_s = gl.allocate_shared_memory(DT, [R, D], S_T)  # the output in the q rows' places
-            bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())  # one per tile set
-            for j in gl.static_range(NB):
-                mbarrier.init(bars.index(j), count=1)
-                X_s.index(j).store(zero_t)
-                V_s.index(j).store(zero_t)
+        bars = gl.allocate_shared_memory(gl.int64, [NB, 1], mbarrier.MBarrierLayout())  # one per row-tile buffer
+        for j in gl.static_range(NB):
+            mbarrier.init(bars.index(j), count=1)
 
         rows = gl.arange(0, R, layout=ROW)
         cols = gl.arange(0, D, layout=COL)
+        zero_t = gl.zeros([R, D], DT, L_Z)
+        for j in gl.static_range(NB):
+            X_s.index(j).store(zero_t)
+            V_s.index(j).store(zero_t)
         P_s.store(zero_t)
         ONES_s.store(gl.full([R, K2], 1.0, DT, gl.BlockedLayout([1, 8], [32, 1], [4, 1], [1, 0])))
         w = gl.load(W1_IN + pid64 * D * D + rows[:, None] * D + cols[None, :])
@@ -626,7 +513,7 @@ if HAVE_GLUON:
         # start and its update (1 P, ones times P) a wgmma, with no layout change from rows to columns
         bfull = gl.zeros([R, D], gl.float32, L_Z) + gl.load(B1_IN + pid64 * D + cols)[None, :]
         row_0 = (rows == 0)[:, None]
-        b_offs = rows[:, None] * 0 + cols[None, :]  # b's row 0 (every row of bfull is b)
+        b_offs = rows[:, None] * 0 + cols[None, :]
         W_s.store(w.to(DT))
         zf = gl.zeros([R, D], gl.float32, L_Z)
         gamma = _top_rows(zf + gl.load(LNW + h * D + cols)[None, :])
@@ -634,29 +521,42 @@ if HAVE_GLUON:
         e = _k_row_eta(ETA, pid64 * N, True, gamma)
         fence_async_shared()
         _cta_barrier()
-        if UNROLL:
-            if THREE:
-                _linear_load_tile_set3(KD, QD, VD, X0, V0, bar0, bar0v, bar0q, 0, row0, n_mb, MB)
-            else:
-                _linear_load_tile_set(KD, QD, VD, X0, V0, bar0, 0, row0, n_mb, MB)
-            for i2 in range(0, n_mb + 1, 2):
-                w, bfull, e = _linear_step(i2, X0, V0, bar0, bar0v, bar0q, X1, V1, bar1, bar1v, bar1q, O0, P_s, W_s,
-                                           ONES_s, KD, QD, VD, OD, ETA, CK_W1, CK_B1, w, bfull, e, gamma, beta, row0,
-                                           n_mb, N, G, pid64, eps, SAVE, True, THREE, D, MB)
-                if i2 + 1 <= n_mb:
-                    w, bfull, e = _linear_step(i2 + 1, X1, V1, bar1, bar1v, bar1q, X0, V0, bar0, bar0v, bar0q, O1, P_s,
-                                               W_s, ONES_s, KD, QD, VD, OD, ETA, CK_W1, CK_B1, w, bfull, e, gamma,
-                                               beta, row0, n_mb, N, G, pid64, eps, SAVE, True, THREE, D, MB)
-        else:
-            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
-            # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
-            for i in range(n_mb + 1):
-                bar = bars.index(i % NB)
-                barn = bars.index((i + 1) % NB)
-                w, bfull, e = _linear_step(i, X_s.index(i % NB), V_s.index(i % NB), bar, bar, bar,
-                                           X_s.index((i + 1) % NB), V_s.index((i + 1) % NB), barn, barn, barn,
-                                           O_s, P_s, W_s, ONES_s, KD, QD, VD, OD, ETA, CK_W1, CK_B1, w, bfull, e,
-                                           gamma, beta, row0, n_mb, N, G, pid64, eps, SAVE, False, False, D, MB)
+        _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, 0, row0, n_mb, NB, MB)
+
+        # iteration i learns mini-batch i (i < n_mb) and finishes mini-batch i - 1's output (i > 0)
+        for i in range(n_mb + 1):
+            if SAVE:
+                if (i % G == 0) & (i < n_mb):
+                    ck = pid64 * ((n_mb + G - 1) // G) + i // G
+                    gl.store(CK_W1 + ck * D * D + rows[:, None] * D + cols[None, :], w)
+                    gl.store(CK_B1 + ck * D + b_offs, bfull, mask=row_0)
+            Xb = X_s.index(i % NB)
+            Vb = V_s.index(i % NB)
+            mbarrier.wait(bars.index(i % NB), (i // NB) % 2)
+            z = warpgroup_mma(Xb, W_s, bfull, is_async=True)
+            # while it runs: the next tiles into the other buffer (its readers finished before the last barrier),
+            # the next eta, and this mini-batch's rows in the row layout
+            _linear_load_tiles(KD, QD, VD, X_s, V_s, bars, i + 1, row0, n_mb, NB, MB)
+            e_next = _k_row_eta(ETA, pid64 * N + (i + 1) * MB, i + 1 < n_mb, gamma)
+            x_t, v_t = _top_rows(Xb.load(L_Z).to(gl.float32)), _top_rows(Vb.load(L_Z).to(gl.float32))
+            z = warpgroup_mma_wait(num_outstanding=0, deps=(z,))
+            out, p = _linear_ln_top_rows(_top_rows(z), x_t, v_t, gamma, beta, e, eps, D)
+            tma.store_wait(0)  # the last output has left O_s
+            # out and P as the 16 values a thread holds (the tiles' padding rows stay the zeros they start as)
+            _store_top_rows(O_s, out.to(DT))
+            _store_top_rows(P_s, p.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if i > 0:
+                _tma_store(OD, [(row0 + (i - 1) * MB) // 8, 0, 0], _rows_boxes(O_s, 1))
+            # W += k^T P, b += 1 P (the k rows and the zero rows between them: depth 32)
+            w = warpgroup_mma(Xb.slice(0, K2).permute((1, 0)), P_s.slice(0, K2), w, is_async=True)
+            bfull = warpgroup_mma(ONES_s, P_s.slice(0, K2), bfull, is_async=True)
+            w, bfull = warpgroup_mma_wait(num_outstanding=0, deps=(w, bfull))
+            W_s.store(w.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            e = e_next
         tma.store_wait(0)
         gl.store(W1_OUT + pid64 * D * D + rows[:, None] * D + cols[None, :], w)
         gl.store(B1_OUT + pid64 * D + b_offs, bfull, mask=row_0)
@@ -1169,7 +1069,7 @@ def linear_gluon_supports(q: torch.Tensor, D: int, mb: int) -> bool:
     return D == 64 and mb in LINEAR_GLUON_MB and torch.cuda.get_device_capability(q.device)[0] == 9
 
 
-def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, unroll=0):
+def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save):
     """Launch the Gluon TTT-Linear forward: fills ``out``, ``finals`` and, if ``save``, the checkpoints."""
     global LINEAR_LAUNCHES
     W1, b1 = state
@@ -1177,7 +1077,7 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
     LINEAR_LAUNCHES += 1
     _ttt_linear_fwd_smem_kernel[(B * H,)](
         *(_row_box_descriptor(t) for t in (k, q, v, out)), eta, ln_w, ln_b, W1, b1, *finals, *cks,
-        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, UNROLL=unroll > 0, THREE=unroll == 2, num_warps=4,
+        N, H, N // mb, G, LN_EPS, D=D, MB=mb, SAVE=save, num_warps=4,
     )
     return out, finals, cks
 

@@ -1630,7 +1630,7 @@ KERNEL_CONFIG = {
     # pairing in a 64-row wgmma tile (each warp owns whole rows: LayerNorm sums stay inside a warp), k / q / v / eta
     # one mini-batch ahead by TMA, the output out by TMA: 26.5-26.7 vs pipe's 29.3-29.4 ms at the one-minute shape.
     # Elsewhere (fp32, mini-batch 64, off Hopper) "auto".
-    "linear_fwd": {"variant": "smem", "unroll": 0, "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
+    "linear_fwd": {"variant": "smem", "pipe_max_mb": 16, "fused_sums": 1, "num_warps": 4, "num_stages": 3},
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
@@ -1924,7 +1924,7 @@ def _linear_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
 
         if ttt_gluon.linear_gluon_supports(q, D, mb):
             res = _try_gluon(ttt_gluon.linear_forward_gluon, q, k, v, eta, (W1, b1), ln_w, ln_b, out, finals, cks, mb, G,
-                             save, unroll=int(KERNEL_CONFIG["linear_fwd"].get("unroll", 0)))
+                             save)
             if res is not None:
                 return res
     kernel = _linear_fwd_kernel(mb)

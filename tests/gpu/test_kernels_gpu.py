@@ -367,18 +367,13 @@ def test_linear_forward_with_large_layernorm_means(variant, monkeypatch):
 # The Gluon TTT-Linear forward (kernels/ttt_gluon.py, variant "smem": mini-batch 16, bf16 / fp16, D 64): the default
 # case, fp16, 1-3 mini-batch scans (the last output is finished in an extra iteration), checkpoint groups that do not
 # divide the scan, a long scan, large LayerNorm means (bf16 here: the kernel has no fp32 path), and the fallbacks.
-# Each in the kernel's three forms (KERNEL_CONFIG linear_fwd unroll: 0 one iteration a mini-batch; 1 two, each
-# parity's tiles in allocations of their own; 2 the same with an mbarrier per copy).
-LINEAR_UNROLLS = [0, 1, 2]
 @pytest.mark.parametrize("case", [(2, 3, 320, 8, BF16), (2, 3, 320, 8, FP16), (1, 3, 16, 1, BF16), (1, 3, 32, 3, BF16),
                                   (1, 3, 48, 2, BF16), (1, 2, 1360, 7, BF16), (1, 2, 4096, 16, BF16)],
                          ids=["bf16", "fp16", "one-minibatch", "two", "three", "groups-7", "long"])
-@pytest.mark.parametrize("unroll", LINEAR_UNROLLS, ids=[f"unroll{u}" for u in LINEAR_UNROLLS])
-def test_linear_smem_forward_matches_float64_reference(case, unroll, monkeypatch):
+def test_linear_smem_forward_matches_float64_reference(case, monkeypatch):
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd",
-                        dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem", unroll=unroll))
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
     B, H, N, G, dt = case
     n0 = ttt_gluon.LINEAR_LAUNCHES
     # 85 and 256 chained mini-batches are long scans, with the long scans' gradient tail: session 16's suite drew
@@ -389,12 +384,10 @@ def test_linear_smem_forward_matches_float64_reference(case, unroll, monkeypatch
     assert ttt_gluon.LINEAR_LAUNCHES > n0
 
 
-@pytest.mark.parametrize("unroll", LINEAR_UNROLLS, ids=[f"unroll{u}" for u in LINEAR_UNROLLS])
-def test_linear_smem_forward_with_large_layernorm_means(unroll, monkeypatch):
+def test_linear_smem_forward_with_large_layernorm_means(monkeypatch):
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
-    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd",
-                        dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem", unroll=unroll))
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "linear_fwd", dict(ttt_triton.KERNEL_CONFIG["linear_fwd"], variant="smem"))
     n0 = ttt_gluon.LINEAR_LAUNCHES
     errs = check("linear", 2, 3, 320, 64, 16, 8, BF16, "cuda", seed=_fresh_seed(), mean_shift=30.0)
     _log({"case": ["linear-smem-large-means"], "errs": errs})
