@@ -28,11 +28,12 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "in_add", "n_slots", "cnt"}
+INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "in_add", "n_slots", "cnt", "n_items"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
 TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}  # [MB, D] tiles of q / k / v / out
-SLOT_DESCRIPTORS = {"WTD", "W2D", "WTD_OUT", "W2D_OUT"}  # the Gluon backward's [F, D] state tiles
+SLOT_DESCRIPTORS = {"WTD", "W2D", "WTD_OUT", "W2D_OUT", "C2D"}  # the Gluon backward's [F, D] state / term tiles
+C1_DESCRIPTORS = {"C1D"}  # its [D, F] output term, stored as [D, 64] boxes
 # tensors in the operand dtype (q, k, v, dout and their gradients, the output); every other pointer is fp32
 OPERAND_PTRS = {"Q", "K", "V", "DOUT", "OUT", "DQ", "DK", "DV"}
 BF16_PTRS = {"C1", "C2"}  # the Gluon backward's output-path terms (bf16 whatever the inputs)
@@ -66,8 +67,10 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            kernel = tg._ttt_mlp_bwd_out_kernel if cfg.get("part") == "out" else tg._ttt_mlp_bwd_smem_kernel
-            return kernel, dict(D=D, F=F, MB=64, num_warps=8)
+            if cfg.get("part") == "out":
+                return tg._ttt_mlp_bwd_out_kernel, dict(D=D, F=F, MB=64, TMA_C=bool(cfg.get("out_tma_c", 1)),
+                                                        num_warps=8)
+            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8)
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)
@@ -107,6 +110,11 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
             box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]  # the Linear one: 3-d boxes
             layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{', '.join(map(str, box))}],{layout!r}>"
+        elif arg in C1_DESCRIPTORS:
+            from triton.experimental.gluon import language as gl
+
+            layout = gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16)
+            signature[arg] = f"tensordesc<{op_dtype}[{D}, 64],{layout!r}>"
         elif arg in SLOT_DESCRIPTORS:
             from triton.experimental.gluon import language as gl
 

@@ -643,18 +643,38 @@ if HAVE_GLUON:
         return (t1.to(gl.float32) + dA * gpf).to(DT), (np1 * gpf).to(DT)
 
     @gluon.jit
+    def _bwd_out_issue(QD, WTD, W2D, WT_b, W2_b, Q_b, bar, item, ok, cnt, n_slots, N, mb0, F: gl.constexpr,
+                       MB: gl.constexpr):
+        """The TMA copies of item (head bh, mini-batch j of the group) of _ttt_mlp_bwd_out_kernel: its end state W'
+        (W1'^T and W2', slot j + 1) and its q tile."""
+        bh = item // cnt
+        j = item % cnt
+        slot = bh * n_slots + j + 1
+        w_bytes: gl.constexpr = WT_b.shape[0] * WT_b.shape[1] * WT_b.dtype.primitive_bitwidth // 8
+        tile_bytes: gl.constexpr = Q_b.shape[0] * Q_b.shape[1] * Q_b.dtype.primitive_bitwidth // 8
+        mbarrier.expect(bar, 2 * w_bytes + tile_bytes, pred=ok)
+        _tma_load(WTD, [slot * F, 0], bar, WT_b, pred=ok)
+        _tma_load(W2D, [slot * F, 0], bar, W2_b, pred=ok)
+        _tma_load(QD, [bh * N + (mb0 + j) * MB, 0], bar, Q_b, pred=ok)
+
+    @gluon.jit
     def _ttt_mlp_bwd_out_kernel(
-        QD, WTD, W2D, DOUT, ST_B1, ST_B2, LNW,
+        QD, WTD, W2D, C1D, C2D, DOUT, ST_B1, ST_B2, LNW,
         C1, C2, CB1, CVEC, DQ,
-        N, H, mb0, cnt, n_slots, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
+        N, H, mb0, cnt, n_slots, n_items, eps,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, TMA_C: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """The output path of the TTT-MLP backward for one (sequence, head, mini-batch) of a checkpoint group, all of
-        them at once: it needs the mini-batch's end state W' (slot j + 1) and dL/dout, not the gradient that the
-        scan carries, so it leaves the sequential kernel. Per mini-batch j: dq, and the terms that dL/dW' gains
+        """The output path of the TTT-MLP backward for the (sequence, head, mini-batch) items of a checkpoint group,
+        all of them at once: it needs the mini-batch's end state W' (slot j + 1) and dL/dout, not the gradient that
+        the scan carries, so it leaves the sequential kernel. Per mini-batch j: dq, and the terms that dL/dW' gains
         from the output: C1 = q^T dL/dzq1 [D, F], C2 = gelu(zq1)^T dL/dzq2 [F, D] (bf16 or fp32, the host's choice),
         CB1 = colsum dL/dzq1 and CVEC = (colsum dL/dzq2, colsum dout * LN(zq2), colsum dout) (fp32); scratch rows
-        [BH, G, ...]."""
+        [BH, G, ...].
+
+        A CTA takes items pid, pid + P, ... (P = the grid): with a grid of one CTA an SM (the 255 registers a thread
+        leave room for one) the next item's W' and q arrive by TMA while the current one runs. TMA_C (bf16 terms):
+        C2 and C1 leave by TMA from the tiles that held W2' and W1'^T, each read for the last time by then (stores
+        from the wgmma layouts throttled the load/store unit: session 17's profile)."""
         gl.static_assert(num_warps == 8)
         L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
         L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -670,80 +690,105 @@ if HAVE_GLUON:
         S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
         S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
         S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_DF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([D, F], gl.bfloat16)
         S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 8], gl.bfloat16)
         DT: gl.constexpr = QD.dtype
-        w_bytes: gl.constexpr = F * D * DT.primitive_bitwidth // 8
-        tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
 
         pid = gl.program_id(0)
-        bh = pid // cnt
-        j = pid % cnt
-        i = mb0 + j
-        h = bh % H
-        slot = bh * n_slots + j + 1  # the end state W'
-        out_row = (bh * cnt + j).to(gl.int64)  # this mini-batch's scratch row
-
-        WT_s = gl.allocate_shared_memory(DT, [F, D], S_FD)
-        W2_s = gl.allocate_shared_memory(DT, [F, D], S_FD)
-        Q_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
+        n_prog = gl.num_programs(0)
+        WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)
+        W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)
+        Q_s = gl.allocate_shared_memory(DT, [2, MB, D], S_XD)
         T_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
         AA_s = gl.allocate_shared_memory(DT, [MB, F], S_XF)
         E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
-        bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        mbarrier.init(bar, count=1)
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for b in gl.static_range(2):
+            mbarrier.init(bars.index(b), count=1)
         L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
         e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
         E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
         fence_async_shared()
         _cta_barrier()
-        mbarrier.expect(bar, 2 * w_bytes + tile_bytes)
-        _tma_load(WTD, [slot * F, 0], bar, WT_s)
-        _tma_load(W2D, [slot * F, 0], bar, W2_s)
-        _tma_load(QD, [bh * N + i * MB, 0], bar, Q_s)
+        _bwd_out_issue(QD, WTD, W2D, WT_s.index(0), W2_s.index(0), Q_s.index(0), bars.index(0), pid, pid < n_items,
+                       cnt, n_slots, N, mb0, F, MB)
         rows = gl.arange(0, MB, layout=gl.SliceLayout(1, BL))
         dcol = gl.arange(0, D, layout=COL)
-        tok = (bh.to(gl.int64) * N + i * MB) * D
-        do = gl.load(DOUT + tok + rows[:, None] * D + dcol[None, :]).to(gl.float32)
-        mbarrier.wait(bar, 0)
+        it = 0
+        for item in range(pid, n_items, n_prog):
+            buf = it % 2
+            if TMA_C:
+                tma.store_wait(0)  # the last item's C1 / C2 stores have read the buffers copied into next
+            _bwd_out_issue(QD, WTD, W2D, WT_s.index(1 - buf), W2_s.index(1 - buf), Q_s.index(1 - buf),
+                           bars.index(1 - buf), item + n_prog, item + n_prog < n_items, cnt, n_slots, N, mb0, F, MB)
+            WT_b = WT_s.index(buf)
+            W2_b = W2_s.index(buf)
+            Q_b = Q_s.index(buf)
+            bh = item // cnt
+            j = item % cnt
+            i = mb0 + j
+            h = bh % H
+            slot = bh * n_slots + j + 1  # the end state W'
+            out_row = (bh * cnt + j).to(gl.int64)  # this mini-batch's scratch row
+            tok = (bh.to(gl.int64) * N + i * MB) * D
+            do = gl.load(DOUT + tok + rows[:, None] * D + dcol[None, :]).to(gl.float32)
+            mbarrier.wait(bars.index(buf), (it // 2) % 2)
 
-        gq1_0 = _zq1_half(Q_s, WT_s, AA_s, ST_B1 + slot * F, 0, MB, L_ZH, DT)
-        gq1_1 = _zq1_half(Q_s, WT_s, AA_s, ST_B1 + slot * F, 1, MB, L_ZH, DT)
-        fence_async_shared()
-        _cta_barrier()
-        zq2 = warpgroup_mma(AA_s, W2_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-        zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + slot * D + dcol)[None, :]
-        xq, rq = _ln_rows(zq2, D, eps)
-        gxo = do * gl.load(LNW + h * D + dcol)[None, :]
-        s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
-        dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
-        gl.store(CVEC + out_row * 3 * D + dcol, gl.sum(dzq2, axis=0))
-        gl.store(CVEC + out_row * 3 * D + D + dcol, gl.sum(do * xq, axis=0))
-        gl.store(CVEC + out_row * 3 * D + 2 * D + dcol, gl.sum(do, axis=0))
-        T_s.store(dzq2.to(DT))
-        fence_async_shared()
-        _cta_barrier()
-        c2 = warpgroup_mma(AA_s.permute((1, 0)), T_s, gl.zeros([F, D], gl.float32, L_W2), use_acc=False,
-                           is_async=True)
-        dzq1_0 = _dzq1_half(T_s, W2_s, gq1_0, 0, MB, L_ZH, DT)
-        dzq1_1 = _dzq1_half(T_s, W2_s, gq1_1, 1, MB, L_ZH, DT)
-        c2 = warpgroup_mma_wait(num_outstanding=0, deps=(c2,))
-        gl.store(C2 + out_row * F * D + _w_offsets(F, D, L_W2), c2.to(C2.dtype.element_ty))
-        _cta_barrier()  # every read of gelu(zq1) is done
-        AA_s.slice(0, 128, dim=1).store(dzq1_0)
-        AA_s.slice(128, 128, dim=1).store(dzq1_1)
-        fence_async_shared()
-        _cta_barrier()
-        dq = warpgroup_mma(AA_s, WT_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
-        db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
-                            is_async=True)
-        dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
-        rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
-        cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
-        dq = dq + gl.load(DOUT + tok + rz[:, None] * D + cz[None, :]).to(gl.float32)
-        gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
-        gl.store(CB1 + out_row * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), gl.sum(db1, axis=1))
-        c1 = warpgroup_mma(Q_s.permute((1, 0)), AA_s, gl.zeros([D, F], gl.float32, L_ZF), use_acc=False)
-        gl.store(C1 + out_row * D * F + _w_offsets(D, F, L_ZF), c1.to(C1.dtype.element_ty))
+            gq1_0 = _zq1_half(Q_b, WT_b, AA_s, ST_B1 + slot * F, 0, MB, L_ZH, DT)
+            gq1_1 = _zq1_half(Q_b, WT_b, AA_s, ST_B1 + slot * F, 1, MB, L_ZH, DT)
+            fence_async_shared()
+            _cta_barrier()
+            zq2 = warpgroup_mma(AA_s, W2_b, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
+            zq2 = gl.convert_layout(zq2, BL) + gl.load(ST_B2 + slot * D + dcol)[None, :]
+            xq, rq = _ln_rows(zq2, D, eps)
+            gxo = do * gl.load(LNW + h * D + dcol)[None, :]
+            s1, s2 = gl.reduce((gxo, gxo * xq), 1, _add2)
+            dzq2 = rq[:, None] * (gxo - s1[:, None] / D - xq * (s2[:, None] / D))
+            gl.store(CVEC + out_row * 3 * D + dcol, gl.sum(dzq2, axis=0))
+            gl.store(CVEC + out_row * 3 * D + D + dcol, gl.sum(do * xq, axis=0))
+            gl.store(CVEC + out_row * 3 * D + 2 * D + dcol, gl.sum(do, axis=0))
+            T_s.store(dzq2.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            c2 = warpgroup_mma(AA_s.permute((1, 0)), T_s, gl.zeros([F, D], gl.float32, L_W2), use_acc=False,
+                               is_async=True)
+            dzq1_0 = _dzq1_half(T_s, W2_b, gq1_0, 0, MB, L_ZH, DT)
+            dzq1_1 = _dzq1_half(T_s, W2_b, gq1_1, 1, MB, L_ZH, DT)
+            c2 = warpgroup_mma_wait(num_outstanding=0, deps=(c2,))
+            if not TMA_C:
+                gl.store(C2 + out_row * F * D + _w_offsets(F, D, L_W2), c2.to(C2.dtype.element_ty))
+            _cta_barrier()  # every read of gelu(zq1) and of W2' is done
+            AA_s.slice(0, 128, dim=1).store(dzq1_0)
+            AA_s.slice(128, 128, dim=1).store(dzq1_1)
+            if TMA_C:
+                W2_b.store(c2.to(DT))
+            fence_async_shared()
+            _cta_barrier()
+            if TMA_C:
+                _tma_store(C2D, [(bh * cnt + j) * F, 0], W2_b)  # (32-bit coordinates: rows < 2^31, host-checked)
+            dq = warpgroup_mma(AA_s, WT_b, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
+            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
+                                is_async=True)
+            dq, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, db1))
+            rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
+            cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
+            dq = dq + gl.load(DOUT + tok + rz[:, None] * D + cz[None, :]).to(gl.float32)
+            gl.store(DQ + tok + rz[:, None] * D + cz[None, :], dq.to(DT))
+            gl.store(CB1 + out_row * F + gl.arange(0, F, layout=gl.SliceLayout(1, L_S1)), gl.sum(db1, axis=1))
+            c1 = warpgroup_mma(Q_b.permute((1, 0)), AA_s, gl.zeros([D, F], gl.float32, L_ZF), use_acc=False)
+            if TMA_C:
+                _cta_barrier()  # every warpgroup's dq has read W1'^T
+                C1_b = _reinterpret(WT_b, DT, [D, F], S_DF)
+                C1_b.store(c1.to(DT))
+                fence_async_shared()
+                _cta_barrier()
+                for cc in gl.static_range(F // 64):
+                    _tma_store(C1D, [(bh * cnt + j) * D, cc * 64], C1_b.slice(cc * 64, 64, dim=1))
+            else:
+                gl.store(C1 + out_row * D * F + _w_offsets(D, F, L_ZF), c1.to(C1.dtype.element_ty))
+            it += 1
+        if TMA_C:
+            tma.store_wait(0)
 
     @gluon.jit
     def _prefetch_l2(P, n_bytes: gl.constexpr, num_warps: gl.constexpr):
@@ -1086,7 +1131,7 @@ BWD_LAUNCHES = 0  # Gluon backward calls so far (tests check that a call took th
 
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "out", "backward")):
+                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1121,6 +1166,18 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
     wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
     qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
+    # the output-path kernel: one CTA an SM looping over the group's items (out_persist 1; n > 1: n CTAs, the
+    # tests' way to give each CTA several items; 0: a CTA an item), its bf16 terms out by TMA (out_tma_c; fp32
+    # terms, for fp16 inputs, take plain stores)
+    out_ctas = (torch.cuda.get_device_properties(dev).multi_processor_count if out_persist == 1
+                else int(out_persist))
+    tma_c = bool(out_tma_c) and c_dtype == torch.bfloat16 and BH * G * F < 2**31
+    if tma_c:
+        c1d = TensorDescriptor(c1.view(BH * G * D, F), [BH * G * D, F], [F, 1], [D, 64],
+                               gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16))
+        c2d = TensorDescriptor(c2.view(BH * G * F, D), [BH * G * F, D], [D, 1], [F, D], w_layout)
+    else:
+        c1d = c2d = wtd  # (not read)
     dq, dk, dv, deta = grads
     for c in reversed(range(n_ck)):
         mb0 = c * G
@@ -1134,9 +1191,10 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
                 D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
         if "out" in parts:
-            _ttt_mlp_bwd_out_kernel[(BH * cnt,)](
-                qd, wtd, w2d, dout, st_b1, st_b2, lnw, c1, c2, cb1, cvec, dq,
-                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+            n_items = BH * cnt
+            _ttt_mlp_bwd_out_kernel[(min(n_items, out_ctas) if out_ctas else n_items,)](
+                qd, wtd, w2d, c1d, c2d, dout, st_b1, st_b2, lnw, c1, c2, cb1, cvec, dq,
+                N, H, mb0, cnt, n_slots, n_items, LN_EPS, D=D, F=F, MB=mb, TMA_C=tma_c, num_warps=8,
             )
             ln_out += cvec[:BH * cnt].view(BH, cnt, 3, D)[:, :, 1:].sum(1)
         if "backward" in parts:

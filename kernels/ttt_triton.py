@@ -1613,7 +1613,7 @@ KERNEL_CONFIG = {
     # 8-warp CTA per head back through the group with dL/dW in L2: 74.8 us a mini-batch at 96 heads against the
     # split's ~160; one-minute fwd+bwd 462.8 vs 930.6 ms (docs/performance.md, session 15). Runs where
     # ttt_gluon.gluon_supports; elsewhere the split / gmem rule.
-    "mlp_bwd": {"variant": "smem", "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
                 "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
@@ -2037,7 +2037,8 @@ class _TTTMLPFunction(torch.autograd.Function):
             if ttt_gluon.gluon_supports(q, D, Fh, mb) and not GLUON_DISABLED:
                 cks_rm = (_w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1, ckb1, ckW2, ckb2)  # row-major W1
                 done = _try_gluon(ttt_gluon.mlp_backward_gluon, q, k, v, eta, lnw, lnb, dout, cks_rm, ends, mb, G,
-                                  (dq, dk, dv, deta), dstate, dlnw, dlnb) is not None
+                                  (dq, dk, dv, deta), dstate, dlnw, dlnb, out_persist=int(cfg.get("out_persist", 1)),
+                                  out_tma_c=bool(cfg.get("out_tma_c", 1))) is not None
             cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,

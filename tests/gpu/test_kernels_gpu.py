@@ -288,6 +288,25 @@ def test_smem_backward_matches_float64_reference(dt, monkeypatch):
     assert launches() > n0
 
 
+@pytest.mark.parametrize("form", [(0, 0), (0, 1), (1, 0), (5, 1), (5, 0)],
+                         ids=["item-ctas-plain", "item-ctas-tma", "sm-ctas-plain", "5-ctas-tma", "5-ctas-plain"])
+@pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
+def test_smem_backward_output_path_forms(form, dt, monkeypatch):
+    """The output-path kernel's forms (KERNEL_CONFIG mlp_bwd out_persist, out_tma_c): a CTA an item or a loop over
+    items (5 CTAs for 2 x 3 heads x 7 mini-batches: each CTA several items, both buffers, and a last round that
+    leaves CTAs idle), bf16 terms by TMA or plain stores (fp16 inputs' fp32 terms take the stores whatever the
+    option), in groups 3 + 3 + 1."""
+    from ttt_video.kernels import ttt_triton
+
+    launches = _gluon_direction(monkeypatch, "backward")
+    persist, tma_c = form
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
+                        dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], out_persist=persist, out_tma_c=tma_c))
+    n0 = launches()
+    _checked(["mlp-smem-bwd-out", persist, tma_c, str(dt)], "mlp", 2, 3, 448, 64, 64, 3, dt)
+    assert launches() > n0
+
+
 @pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
 @pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3), (1024, 16)])
 def test_smem_short_scans_and_groups(n_tokens, group, direction, monkeypatch):
