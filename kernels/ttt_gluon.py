@@ -1138,6 +1138,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     forward's row-major checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate
     (dL/d initial state, fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which launches to issue
     (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless).
+    out_persist / out_tma_c: the output-path kernel's forms (KERNEL_CONFIG mlp_bwd; _ttt_mlp_bwd_out_kernel).
     Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
     bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16."""
     global BWD_LAUNCHES

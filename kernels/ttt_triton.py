@@ -1612,9 +1612,12 @@ KERNEL_CONFIG = {
     # forward (each mini-batch's state into scratch slots), the output path of all its mini-batches at once, then one
     # 8-warp CTA per head back through the group with dL/dW in L2: 74.8 us a mini-batch at 96 heads against the
     # split's ~160; one-minute fwd+bwd 462.8 vs 930.6 ms (docs/performance.md, session 15). Runs where
-    # ttt_gluon.gluon_supports; elsewhere the split / gmem rule.
-    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64,
-                "split_num_warps": 4},
+    # ttt_gluon.gluon_supports; elsewhere the split / gmem rule. The output-path kernel (session 17): out_tma_c, its
+    # bf16 terms stored by TMA from shared memory (16.5 -> 13.0 us a mini-batch: the plain stores from the wgmma
+    # layouts throttled the load/store unit); out_persist, one CTA an SM looping over the group's items with the next
+    # item's copies in flight (12.5-13.1 with both; 0 = a CTA an item, n > 1 = n CTAs).
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "fc": 64, "w2t": 0, "num_warps": 8,
+                "num_stages": 1, "fs": 64, "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
     # 12): mini-batch 16 pipe 32.4 vs plain 38.0 ms, mini-batch 64 pipe 28.5 vs plain 14.5 ms (the [128, 64] tile
