@@ -847,7 +847,7 @@ if HAVE_GLUON:
         GW1, GB1, GW2, GVEC,
         DK, DV, DETA,
         N, H, mb0, cnt, n_slots, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, PREFETCH_GW: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
     ):
         """The sequential part of the TTT-MLP backward for one checkpoint group (mini-batches mb0 .. mb0 + cnt - 1,
         in reverse), one 8-warp CTA per (sequence, head), after the STATES forward (the state at each mini-batch's
@@ -976,9 +976,6 @@ if HAVE_GLUON:
             eta_rows = ETA + pid64 * N + i * MB
             t1_0, gp_0, de1_0 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 0, MB, L_ZH, DT)
             t1_1, gp_1, de1_1 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 1, MB, L_ZH, DT)
-            if PREFETCH_GW:  # dL/dW2 and dL/dW1 back into L2 before this mini-batch's merges read them
-                _prefetch_l2(gw2p, F * D * 4, num_warps)
-                _prefetch_l2(gw1p, D * F * 4, num_warps)
             fence_async_shared()
             _cta_barrier()
             dp2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
@@ -1134,7 +1131,7 @@ BWD_LAUNCHES = 0  # Gluon backward calls so far (tests check that a call took th
 
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, prefetch_gw=False):
+                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1204,7 +1201,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
         if "backward" in parts:
             _ttt_mlp_bwd_smem_kernel[(BH,)](
                 kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
-                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, PREFETCH_GW=bool(prefetch_gw), num_warps=8,
+                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
             )
     BWD_LAUNCHES += 1
     dstate[:] = gw + [gvec[:, 0]]
