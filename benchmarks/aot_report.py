@@ -104,22 +104,15 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
     for i, arg in enumerate(fn.arg_names):
         if arg in constexprs:
             signature[arg] = "constexpr"
-        elif arg in TMA_DESCRIPTORS:  # the Gluon forwards' tile descriptors: [MB, D] 16-bit blocks (Linear: 3-d)
+        elif arg in TMA_DESCRIPTORS | C1_DESCRIPTORS | SLOT_DESCRIPTORS:  # Gluon TMA descriptors, 16-bit blocks
             from triton.experimental.gluon import language as gl
 
-            box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]  # the Linear one: 3-d boxes
+            if arg in TMA_DESCRIPTORS:  # [MB, D] tiles (the Linear forward's: 3-d boxes)
+                box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]
+            else:
+                box = [D, 64] if arg in C1_DESCRIPTORS else [F, D]
             layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{', '.join(map(str, box))}],{layout!r}>"
-        elif arg in C1_DESCRIPTORS:
-            from triton.experimental.gluon import language as gl
-
-            layout = gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16)
-            signature[arg] = f"tensordesc<{op_dtype}[{D}, 64],{layout!r}>"
-        elif arg in SLOT_DESCRIPTORS:
-            from triton.experimental.gluon import language as gl
-
-            layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
-            signature[arg] = f"tensordesc<{op_dtype}[{F}, {D}],{layout!r}>"
         elif arg in INT_ARGS:
             signature[arg] = "i32"
         elif arg in FLOAT_ARGS:

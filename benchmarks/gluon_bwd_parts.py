@@ -20,7 +20,8 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=21952)
     p.add_argument("--heads", type=int, default=48)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--out-persist", type=int, default=1, help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
+    p.add_argument("--out-persist", type=int, default=1,
+                   help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
     p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
     a = p.parse_args(argv)
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
