@@ -23,6 +23,8 @@ def main(argv=None):
     p.add_argument("--out-persist", type=int, default=1,
                    help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
     p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
+    p.add_argument("--overlap", type=int, default=0,
+                   help="the sequential kernels on a high-priority stream beside the next group's other launches")
     a = p.parse_args(argv)
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
@@ -45,13 +47,14 @@ def main(argv=None):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
     res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
-           "out_tma_c": a.out_tma_c}
+           "out_tma_c": a.out_tma_c, "overlap": a.overlap}
     for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
                         ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
         res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
                                                              dstate, dlnw, dlnb, parts=parts, out_persist=a.out_persist,
-                                                             out_tma_c=bool(a.out_tma_c)), reps=a.reps)
+                                                             out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap)),
+                            reps=a.reps)
     res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
     n_mb = N // mb
     res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}

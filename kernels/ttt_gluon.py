@@ -1130,8 +1130,19 @@ def linear_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, 
 BWD_LAUNCHES = 0  # Gluon backward calls so far (tests check that a call took this path)
 
 
+_SEQ_STREAMS: dict = {}  # device index -> the high-priority stream of the overlapped backward's sequential kernels
+
+
+def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    if idx not in _SEQ_STREAMS:
+        # above the default stream's 0 (lower is higher): the block scheduler gives its CTAs the SMs that free up
+        _SEQ_STREAMS[idx] = torch.cuda.Stream(device=idx, priority=-1)
+    return _SEQ_STREAMS[idx]
+
+
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True):
+                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1139,8 +1150,15 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     (dL/d initial state, fp32 [BH, ...]) and dlnw / dlnb ([BH, D] per-head sums). ``parts``: which launches to issue
     (benchmarks/gluon_bwd_parts.py times them apart; anything but all three leaves the gradients meaningless).
     out_persist / out_tma_c: the output-path kernel's forms (KERNEL_CONFIG mlp_bwd; _ttt_mlp_bwd_out_kernel).
+
+    overlap: the sequential kernels (one CTA per head: 96 of 132 SMs at the one-minute shape) on a high-priority
+    stream of their own, the next group's STATES and output-path launches on the caller's stream into a second set
+    of scratch buffers, so that they run on the SMs the sequential kernel leaves idle (events order each group's
+    sequential kernel after its output path, and a group's scratch writes after the sequential kernel two groups
+    later that read the same set). The caller's stream waits for the last sequential kernel before returning.
+
     Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
-    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16."""
+    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16 (twice that with overlap)."""
     global BWD_LAUNCHES
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -1153,36 +1171,50 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     gvec[:, 0] = ends[3]
     ln_out = torch.zeros(BH, 2, D, **f32)  # the output path's dL/d(LN weight, bias)
     n_slots = G + 1
-    st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
-    st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
-    st_b1 = torch.empty(BH * n_slots, F, **f32)
-    st_b2 = torch.empty(BH * n_slots, D, **f32)
     # the output path's terms, per (head, mini-batch of the group)
     # (bf16 for bf16 inputs: most of the bytes this backward moves, each term rounded once before its fp32 sum;
     # fp32 for fp16 inputs, whose finer operands the bf16 rounding would show: 1.4e-3 against 7.5e-4)
     c_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    c1 = torch.empty(BH * G, D, F, device=dev, dtype=c_dtype)
-    c2 = torch.empty(BH * G, F, D, device=dev, dtype=c_dtype)
-    cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
-    wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
-    qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
     # the output-path kernel: one CTA an SM looping over the group's items (out_persist 1; n > 1: n CTAs, the
     # tests' way to give each CTA several items; 0: a CTA an item), its bf16 terms out by TMA (out_tma_c; fp32
     # terms, for fp16 inputs, take plain stores)
     out_ctas = (torch.cuda.get_device_properties(dev).multi_processor_count if out_persist == 1
                 else int(out_persist))
     tma_c = bool(out_tma_c) and c_dtype == torch.bfloat16 and BH * G * F < 2**31
-    if tma_c:
-        c1d = TensorDescriptor(c1.view(BH * G * D, F), [BH * G * D, F], [F, 1], [D, 64],
-                               gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16))
-        c2d = TensorDescriptor(c2.view(BH * G * F, D), [BH * G * F, D], [D, 1], [F, D], w_layout)
-    else:
-        c1d = c2d = wtd  # (not read)
+
+    def scratch():
+        """One set of scratch buffers and their TMA descriptors: (W1^T slots, W2 slots, b1 slots, b2 slots,
+        C1, C2, CB1, CVEC, and the descriptors of the slots and of C1 / C2)."""
+        st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
+        st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
+        st_b1, st_b2 = torch.empty(BH * n_slots, F, **f32), torch.empty(BH * n_slots, D, **f32)
+        c1 = torch.empty(BH * G, D, F, device=dev, dtype=c_dtype)
+        c2 = torch.empty(BH * G, F, D, device=dev, dtype=c_dtype)
+        cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
+        wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
+        if tma_c:
+            c1d = TensorDescriptor(c1.view(BH * G * D, F), [BH * G * D, F], [F, 1], [D, 64],
+                                   gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16))
+            c2d = TensorDescriptor(c2.view(BH * G * F, D), [BH * G * F, D], [D, 1], [F, D], w_layout)
+        else:
+            c1d = c2d = wtd  # (not read)
+        return st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d
+
+    sets = [scratch() for _ in range(2 if overlap else 1)]
+    qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
     dq, dk, dv, deta = grads
+    main = torch.cuda.current_stream(dev)
+    seq = _seq_stream(dev) if overlap else main
+    if overlap:
+        seq.wait_stream(main)  # the inputs and the accumulators above
+    seq_done = {}  # group -> event after its sequential kernel (overlap)
     for c in reversed(range(n_ck)):
         mb0 = c * G
         cnt = min(G, n_mb - mb0)
+        st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d = sets[c % len(sets)]
+        if overlap and c + 2 in seq_done:  # this set was last read by the sequential kernel two groups later
+            main.wait_event(seq_done.pop(c + 2))
         if "states" in parts:
             _ttt_mlp_fwd_smem_kernel[(BH,)](
                 q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
@@ -1199,10 +1231,17 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             )
             ln_out += cvec[:BH * cnt].view(BH, cnt, 3, D)[:, :, 1:].sum(1)
         if "backward" in parts:
-            _ttt_mlp_bwd_smem_kernel[(BH,)](
-                kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
-                N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
-            )
+            if overlap:
+                seq.wait_stream(main)  # this group's states and output terms
+            with torch.cuda.stream(seq):
+                _ttt_mlp_bwd_smem_kernel[(BH,)](
+                    kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
+                    N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+                )
+            if overlap:
+                seq_done[c] = seq.record_event()
+    if overlap:
+        main.wait_stream(seq)
     BWD_LAUNCHES += 1
     dstate[:] = gw + [gvec[:, 0]]
     dlnw.copy_(gvec[:, 1] + ln_out[:, 0])

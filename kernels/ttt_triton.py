@@ -1616,7 +1616,7 @@ KERNEL_CONFIG = {
     # bf16 terms stored by TMA from shared memory (16.5 -> 13.0 us a mini-batch: the plain stores from the wgmma
     # layouts throttled the load/store unit); out_persist, one CTA an SM looping over the group's items with the next
     # item's copies in flight (12.5-13.1 with both; 0 = a CTA an item, n > 1 = n CTAs).
-    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "fc": 64, "w2t": 0, "num_warps": 8,
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 0, "fc": 64, "w2t": 0, "num_warps": 8,
                 "num_stages": 1, "fs": 64, "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
@@ -2041,7 +2041,8 @@ class _TTTMLPFunction(torch.autograd.Function):
                 cks_rm = (_w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1, ckb1, ckW2, ckb2)  # row-major W1
                 done = _try_gluon(ttt_gluon.mlp_backward_gluon, q, k, v, eta, lnw, lnb, dout, cks_rm, ends, mb, G,
                                   (dq, dk, dv, deta), dstate, dlnw, dlnb, out_persist=int(cfg.get("out_persist", 1)),
-                                  out_tma_c=bool(cfg.get("out_tma_c", 1))) is not None
+                                  out_tma_c=bool(cfg.get("out_tma_c", 1)),
+                                  overlap=bool(cfg.get("overlap", 0))) is not None
             cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,

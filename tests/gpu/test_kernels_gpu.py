@@ -17,7 +17,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_checks import TOL, check  # noqa: E402
+from kernel_checks import TOL, check, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run scripts/device_kernels.sh on the device)")
 
@@ -305,6 +305,45 @@ def test_smem_backward_output_path_forms(form, dt, monkeypatch):
     n0 = launches()
     _checked(["mlp-smem-bwd-out", persist, tma_c, str(dt)], "mlp", 2, 3, 448, 64, 64, 3, dt)
     assert launches() > n0
+
+
+@pytest.mark.parametrize("persist", [0, 1], ids=["item-ctas", "sm-ctas"])
+def test_smem_backward_overlapped_streams(persist, monkeypatch):
+    """KERNEL_CONFIG mlp_bwd overlap: the sequential kernels on a stream of their own beside the next group's
+    launches, two scratch sets taking turns; one mini-batch a group (7 groups: each set reused three times)."""
+    from ttt_video.kernels import ttt_triton
+
+    launches = _gluon_direction(monkeypatch, "backward")
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
+                        dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], overlap=1, out_persist=persist))
+    n0 = launches()
+    _checked(["mlp-smem-bwd-overlap", persist], "mlp", 2, 3, 448, 64, 64, 1, BF16)
+    assert launches() > n0
+
+
+def test_smem_backward_overlap_gives_the_serial_bits(monkeypatch):
+    """The overlapped backward runs the same kernels on the same data in the same per-head order, so its gradients
+    are bit for bit the serial backward's; at 96 heads (the SMs busy, so that a missing wait between the streams
+    would let a kernel read a scratch set being rewritten) and 32 groups of 2 mini-batches."""
+    from ttt_video.kernels import ttt_triton
+
+    _gluon_direction(monkeypatch, "backward")
+    g = torch.Generator().manual_seed(_fresh_seed())
+    xs = make_inputs("mlp", 2, 48, 4096, 64, BF16, "cuda", g)
+    dout = torch.randn(xs[0].shape, generator=g).to("cuda", BF16)
+    runs = []
+    for overlap in (0, 1, 0, 1):
+        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
+                            dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], overlap=overlap))
+        leaves = [t.detach().clone().requires_grad_(True) for t in xs]
+        q, k, v, eta, *rest = leaves
+        out, final = ttt_triton.ttt_mlp_triton(q, k, v, eta, tuple(rest[:4]), rest[4], rest[5], 64, 2)
+        loss = (out.float() * dout.float()).sum() + sum((f.float() * 0.1).sum() for f in final)
+        runs.append(torch.autograd.grad(loss, leaves))
+    names = ["q", "k", "v", "eta", "W1", "b1", "W2", "b2", "ln_weight", "ln_bias"]
+    for r in runs[1:]:
+        differ = [n for n, a, b in zip(names, runs[0], r) if not torch.equal(a, b)]
+        assert not differ, f"gradients differ between serial and overlapped runs: {differ}"
 
 
 @pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
