@@ -70,7 +70,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
             if cfg.get("part") == "out":
                 return tg._ttt_mlp_bwd_out_kernel, dict(D=D, F=F, MB=64, TMA_C=bool(cfg.get("out_tma_c", 1)),
                                                         num_warps=8)
-            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8)
+            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8, GW_HINT=bool(cfg.get("gw_hint", 0)))
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)

@@ -25,6 +25,7 @@ def main(argv=None):
     p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
     p.add_argument("--overlap", type=int, default=0,
                    help="the sequential kernels on a high-priority stream beside the next group's other launches")
+    p.add_argument("--gw-hint", type=int, default=0, help="the sequential kernel's L2 eviction hints")
     a = p.parse_args(argv)
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
@@ -47,13 +48,13 @@ def main(argv=None):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
     res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
-           "out_tma_c": a.out_tma_c, "overlap": a.overlap}
+           "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint}
     for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
                         ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
         res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
                                                              dstate, dlnw, dlnb, parts=parts, out_persist=a.out_persist,
-                                                             out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap)),
+                                                             out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap), gw_hint=bool(a.gw_hint)),
                             reps=a.reps)
     res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
     n_mb = N // mb

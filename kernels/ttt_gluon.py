@@ -801,12 +801,15 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gw_merge(GWP, CP, a1, b1, a2, b2, MMA: gl.constexpr, TWO: gl.constexpr, W1: gl.constexpr, ADD_C, COPY,
-                  F: gl.constexpr, D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr):
+                  F: gl.constexpr, D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr, HINT: gl.constexpr):
         """A gradient accumulator in global memory (fp32; L2-resident) += a1^T b1 (+ a2^T b2) (with MMA) + the next
         mini-batch's output-path term C (where ADD_C), 64 hidden units at a time so that only a [64, 64]
         accumulator is live; COPY (an [F, D] shared buffer) receives the result in bf16 (dL/dW1 transposed), the next
         mini-batch's operand. W1: dL/dW1 [D, F], a = [MB, D] tiles, b = [MB, F]; else dL/dW2 [F, D], a = [MB, F],
-        b = [MB, D]."""
+        b = [MB, D]. HINT: the accumulator's lines marked evict-last in L2 and the terms' (read once) evict-first,
+        so that other kernels' streams (the overlapped backward's) do not push the accumulator out to HBM."""
+        GW_EV: gl.constexpr = "evict_last" if HINT else ""
+        C_EV: gl.constexpr = "evict_first" if HINT else ""
         r = gl.arange(0, 64, layout=gl.SliceLayout(1, L_ZD))
         c = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
         if W1:  # chunk ch: columns [64 ch, 64 ch + 64) of [D, F]
@@ -815,14 +818,15 @@ if HAVE_GLUON:
         else:  # rows [64 ch, 64 ch + 64) of [F, D]
             offs = r[:, None] * D + c[None, :]
             step: gl.constexpr = 64 * D
-        nxt = gl.load(GWP + offs)
-        nc = gl.load(CP + offs, mask=(offs >= 0) & ADD_C, other=0.0).to(gl.float32)
+        nxt = gl.load(GWP + offs, eviction_policy=GW_EV)
+        nc = gl.load(CP + offs, mask=(offs >= 0) & ADD_C, other=0.0, eviction_policy=C_EV).to(gl.float32)
         for ch in gl.static_range(F // 64):
             acc = nxt
             cadd = nc
             if ch + 1 < F // 64:
-                nxt = gl.load(GWP + (ch + 1) * step + offs)
-                nc = gl.load(CP + (ch + 1) * step + offs, mask=(offs >= 0) & ADD_C, other=0.0).to(gl.float32)
+                nxt = gl.load(GWP + (ch + 1) * step + offs, eviction_policy=GW_EV)
+                nc = gl.load(CP + (ch + 1) * step + offs, mask=(offs >= 0) & ADD_C, other=0.0,
+                             eviction_policy=C_EV).to(gl.float32)
             if MMA:
                 if W1:
                     acc = warpgroup_mma(a1.permute((1, 0)), b1.slice(ch * 64, 64, dim=1), acc, is_async=True)
@@ -834,7 +838,7 @@ if HAVE_GLUON:
                         acc = warpgroup_mma(a2.slice(ch * 64, 64, dim=1).permute((1, 0)), b2, acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             acc = acc + cadd
-            gl.store(GWP + ch * step + offs, acc)
+            gl.store(GWP + ch * step + offs, acc, eviction_policy=GW_EV)
             if W1:
                 COPY.slice(ch * 64, 64, dim=0).permute((1, 0)).store(acc.to(DT))
             else:
@@ -847,7 +851,7 @@ if HAVE_GLUON:
         GW1, GB1, GW2, GVEC,
         DK, DV, DETA,
         N, H, mb0, cnt, n_slots, eps,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr,
+        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr, GW_HINT: gl.constexpr = False,
     ):
         """The sequential part of the TTT-MLP backward for one checkpoint group (mini-batches mb0 .. mb0 + cnt - 1,
         in reverse), one 8-warp CTA per (sequence, head), after the STATES forward (the state at each mini-batch's
@@ -926,9 +930,9 @@ if HAVE_GLUON:
         c1p = C1 + (crow0 + cnt - 1) * D * F
         c2p = C2 + (crow0 + cnt - 1) * F * D
         _gw_merge(gw1p, c1p, Z3_s.index(0), XY_s.index(0), Z3_s.index(0), XY_s.index(0), False, False, True, True,
-                  WT_s.index(Eb), F, D, L_ZD, DT)
+                  WT_s.index(Eb), F, D, L_ZD, DT, GW_HINT)
         _gw_merge(gw2p, c2p, XY_s.index(0), Z3_s.index(0), XY_s.index(0), Z3_s.index(0), False, False, False, True,
-                  W2_s.index(Eb), F, D, L_ZD, DT)
+                  W2_s.index(Eb), F, D, L_ZD, DT, GW_HINT)
         fence_async_shared()
         _cta_barrier()
 
@@ -1016,7 +1020,7 @@ if HAVE_GLUON:
             # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2, and
             # mini-batch j - 1's output term
             _gw_merge(gw2p, C2 + (crow0 + j - 1) * F * D, BB_s, GZ_s, AA_s, DZ_s, True, True, False, more, W2s,
-                      F, D, L_ZD, DT)
+                      F, D, L_ZD, DT, GW_HINT)
             _cta_barrier()  # every read of gelu(Z1) and of BB is done
             AA_s.slice(0, 128, dim=1).store(dz1_0)
             AA_s.slice(128, 128, dim=1).store(dz1_1)
@@ -1044,7 +1048,7 @@ if HAVE_GLUON:
                 _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), GZ_s)
             # dL/dW1 += k^T dL/dZ1, and mini-batch j - 1's output term
             _gw_merge(gw1p, C1 + (crow0 + j - 1) * D * F, K_s, AA_s, K_s, AA_s, True, False, True, more, WTs,
-                      F, D, L_ZD, DT)
+                      F, D, L_ZD, DT, GW_HINT)
             fence_async_shared()
             _cta_barrier()
         gl.store(GB1 + pid64 * F + fcol1, GB1_s.load(COL1))
@@ -1142,7 +1146,8 @@ def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
 
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
-                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False):
+                       parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False,
+                       gw_hint=False):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1156,6 +1161,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     of scratch buffers, so that they run on the SMs the sequential kernel leaves idle (events order each group's
     sequential kernel after its output path, and a group's scratch writes after the sequential kernel two groups
     later that read the same set). The caller's stream waits for the last sequential kernel before returning.
+    gw_hint: the sequential kernel's gradient accumulators kept in L2 by eviction hints (_gw_merge's HINT).
 
     Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
     bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16 (twice that with overlap)."""
@@ -1236,7 +1242,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             with torch.cuda.stream(seq):
                 _ttt_mlp_bwd_smem_kernel[(BH,)](
                     kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
-                    N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8,
+                    N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8, GW_HINT=bool(gw_hint),
                 )
             if overlap:
                 seq_done[c] = seq.record_event()

@@ -1615,9 +1615,14 @@ KERNEL_CONFIG = {
     # ttt_gluon.gluon_supports; elsewhere the split / gmem rule. The output-path kernel (session 17): out_tma_c, its
     # bf16 terms stored by TMA from shared memory (16.5 -> 13.0 us a mini-batch: the plain stores from the wgmma
     # layouts throttled the load/store unit); out_persist, one CTA an SM looping over the group's items with the next
-    # item's copies in flight (12.5-13.1 with both; 0 = a CTA an item, n > 1 = n CTAs).
-    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 0, "fc": 64, "w2t": 0, "num_warps": 8,
-                "num_stages": 1, "fs": 64, "split_num_warps": 4},
+    # item's copies in flight (12.5-13.1 with both; 0 = a CTA an item, n > 1 = n CTAs). Session 18: gw_hint, the
+    # sequential kernel's dL/dW accumulators marked evict-last in L2 (its profile: 1.1 TB/s from DRAM, L2 hit rate
+    # 64 %): 45.6-46.2 -> 43.6-44.1 us a mini-batch at 96 heads; overlap, the sequential kernels on a high-priority
+    # stream beside the next group's STATES and output-path launches (two scratch sets): at 48 heads, the DiT's
+    # launch of one direction, the backward 55.4 -> 46.8 us a mini-batch; at 96 heads no change (the others get
+    # 36 SMs and the sequential kernel slows by as much as they gain: 728 -> ~1,030 us a group, its memory shared).
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 1, "gw_hint": 1, "fc": 64, "w2t": 0,
+                "num_warps": 8, "num_stages": 1, "fs": 64, "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
     # 12): mini-batch 16 pipe 32.4 vs plain 38.0 ms, mini-batch 64 pipe 28.5 vs plain 14.5 ms (the [128, 64] tile
@@ -2042,7 +2047,8 @@ class _TTTMLPFunction(torch.autograd.Function):
                 done = _try_gluon(ttt_gluon.mlp_backward_gluon, q, k, v, eta, lnw, lnb, dout, cks_rm, ends, mb, G,
                                   (dq, dk, dv, deta), dstate, dlnw, dlnb, out_persist=int(cfg.get("out_persist", 1)),
                                   out_tma_c=bool(cfg.get("out_tma_c", 1)),
-                                  overlap=bool(cfg.get("overlap", 0))) is not None
+                                  overlap=bool(cfg.get("overlap", 0)),
+                                  gw_hint=bool(cfg.get("gw_hint", 0))) is not None
             cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,
