@@ -62,6 +62,10 @@ def test_gluon_backward_compiles_for_hopper(aot):
     assert 0 < compiled.metadata.shared <= 227 * 1024
     # ~14 [64, 64] x [64, 256]-sized products per mini-batch: far more wgmma instructions than the forward's
     assert aot.report("mlp_bwd:variant=smem")["sass"].get("HGMMA", 0) >= 100
+    # gw_hint (the default, session 18): dL/dW read and written under an L2 evict-last policy, the terms evict-first
+    ptx = compiled.asm["ptx"]
+    assert "createpolicy.fractional.L2::evict_last" in ptx and "createpolicy.fractional.L2::evict_first" in ptx
+    assert "st.global.L1::evict_last.L2::cache_hint" in ptx
     # the output terms by plain stores / by TMA from shared memory (session 17)
     plain, by_tma = (aot.report(f"mlp_bwd:variant=smem,part=out,out_tma_c={t}") for t in (0, 1))
     for r in (plain, by_tma):
