@@ -23,12 +23,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=21952)
     p.add_argument("--heads", type=int, default=48)
-    p.add_argument("--overlap", type=int, default=1)
+    p.add_argument("--overlap", type=int, default=None, help="default: KERNEL_CONFIG's")
     p.add_argument("--out-persist", type=int, default=1)
     p.add_argument("--json", default="", help="also write the kernel records here")
-    p.add_argument("--gw-hint", type=int, default=0, help="the sequential kernel's L2 eviction hints")
+    p.add_argument("--gw-hint", type=int, default=None, help="the sequential kernel's L2 eviction hints (default: "
+                   "KERNEL_CONFIG's)")
     a = p.parse_args(argv)
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
+
+    cfg = tt.KERNEL_CONFIG["mlp_bwd"]
+    a.overlap = int(cfg.get("overlap", 0)) if a.overlap is None else a.overlap
+    a.gw_hint = int(cfg.get("gw_hint", 0)) if a.gw_hint is None else a.gw_hint
 
     B, H, N, D, mb, G = 2, a.heads, a.tokens, 64, 64, tt.DEFAULT_GROUP
     BH = B * H
@@ -49,7 +54,8 @@ def main(argv=None):
 
     def run():
         ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, [None] * 4, dlnw, dlnb,
-                                     out_persist=a.out_persist, overlap=bool(a.overlap), gw_hint=bool(a.gw_hint))
+                                     out_persist=a.out_persist, overlap=bool(a.overlap), gw_hint=bool(a.gw_hint),
+                                     group_mul=tt.gluon_bwd_group_mul(G))
 
     run()
     torch.cuda.synchronize()

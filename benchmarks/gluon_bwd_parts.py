@@ -23,13 +23,24 @@ def main(argv=None):
     p.add_argument("--out-persist", type=int, default=1,
                    help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
     p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
-    p.add_argument("--overlap", type=int, default=0,
-                   help="the sequential kernels on a high-priority stream beside the next group's other launches")
-    p.add_argument("--gw-hint", type=int, default=0, help="the sequential kernel's L2 eviction hints")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="the sequential kernels on a high-priority stream beside the next group's other launches "
+                   "(default: KERNEL_CONFIG's)")
+    p.add_argument("--gw-hint", type=int, default=None, help="the sequential kernel's L2 eviction hints (default: "
+                   "KERNEL_CONFIG's)")
+    p.add_argument("--group", type=int, default=0, help="mini-batches a checkpoint group (0: the default)")
+    p.add_argument("--bwd-group", type=int, default=None, help="KERNEL_CONFIG mlp_bwd bwd_group (the backward's "
+                   "groups: this many mini-batches, a multiple of --group; 0: --group)")
     a = p.parse_args(argv)
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
-    B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, tt.DEFAULT_GROUP
+    cfg = tt.KERNEL_CONFIG["mlp_bwd"]
+    a.overlap = int(cfg.get("overlap", 0)) if a.overlap is None else a.overlap
+    a.gw_hint = int(cfg.get("gw_hint", 0)) if a.gw_hint is None else a.gw_hint
+    if a.bwd_group is not None:
+        cfg["bwd_group"] = a.bwd_group
+
+    B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, a.group or tt.DEFAULT_GROUP
     BH = B * H
     g = torch.Generator(device="cuda").manual_seed(0)
     dev = dict(device="cuda")
@@ -48,14 +59,15 @@ def main(argv=None):
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
     res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
-           "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint}
+           "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint, "group": G,
+           "bwd_group": G * tt.gluon_bwd_group_mul(G)}
     for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
                         ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
         dstate = [None] * 4
+        opts = dict(parts=parts, out_persist=a.out_persist, out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap),
+                    gw_hint=bool(a.gw_hint), group_mul=tt.gluon_bwd_group_mul(G))
         res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
-                                                             dstate, dlnw, dlnb, parts=parts, out_persist=a.out_persist,
-                                                             out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap), gw_hint=bool(a.gw_hint)),
-                            reps=a.reps)
+                                                             dstate, dlnw, dlnb, **opts), reps=a.reps)
     res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
     n_mb = N // mb
     res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}

@@ -1147,7 +1147,7 @@ def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
                        parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False,
-                       gw_hint=False):
+                       gw_hint=False, group_mul=1):
     """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1162,9 +1162,12 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     sequential kernel after its output path, and a group's scratch writes after the sequential kernel two groups
     later that read the same set). The caller's stream waits for the last sequential kernel before returning.
     gw_hint: the sequential kernel's gradient accumulators kept in L2 by eviction hints (_gw_merge's HINT).
+    group_mul: the backward's groups span group_mul of the forward's checkpoint groups (G' = G group_mul mini-batches,
+    each recomputed from the checkpoint at its start; the others are not read): fewer, longer launches.
 
-    Scratch, freed on return: per head (G + 1) states (2 F D operand-type elements each) and G output terms (2 D F
-    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G 16, bf16 (twice that with overlap)."""
+    Scratch, freed on return: per head (G' + 1) states (2 F D operand-type elements each) and G' output terms (2 D F
+    bf16 or fp32 elements each): ~210 MB at the one-minute shape's 96 heads, G' 16, bf16; twice that with overlap,
+    and in proportion to G' (1.6 GB at G' 64 with overlap)."""
     global BWD_LAUNCHES
     B, H, N, D = q.shape
     BH, n_mb = B * H, N // mb
@@ -1176,7 +1179,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     gvec = torch.zeros(BH, 3, D, **f32)  # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias)
     gvec[:, 0] = ends[3]
     ln_out = torch.zeros(BH, 2, D, **f32)  # the output path's dL/d(LN weight, bias)
-    n_slots = G + 1
+    mul = max(1, int(group_mul))
+    Gb = G * mul  # the backward's group
+    n_slots = Gb + 1
     # the output path's terms, per (head, mini-batch of the group)
     # (bf16 for bf16 inputs: most of the bytes this backward moves, each term rounded once before its fp32 sum;
     # fp32 for fp16 inputs, whose finer operands the bf16 rounding would show: 1.4e-3 against 7.5e-4)
@@ -1187,7 +1192,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     # terms, for fp16 inputs, take plain stores)
     out_ctas = (torch.cuda.get_device_properties(dev).multi_processor_count if out_persist == 1
                 else int(out_persist))
-    tma_c = bool(out_tma_c) and c_dtype == torch.bfloat16 and BH * G * F < 2**31
+    tma_c = bool(out_tma_c) and c_dtype == torch.bfloat16 and BH * Gb * F < 2**31
 
     def scratch():
         """One set of scratch buffers and their TMA descriptors: (W1^T slots, W2 slots, b1 slots, b2 slots,
@@ -1195,14 +1200,14 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
         st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
         st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
         st_b1, st_b2 = torch.empty(BH * n_slots, F, **f32), torch.empty(BH * n_slots, D, **f32)
-        c1 = torch.empty(BH * G, D, F, device=dev, dtype=c_dtype)
-        c2 = torch.empty(BH * G, F, D, device=dev, dtype=c_dtype)
-        cb1, cvec = torch.empty(BH * G, F, **f32), torch.empty(BH * G, 3, D, **f32)
+        c1 = torch.empty(BH * Gb, D, F, device=dev, dtype=c_dtype)
+        c2 = torch.empty(BH * Gb, F, D, device=dev, dtype=c_dtype)
+        cb1, cvec = torch.empty(BH * Gb, F, **f32), torch.empty(BH * Gb, 3, D, **f32)
         wtd, w2d = (TensorDescriptor(t, list(t.shape), [D, 1], [F, D], w_layout) for t in (st_w1, st_w2))
         if tma_c:
-            c1d = TensorDescriptor(c1.view(BH * G * D, F), [BH * G * D, F], [F, 1], [D, 64],
+            c1d = TensorDescriptor(c1.view(BH * Gb * D, F), [BH * Gb * D, F], [F, 1], [D, 64],
                                    gl.NVMMASharedLayout.get_default_for([D, 64], gl.float16))
-            c2d = TensorDescriptor(c2.view(BH * G * F, D), [BH * G * F, D], [D, 1], [F, D], w_layout)
+            c2d = TensorDescriptor(c2.view(BH * Gb * F, D), [BH * Gb * F, D], [D, 1], [F, D], w_layout)
         else:
             c1d = c2d = wtd  # (not read)
         return st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d
@@ -1215,9 +1220,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     if overlap:
         seq.wait_stream(main)  # the inputs and the accumulators above
     seq_done = {}  # group -> event after its sequential kernel (overlap)
-    for c in reversed(range(n_ck)):
-        mb0 = c * G
-        cnt = min(G, n_mb - mb0)
+    for c in reversed(range(-(-n_mb // Gb))):
+        mb0 = c * Gb
+        cnt = min(Gb, n_mb - mb0)
         st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d = sets[c % len(sets)]
         if overlap and c + 2 in seq_done:  # this set was last read by the sequential kernel two groups later
             main.wait_event(seq_done.pop(c + 2))
@@ -1226,7 +1231,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
                 q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
                 q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
                 st_b1, st_b2,
-                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c, n_slots,
+                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots,  # from checkpoint c mul
                 D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
         if "out" in parts:

@@ -1621,8 +1621,12 @@ KERNEL_CONFIG = {
     # stream beside the next group's STATES and output-path launches (two scratch sets): at 48 heads, the DiT's
     # launch of one direction, the backward 55.4 -> 46.8 us a mini-batch; at 96 heads no change (the others get
     # 36 SMs and the sequential kernel slows by as much as they gain: 728 -> ~1,030 us a group, its memory shared).
-    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 1, "gw_hint": 1, "fc": 64, "w2t": 0,
-                "num_warps": 8, "num_stages": 1, "fs": 64, "split_num_warps": 4},
+    # bwd_group: the Gluon backward's groups span bwd_group // G of the forward's checkpoint groups (G = 16, the
+    # DiT's scan_checkpoint_group_size: 4 of them), each recomputed from its first checkpoint: fewer, longer launches
+    # (session 18, gluon_bwd_parts at 96 heads, overlap and gw_hint on: G' 16 69.1 / 69.5, 32 66.3 / 83.7, 64 66.6 /
+    # 65.7 us a mini-batch; 48 heads 47.5 / 44.2 / 43.1), scratch in proportion (~1.6 GB at 96 heads, G' 64).
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 1, "gw_hint": 1, "bwd_group": 64,
+                "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64, "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
     # 12): mini-batch 16 pipe 32.4 vs plain 38.0 ms, mini-batch 64 pipe 28.5 vs plain 14.5 ms (the [128, 64] tile
@@ -1661,6 +1665,12 @@ def _check(kind, q, mini_batch_size, D, F):
         )
     if N % mini_batch_size:
         raise ValueError(f"{kind} triton: N={N} is not a multiple of mini_batch_size={mini_batch_size}")
+
+
+def gluon_bwd_group_mul(G: int) -> int:
+    """How many of the forward's checkpoint groups (G mini-batches each) one group of the Gluon backward spans:
+    KERNEL_CONFIG mlp_bwd bwd_group // G (its groups as near that many mini-batches as multiples of G allow), >= 1."""
+    return max(1, int(KERNEL_CONFIG["mlp_bwd"].get("bwd_group", 0)) // max(1, G))
 
 
 def _group(n_mb: int, checkpoint_group_size: int) -> int:
@@ -2048,7 +2058,8 @@ class _TTTMLPFunction(torch.autograd.Function):
                                   (dq, dk, dv, deta), dstate, dlnw, dlnb, out_persist=int(cfg.get("out_persist", 1)),
                                   out_tma_c=bool(cfg.get("out_tma_c", 1)),
                                   overlap=bool(cfg.get("overlap", 0)),
-                                  gw_hint=bool(cfg.get("gw_hint", 0))) is not None
+                                  gw_hint=bool(cfg.get("gw_hint", 0)),
+                                  group_mul=gluon_bwd_group_mul(G)) is not None
             cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,

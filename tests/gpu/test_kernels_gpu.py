@@ -269,22 +269,26 @@ def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
 GLUON_DIRECTIONS = ["forward", "backward"]
 
 
-def _gluon_direction(monkeypatch, direction):
-    """The Gluon kernel of ``direction`` pinned; returns a function giving its launch count so far."""
+def _gluon_direction(monkeypatch, direction, **bwd_change):
+    """The Gluon kernel of ``direction`` pinned (the backward's KERNEL_CONFIG entry with ``bwd_change``, e.g.
+    bwd_group=0: its groups the forward's checkpoint groups, which the group-structure tests need); returns a
+    function giving its launch count so far."""
     from ttt_video.kernels import ttt_triton
 
     ttt_gluon = _smem_config(monkeypatch)
     if direction == "backward":
-        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd", dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem"))
+        monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
+                            dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem", **bwd_change))
         return lambda: ttt_gluon.BWD_LAUNCHES
     return lambda: ttt_gluon.LAUNCHES
 
 
+@pytest.mark.parametrize("bwd_group", [0, 64], ids=["groups-4-4-2", "one-group-of-10"])
 @pytest.mark.parametrize("dt", [BF16, FP16], ids=["bf16", "fp16"])
-def test_smem_backward_matches_float64_reference(dt, monkeypatch):
-    launches = _gluon_direction(monkeypatch, "backward")
+def test_smem_backward_matches_float64_reference(dt, bwd_group, monkeypatch):
+    launches = _gluon_direction(monkeypatch, "backward", bwd_group=bwd_group)
     n0 = launches()
-    _checked(["mlp-smem-bwd", str(dt)], "mlp", 2, 3, 640, 64, 64, 4, dt)
+    _checked(["mlp-smem-bwd", str(dt), bwd_group], "mlp", 2, 3, 640, 64, 64, 4, dt)
     assert launches() > n0
 
 
@@ -298,7 +302,7 @@ def test_smem_backward_output_path_forms(form, dt, monkeypatch):
     option), in groups 3 + 3 + 1."""
     from ttt_video.kernels import ttt_triton
 
-    launches = _gluon_direction(monkeypatch, "backward")
+    launches = _gluon_direction(monkeypatch, "backward", bwd_group=0)
     persist, tma_c = form
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
                         dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], out_persist=persist, out_tma_c=tma_c))
@@ -313,7 +317,7 @@ def test_smem_backward_overlapped_streams(persist, monkeypatch):
     launches, two scratch sets taking turns; one mini-batch a group (7 groups: each set reused three times)."""
     from ttt_video.kernels import ttt_triton
 
-    launches = _gluon_direction(monkeypatch, "backward")
+    launches = _gluon_direction(monkeypatch, "backward", bwd_group=0)
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
                         dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], overlap=1, out_persist=persist))
     n0 = launches()
@@ -327,7 +331,7 @@ def test_smem_backward_overlap_gives_the_serial_bits(monkeypatch):
     would let a kernel read a scratch set being rewritten) and 32 groups of 2 mini-batches."""
     from ttt_video.kernels import ttt_triton
 
-    _gluon_direction(monkeypatch, "backward")
+    _gluon_direction(monkeypatch, "backward", bwd_group=0)
     g = torch.Generator().manual_seed(_fresh_seed())
     xs = make_inputs("mlp", 2, 48, 4096, 64, BF16, "cuda", g)
     dout = torch.randn(xs[0].shape, generator=g).to("cuda", BF16)
@@ -346,12 +350,27 @@ def test_smem_backward_overlap_gives_the_serial_bits(monkeypatch):
         assert not differ, f"gradients differ between serial and overlapped runs: {differ}"
 
 
+@pytest.mark.parametrize("n_tokens,group,bwd_group", [(448, 2, 6), (1280, 3, 9), (1024, 4, 64)],
+                         ids=["7-mb-as-6-1", "20-mb-as-9-9-2", "16-mb-as-16"])
+def test_smem_backward_groups_span_checkpoint_groups(n_tokens, group, bwd_group, monkeypatch):
+    """KERNEL_CONFIG mlp_bwd bwd_group: each backward group spans bwd_group // group of the forward's checkpoint
+    groups and recomputes from the first of them (7 mini-batches in checkpoint groups of 2 as backward groups of 6
+    and 1, from checkpoints 0 and 3; 20 in 3s as 9, 9, 2; 16 in 4s as one group)."""
+    from ttt_video.kernels import ttt_triton
+
+    launches = _gluon_direction(monkeypatch, "backward", bwd_group=bwd_group)
+    assert ttt_triton.gluon_bwd_group_mul(group) == bwd_group // group
+    n0 = launches()
+    _checked(["mlp-smem-bwd-span", n_tokens, group, bwd_group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
+    assert launches() > n0
+
+
 @pytest.mark.parametrize("direction", GLUON_DIRECTIONS)
 @pytest.mark.parametrize("n_tokens,group", [(64, 1), (128, 3), (192, 2), (448, 3), (1024, 16)])
 def test_smem_short_scans_and_groups(n_tokens, group, direction, monkeypatch):
     """1-3 mini-batches, one mini-batch per checkpoint, groups that do not divide the scan (7 = 3 + 3 + 1), and one
     full group of 16."""
-    launches = _gluon_direction(monkeypatch, direction)
+    launches = _gluon_direction(monkeypatch, direction, bwd_group=0)
     n0 = launches()
     _checked([f"mlp-smem-{direction}-short", n_tokens, group], "mlp", 1, 3, n_tokens, 64, 64, group, BF16)
     assert launches() > n0
