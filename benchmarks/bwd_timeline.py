@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 
 import torch
+from gluon_bwd_parts import add_backward_args, backward_case  # benchmarks/ is this script's directory
 
 
 def _kind(name: str) -> str:
@@ -21,41 +24,10 @@ def _kind(name: str) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=21952)
-    p.add_argument("--heads", type=int, default=48)
-    p.add_argument("--overlap", type=int, default=None, help="default: KERNEL_CONFIG's")
-    p.add_argument("--out-persist", type=int, default=1)
+    add_backward_args(p)
     p.add_argument("--json", default="", help="also write the kernel records here")
-    p.add_argument("--gw-hint", type=int, default=None, help="the sequential kernel's L2 eviction hints (default: "
-                   "KERNEL_CONFIG's)")
     a = p.parse_args(argv)
-    from ttt_video.kernels import ttt_gluon, ttt_triton as tt
-
-    cfg = tt.KERNEL_CONFIG["mlp_bwd"]
-    a.overlap = int(cfg.get("overlap", 0)) if a.overlap is None else a.overlap
-    a.gw_hint = int(cfg.get("gw_hint", 0)) if a.gw_hint is None else a.gw_hint
-
-    B, H, N, D, mb, G = 2, a.heads, a.tokens, 64, 64, tt.DEFAULT_GROUP
-    BH = B * H
-    g = torch.Generator(device="cuda").manual_seed(0)
-
-    def r(*s, dt=torch.bfloat16, scale=1.0):
-        return (torch.randn(*s, generator=g, device="cuda") * scale).to(dt)
-
-    q, k, v, dout = (r(B, H, N, D, scale=0.125) for _ in range(4))
-    eta = torch.rand(B, H, N, generator=g, device="cuda") * 0.01
-    state = (r(BH, D, 4 * D, dt=torch.float32, scale=0.05), r(BH, 4 * D, dt=torch.float32, scale=0.01),
-             r(BH, 4 * D, D, dt=torch.float32, scale=0.05), r(BH, D, dt=torch.float32, scale=0.01))
-    lnw, lnb = torch.ones(H, D, device="cuda"), torch.zeros(H, D, device="cuda")
-    _, finals, cks, _ = tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True)
-    ends = [torch.zeros_like(t) for t in finals]
-    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, device="cuda"))
-    dlnw, dlnb = torch.empty(BH, D, device="cuda"), torch.empty(BH, D, device="cuda")
-
-    def run():
-        ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, [None] * 4, dlnw, dlnb,
-                                     out_persist=a.out_persist, overlap=bool(a.overlap), gw_hint=bool(a.gw_hint),
-                                     group_mul=tt.gluon_bwd_group_mul(G))
+    run, _, info = backward_case(a)
 
     run()
     torch.cuda.synchronize()
@@ -64,9 +36,6 @@ def main(argv=None):
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    import os
-    import tempfile
-
     trace = os.path.join(tempfile.mkdtemp(), "trace.json")
     prof.export_chrome_trace(trace)
     with open(trace) as f:
@@ -76,8 +45,7 @@ def main(argv=None):
             for e in events if e.get("cat") == "kernel"]
     recs.sort(key=lambda x: x["t0"])
     t_start, t_end = recs[0]["t0"], max(x["t1"] for x in recs)
-    res = {"tokens": N, "heads": BH, "overlap": a.overlap, "gw_hint": a.gw_hint, "out_persist": a.out_persist,
-           "wall_us": round(t_end - t_start, 1), "kinds": {}}
+    res = dict(info, wall_us=round(t_end - t_start, 1), kinds={})
     for kind in ("states", "output", "sequential", "other"):
         ks = [x for x in recs if x["kind"] == kind]
         if not ks:

@@ -15,11 +15,10 @@ import torch
 from bench_ttt import _timeit  # benchmarks/ is this script's directory
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_backward_args(p: argparse.ArgumentParser):
+    """The shape and the backward's KERNEL_CONFIG options (bwd_timeline.py takes the same)."""
     p.add_argument("--tokens", type=int, default=21952)
     p.add_argument("--heads", type=int, default=48)
-    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--out-persist", type=int, default=1,
                    help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
     p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
@@ -31,7 +30,11 @@ def main(argv=None):
     p.add_argument("--group", type=int, default=0, help="mini-batches a checkpoint group (0: the default)")
     p.add_argument("--bwd-group", type=int, default=None, help="KERNEL_CONFIG mlp_bwd bwd_group (the backward's "
                    "groups: this many mini-batches, a multiple of --group; 0: --group)")
-    a = p.parse_args(argv)
+
+
+def backward_case(a):
+    """Random bf16 inputs (B = 2 directions x a.heads), the forward with checkpoints, and a.* resolved against
+    KERNEL_CONFIG: (backward(parts), forward(), info), the first two callables for timing."""
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
     cfg = tt.KERNEL_CONFIG["mlp_bwd"]
@@ -39,7 +42,6 @@ def main(argv=None):
     a.gw_hint = int(cfg.get("gw_hint", 0)) if a.gw_hint is None else a.gw_hint
     if a.bwd_group is not None:
         cfg["bwd_group"] = a.bwd_group
-
     B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, a.group or tt.DEFAULT_GROUP
     BH = B * H
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -58,18 +60,33 @@ def main(argv=None):
     ends = [torch.zeros_like(t) for t in finals]
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
-    res = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
-           "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint, "group": G,
-           "bwd_group": G * tt.gluon_bwd_group_mul(G)}
+    opts = dict(out_persist=a.out_persist, out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap),
+                gw_hint=bool(a.gw_hint), group_mul=tt.gluon_bwd_group_mul(G))
+
+    def backward(parts=("states", "out", "backward")):
+        ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, [None] * 4, dlnw, dlnb,
+                                     parts=parts, **opts)
+
+    def forward():
+        tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True)
+
+    info = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
+            "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint, "group": G,
+            "bwd_group": G * opts["group_mul"], "n_minibatches": N // mb}
+    return backward, forward, info
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_backward_args(p)
+    p.add_argument("--reps", type=int, default=3)
+    a = p.parse_args(argv)
+    backward, forward, res = backward_case(a)
     for name, parts in [("backward_ms", ("states", "out", "backward")), ("states_only_ms", ("states",)),
                         ("out_only_ms", ("out",)), ("sequential_only_ms", ("backward",))]:
-        dstate = [None] * 4
-        opts = dict(parts=parts, out_persist=a.out_persist, out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap),
-                    gw_hint=bool(a.gw_hint), group_mul=tt.gluon_bwd_group_mul(G))
-        res[name] = _timeit(lambda: ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads,
-                                                             dstate, dlnw, dlnb, **opts), reps=a.reps)
-    res["forward_ms"] = _timeit(lambda: tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True), reps=a.reps)
-    n_mb = N // mb
+        res[name] = _timeit(lambda: backward(parts), reps=a.reps)
+    res["forward_ms"] = _timeit(forward, reps=a.reps)
+    n_mb = res["n_minibatches"]
     res["us_per_minibatch"] = {k_: round(res[k_] * 1e3 / n_mb, 2) for k_ in res if k_.endswith("_ms")}
     print(json.dumps(res))
 

@@ -1148,7 +1148,7 @@ def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
                        parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False,
                        gw_hint=False, group_mul=1):
-    """The Gluon TTT-MLP backward. Per checkpoint group, last first: the STATES forward (the state at the start of
+    """The Gluon TTT-MLP backward. Per backward group (group_mul checkpoint groups), last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
     forward's row-major checkpoints; ends: dL/d(final state) [BH, ...] fp32; fills grads (dq, dk, dv, deta), dstate
