@@ -16,20 +16,19 @@ from bench_ttt import _timeit  # benchmarks/ is this script's directory
 
 
 def add_backward_args(p: argparse.ArgumentParser):
-    """The shape and the backward's KERNEL_CONFIG options (bwd_timeline.py takes the same)."""
+    """The shape and the backward's KERNEL_CONFIG mlp_bwd options (bwd_timeline.py takes the same); an option left
+    out keeps the configured value."""
     p.add_argument("--tokens", type=int, default=21952)
     p.add_argument("--heads", type=int, default=48)
-    p.add_argument("--out-persist", type=int, default=1,
+    p.add_argument("--out-persist", type=int, default=None,
                    help="the output-path kernel as one CTA an SM (0: one a item; n > 1: n CTAs)")
-    p.add_argument("--out-tma-c", type=int, default=1, help="its bf16 terms out by TMA (0: plain stores)")
+    p.add_argument("--out-tma-c", type=int, default=None, help="its bf16 terms out by TMA (0: plain stores)")
     p.add_argument("--overlap", type=int, default=None,
-                   help="the sequential kernels on a high-priority stream beside the next group's other launches "
-                   "(default: KERNEL_CONFIG's)")
-    p.add_argument("--gw-hint", type=int, default=None, help="the sequential kernel's L2 eviction hints (default: "
-                   "KERNEL_CONFIG's)")
+                   help="the sequential kernels on a high-priority stream beside the next group's other launches")
+    p.add_argument("--gw-hint", type=int, default=None, help="the sequential kernel's L2 eviction hints")
+    p.add_argument("--bwd-group", type=int, default=None, help="the backward's groups: this many mini-batches, a "
+                   "multiple of --group (0: --group)")
     p.add_argument("--group", type=int, default=0, help="mini-batches a checkpoint group (0: the default)")
-    p.add_argument("--bwd-group", type=int, default=None, help="KERNEL_CONFIG mlp_bwd bwd_group (the backward's "
-                   "groups: this many mini-batches, a multiple of --group; 0: --group)")
 
 
 def backward_case(a):
@@ -37,11 +36,10 @@ def backward_case(a):
     KERNEL_CONFIG: (backward(parts), forward(), info), the first two callables for timing."""
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
-    cfg = tt.KERNEL_CONFIG["mlp_bwd"]
-    a.overlap = int(cfg.get("overlap", 0)) if a.overlap is None else a.overlap
-    a.gw_hint = int(cfg.get("gw_hint", 0)) if a.gw_hint is None else a.gw_hint
-    if a.bwd_group is not None:
-        cfg["bwd_group"] = a.bwd_group
+    cfg = tt.KERNEL_CONFIG["mlp_bwd"]  # the options given on the command line, into the (process's) config
+    for key in ("out_persist", "out_tma_c", "overlap", "gw_hint", "bwd_group"):
+        if getattr(a, key) is not None:
+            cfg[key] = getattr(a, key)
     B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, a.group or tt.DEFAULT_GROUP
     BH = B * H
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -60,8 +58,7 @@ def backward_case(a):
     ends = [torch.zeros_like(t) for t in finals]
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty(B, H, N, **dev))
     dlnw, dlnb = torch.empty(BH, D, **dev), torch.empty(BH, D, **dev)
-    opts = dict(out_persist=a.out_persist, out_tma_c=bool(a.out_tma_c), overlap=bool(a.overlap),
-                gw_hint=bool(a.gw_hint), group_mul=tt.gluon_bwd_group_mul(G))
+    opts = tt.gluon_bwd_options(G)
 
     def backward(parts=("states", "out", "backward")):
         ttt_gluon.mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, [None] * 4, dlnw, dlnb,
@@ -70,9 +67,8 @@ def backward_case(a):
     def forward():
         tt._mlp_forward(q, k, v, eta, state, lnw, lnb, mb, G, save=True)
 
-    info = {"tokens": N, "heads": BH, "device": torch.cuda.get_device_name(), "out_persist": a.out_persist,
-            "out_tma_c": a.out_tma_c, "overlap": a.overlap, "gw_hint": a.gw_hint, "group": G,
-            "bwd_group": G * opts["group_mul"], "n_minibatches": N // mb}
+    info = dict(tokens=N, heads=BH, device=torch.cuda.get_device_name(), group=G, bwd_group=G * opts["group_mul"],
+                n_minibatches=N // mb, **{key: int(val) for key, val in opts.items() if key != "group_mul"})
     return backward, forward, info
 
 

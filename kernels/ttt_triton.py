@@ -1667,6 +1667,14 @@ def _check(kind, q, mini_batch_size, D, F):
         raise ValueError(f"{kind} triton: N={N} is not a multiple of mini_batch_size={mini_batch_size}")
 
 
+def gluon_bwd_options(G: int) -> dict:
+    """ttt_gluon.mlp_backward_gluon's options from KERNEL_CONFIG mlp_bwd, for forward checkpoint groups of G."""
+    cfg = KERNEL_CONFIG["mlp_bwd"]
+    return dict(out_persist=int(cfg.get("out_persist", 1)), out_tma_c=bool(cfg.get("out_tma_c", 1)),
+                overlap=bool(cfg.get("overlap", 0)), gw_hint=bool(cfg.get("gw_hint", 0)),
+                group_mul=gluon_bwd_group_mul(G))
+
+
 def gluon_bwd_group_mul(G: int) -> int:
     """How many of the forward's checkpoint groups (G mini-batches each) one group of the Gluon backward spans:
     KERNEL_CONFIG mlp_bwd bwd_group // G (its groups as near that many mini-batches as multiples of G allow), >= 1."""
@@ -2055,11 +2063,7 @@ class _TTTMLPFunction(torch.autograd.Function):
             if ttt_gluon.gluon_supports(q, D, Fh, mb) and not GLUON_DISABLED:
                 cks_rm = (_w1_from_chunks(ckW1, ck_fc) if ck_fc else ckW1, ckb1, ckW2, ckb2)  # row-major W1
                 done = _try_gluon(ttt_gluon.mlp_backward_gluon, q, k, v, eta, lnw, lnb, dout, cks_rm, ends, mb, G,
-                                  (dq, dk, dv, deta), dstate, dlnw, dlnb, out_persist=int(cfg.get("out_persist", 1)),
-                                  out_tma_c=bool(cfg.get("out_tma_c", 1)),
-                                  overlap=bool(cfg.get("overlap", 0)),
-                                  gw_hint=bool(cfg.get("gw_hint", 0)),
-                                  group_mul=gluon_bwd_group_mul(G)) is not None
+                                  (dq, dk, dv, deta), dstate, dlnw, dlnb, **gluon_bwd_options(G)) is not None
             cfg = dict(cfg, variant="done" if done else "split")  # elsewhere the split / gmem rule
         if cfg["variant"] == "split":
             done = _mlp_split_backward(q, k, v, eta, lnw, lnb, dout, (ckW1, ckb1, ckW2, ckb2), ck_fc, ends, mb, G,
