@@ -49,10 +49,11 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
         if cfg.get("variant") == "smem":
             from ttt_video.kernels import ttt_gluon as tg
 
-            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, F=F, MB=64, SAVE=not cfg.get("states", 0), TMA=bool(cfg.get("tma", 1)),
+            return tg._ttt_mlp_fwd_smem_kernel, dict(D=D, FS=F, MB=64, SAVE=not cfg.get("states", 0), TMA=bool(cfg.get("tma", 1)),
                                                      BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
                                                      STATES=bool(cfg.get("states", 0)),
-                                                     num_warps=cfg.get("smem_num_warps", 8))
+                                                     num_warps=cfg.get("smem_num_warps", 8),
+                                                     PAIR=cfg.get("pair", 0) == 2)  # pair=2: the paired form
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_fwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, SAVE=True, IEEE=ieee,

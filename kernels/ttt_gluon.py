@@ -108,21 +108,27 @@ if HAVE_GLUON:
         return zc * rstd[:, None], rstd
 
     @gluon.jit
-    def _w_offsets(R: gl.constexpr, C: gl.constexpr, L: gl.constexpr):
-        """Row-major offsets of an [R, C] matrix in layout L (recomputed where used: held across the scan they
-        would cost 32 registers a thread)."""
+    def _w_offsets_strided(R: gl.constexpr, C: gl.constexpr, S: gl.constexpr, L: gl.constexpr):
+        """Offsets of an [R, C] block of a row-major matrix with S columns, in layout L (recomputed where used: held
+        across the scan they would cost 32 registers a thread)."""
         r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
         c = gl.arange(0, C, layout=gl.SliceLayout(0, L))
-        return r[:, None] * C + c[None, :]
+        return r[:, None] * S + c[None, :]
 
     @gluon.jit
-    def _store_state(PW1, PB1, PW2, PB2, w1, B1_s, W2F_s, b2, dcol, D: gl.constexpr, F: gl.constexpr,
-                     L_ZF: gl.constexpr, L_W2: gl.constexpr):
-        """The state (W1 from registers, b1 and W2 from shared memory, b2 from registers) to row-major buffers."""
-        gl.store(PW1 + _w_offsets(D, F, L_ZF), w1)
+    def _w_offsets(R: gl.constexpr, C: gl.constexpr, L: gl.constexpr):
+        """Row-major offsets of an [R, C] matrix in layout L."""
+        return _w_offsets_strided(R, C, C, L)
+
+    @gluon.jit
+    def _store_state(PW1, PB1, PW2, PB2, w1, B1_s, W2F_s, b2, dcol, D: gl.constexpr, FL: gl.constexpr,
+                     F: gl.constexpr, L_ZF: gl.constexpr, L_W2: gl.constexpr):
+        """The state (W1 from registers, b1 and W2 from shared memory, b2 from registers) to row-major buffers: this
+        CTA's FL of the F hidden units (PW1 / PB1 / PW2 point at its first column / element / row)."""
+        gl.store(PW1 + _w_offsets_strided(D, FL, F, L_ZF), w1)
         COLF: gl.constexpr = gl.SliceLayout(0, L_ZF)
-        gl.store(PB1 + gl.arange(0, F, layout=COLF), B1_s.load(COLF))
-        gl.store(PW2 + _w_offsets(F, D, L_W2), W2F_s.load(L_W2))
+        gl.store(PB1 + gl.arange(0, FL, layout=COLF), B1_s.load(COLF))
+        gl.store(PW2 + _w_offsets(FL, D, L_W2), W2F_s.load(L_W2))
         gl.store(PB2 + dcol, b2)
 
     @gluon.jit
@@ -137,21 +143,66 @@ if HAVE_GLUON:
         gl.store(ST_B2 + slot.to(gl.int64) * D + dcol, b2)
 
     @gluon.jit
+    def _pair_meet(CNT, ERR, target, max_spin):
+        """The two CTAs of a head (PAIR) meet: this CTA's stores so far are released to its partner (every thread's,
+        through the CTA barrier), then it waits until the pair's counter reaches ``target`` (both arrived; acquire).
+        ttt_triton._group_wait's protocol: a bounded poll, a stall flagged in ERR (the scan is wrong from there on)
+        and no more waiting. Returns the poll budget for the next meeting."""
+        _cta_barrier()
+        gl.atomic_add(CNT, 1, sem="release", scope="gpu")
+        n = gl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (n < target) & (spins < max_spin):
+            n = gl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if n < target:
+            gl.atomic_xchg(ERR, 1)
+            max_spin = 0
+        _cta_barrier()
+        return max_spin
+
+    @gluon.jit
+    def _pair_output(OPART, QP, O_s, OD, row, b2, gamma, beta, tile, first, eps, D: gl.constexpr, MB: gl.constexpr):
+        """A mini-batch's output from the pair's two partial sums of gelu(q W1' + b1') W2' (OPART: half 0's, half
+        1's at + 2 MB D), both CTAs computing the same bits in the same order; the first CTA stores it by TMA."""
+        zq = gl.load(OPART + tile) + gl.load(OPART + 2 * MB * D + tile) + b2[None, :]
+        xq, rq = _ln_rows(zq, D, eps)
+        out = gl.load(QP + tile).to(gl.float32) + gamma * xq + beta
+        O_s.store(out.to(O_s.dtype))
+        fence_async_shared()
+        _cta_barrier()
+        if first:
+            _tma_store(OD, [row, 0], O_s)
+
+    @gluon.jit
     def _ttt_mlp_fwd_smem_kernel(
         Q, K, V, QD, KD, VD, OD, WTD_OUT, W2D_OUT, ETA, LNW, LNB,
         W1_IN, B1_IN, W2_IN, B2_IN,
         OUT, W1_OUT, B1_OUT, W2_OUT, B2_OUT,
         CK_W1, CK_B1, CK_W2, CK_B2,
         ST_B1, ST_B2,
-        N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots,
-        D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr, BSUM_MMA: gl.constexpr,
-        STATES: gl.constexpr, num_warps: gl.constexpr,
+        XCH, OPART, CNT, ERR,
+        N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots, max_spin,
+        D: gl.constexpr, FS: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr,
+        BSUM_MMA: gl.constexpr, STATES: gl.constexpr, num_warps: gl.constexpr, PAIR: gl.constexpr = False,
     ):
         """The TTT-MLP forward (module docstring). With STATES (the backward's recompute of one checkpoint group):
         the state at the start of each of mini-batches [mb0, n_mb) and after the last into the head's scratch slots
-        (WTD_OUT / W2D_OUT: W1^T and W2 as [F, D] tiles; ST_B1 / ST_B2), from the checkpoint row pid * in_mul + in_add of W1_IN / B1_IN / W2_IN / B2_IN, and no output."""
+        (WTD_OUT / W2D_OUT: W1^T and W2 as [F, D] tiles; ST_B1 / ST_B2), from the checkpoint row pid * in_mul + in_add of W1_IN / B1_IN / W2_IN / B2_IN, and no output.
+
+        PAIR (heads that leave SMs idle: the DiT runs one direction a launch, 48 heads on 132 SMs): two CTAs a head,
+        each with F / 2 of the hidden units (W1's columns, b1, W2's rows), as the paper's kernel splits a head over
+        two SMs. They meet once a mini-batch through global memory (CNT: a start-order ticket, then a counter a
+        pair; _pair_meet): each adds the two [MB, D] partial sums of Z2 = A W2 from XCH in the same order, so both
+        run the same LayerNorm and inner-gradient steps on the same bits. The output's partial sums (OPART) are
+        written at the end of a mini-batch and summed at the next meeting, so they cost no meeting of their own
+        (ttt_triton's split forward does the same). CTAs take their (head, half) from the ticket in the order they
+        start, so a CTA only ever waits on a CTA that has started or is the next to start."""
         if STATES:
-            gl.static_assert(TMA and BSUM_MMA and not SAVE)
+            gl.static_assert(TMA and BSUM_MMA and not SAVE and not PAIR)
+        if PAIR:
+            gl.static_assert(TMA and BSUM_MMA)
+        F: gl.constexpr = FS // (1 + PAIR)  # this CTA's hidden units (FS: the state's, W1's row stride)
         WG: gl.constexpr = num_warps // 4  # warpgroups: the [MB, F] / [MB, D] tiles' columns are split over them
         # wgmma accumulators: [MB, F] (each warpgroup F / WG columns), [MB, D], and [F, D] (rows over all warps)
         L_ZF: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, WG],
@@ -183,13 +234,22 @@ if HAVE_GLUON:
         S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, E0W], gl.bfloat16)
         DT = Q.dtype.element_ty
 
-        pid = gl.program_id(0)
+        if PAIR:
+            ticket = gl.atomic_add(CNT, 1)  # start order
+            pid = ticket // 2
+            half = ticket % 2
+            pcnt = CNT + 32 + pid * 32  # the pair's counter, a 128-byte line of its own
+        else:
+            pid = gl.program_id(0)
+            half = 0
         pid64 = pid.to(gl.int64)
         h = pid % H
 
         # k and q tiles; with TMA double-buffered (mini-batch i + 1's are copied while i runs) and v's tile too
         K_s2 = gl.allocate_shared_memory(DT, [1 + TMA, MB, D], S_XD)
         Q_s2 = gl.allocate_shared_memory(DT, [1 + TMA, MB, D], S_XD)
+        if PAIR:
+            O_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)  # the output's staging tile (V_s holds v then)
         if TMA:
             V_s = gl.allocate_shared_memory(DT, [MB, D], S_XD)
             bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # k/q buffer 0, 1; v
@@ -213,12 +273,12 @@ if HAVE_GLUON:
 
         # the initial state
         src = pid64 * in_mul + in_add
-        w1 = gl.load(W1_IN + src * D * F + _w_offsets(D, F, L_ZF))
-        w2 = gl.load(W2_IN + src * F * D + _w_offsets(F, D, L_W2))
+        w1 = gl.load(W1_IN + src * D * FS + half * F + _w_offsets_strided(D, F, FS, L_ZF))
+        w2 = gl.load(W2_IN + (src * FS + half * F) * D + _w_offsets(F, D, L_W2))
         W1B_s.store(w1.to(DT))
         W2F_s.store(w2)
         W2B_s.store(w2.to(DT))
-        b1_in = gl.load(B1_IN + src * F + gl.arange(0, F, layout=COLF))
+        b1_in = gl.load(B1_IN + src * FS + half * F + gl.arange(0, F, layout=COLF))
         B1_s.store(b1_in)
         rows = gl.arange(0, MB, layout=ROW)
         dcol = gl.arange(0, D, layout=COL)
@@ -242,8 +302,9 @@ if HAVE_GLUON:
         for c in range(n_ck):
             if SAVE:
                 ck = pid64 * n_ck + c
-                _store_state(CK_W1 + ck * D * F, CK_B1 + ck * F, CK_W2 + ck * F * D, CK_B2 + ck * D, w1, B1_s, W2F_s,
-                             b2, dcol, D, F, L_ZF, L_W2)
+                _store_state(CK_W1 + ck * D * FS + half * F, CK_B1 + ck * FS + half * F,
+                             CK_W2 + (ck * FS + half * F) * D, CK_B2 + ck * D, w1, B1_s, W2F_s, b2, dcol, D, F, FS,
+                             L_ZF, L_W2)
             i_end = gl.minimum(mb0 + c * G + G, n_mb)
             for i in range(mb0 + c * G, i_end):
                 if TMA:
@@ -283,11 +344,22 @@ if HAVE_GLUON:
                 fence_async_shared()
                 _cta_barrier()
                 z2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-                z2 = gl.convert_layout(z2, BL) + b2[None, :]
-                # LayerNorm target gradient: g = LN(z2) - (v - k), dl/dz2 through the LN
                 # the LN parameters are re-read (L1 hits) rather than held through the scan: registers are short
-                gamma = gl.load(LNW + h * D + dcol)[None, :]
-                beta = gl.load(LNB + h * D + dcol)[None, :]
+                if PAIR:  # this half's partial sum out, the meeting, both halves' sums in (mini-batch parity buffers)
+                    gamma = gl.load(LNW + h * D + dcol)[None, :]
+                    beta = gl.load(LNB + h * D + dcol)[None, :]
+                    xp = XCH + (pid64 * 4 + i % 2) * MB * D  # [BH, 2 halves, 2 parities, MB, D]
+                    gl.store(xp + half * 2 * MB * D + _w_offsets(MB, D, L_ZD), z2)
+                    max_spin = _pair_meet(pcnt, ERR, 2 * (i - mb0 + 1), max_spin)
+                    z2 = gl.load(xp + tile) + gl.load(xp + 2 * MB * D + tile) + b2[None, :]
+                    if i > mb0:  # the previous mini-batch's output (b2 is still its end state's)
+                        _pair_output(OPART + (pid64 * 4 + (i - 1) % 2) * MB * D, Q + tok + (i - 1) * MB * D, O_s, OD,
+                                     pid * N + (i - 1) * MB, b2, gamma, beta, tile, half == 0, eps, D, MB)
+                else:
+                    z2 = gl.convert_layout(z2, BL) + b2[None, :]
+                    gamma = gl.load(LNW + h * D + dcol)[None, :]
+                    beta = gl.load(LNB + h * D + dcol)[None, :]
+                # LayerNorm target gradient: g = LN(z2) - (v - k), dl/dz2 through the LN
                 xh, rstd = _ln_rows(z2, D, eps)
                 if TMA:
                     mbarrier.wait(bars.index(2), (i - mb0) % 2)
@@ -355,21 +427,33 @@ if HAVE_GLUON:
                     fence_async_shared()
                     _cta_barrier()
                     zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-                    xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
-                    out = (q.to(gl.float32) + gamma * xq + beta).to(DT)
-                    if TMA:
-                        V_s.store(out)  # v's tile is free: the output leaves through it (a TMA store, no addresses)
+                    if PAIR:  # summed with the other half's at the next meeting
+                        gl.store(OPART + (pid64 * 4 + half * 2 + i % 2) * MB * D + _w_offsets(MB, D, L_ZD), zq2)
+                        fence_async_shared()
+                        _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
                     else:
-                        gl.store(OUT + offs, out)
-                    fence_async_shared()  # the TMA (async proxy) reads V_s / overwrites the tiles read here
-                    _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
-                    if TMA:
-                        _tma_store(OD, [pid * N + i * MB, 0], V_s)
+                        xq, rq = _ln_rows(gl.convert_layout(zq2, BL) + b2[None, :], D, eps)
+                        out = (q.to(gl.float32) + gamma * xq + beta).to(DT)
+                        if TMA:
+                            V_s.store(out)  # v's tile is free: the output leaves through it (a TMA store, no addresses)
+                        else:
+                            gl.store(OUT + offs, out)
+                        fence_async_shared()  # the TMA (async proxy) reads V_s / overwrites the tiles read here
+                        _cta_barrier()  # A_s, K_s, Q_s are rewritten by the next mini-batch
+                        if TMA:
+                            _tma_store(OD, [pid * N + i * MB, 0], V_s)
+        if PAIR:  # a last meeting for the last mini-batch's output
+            max_spin = _pair_meet(pcnt, ERR, 2 * (n_mb - mb0 + 1), max_spin)
+            tma.store_wait(0)  # O_s is free
+            _pair_output(OPART + (pid64 * 4 + (n_mb - 1) % 2) * MB * D, Q + tok + (n_mb - 1) * MB * D, O_s, OD,
+                         pid * N + (n_mb - 1) * MB, b2, gl.load(LNW + h * D + dcol)[None, :],
+                         gl.load(LNB + h * D + dcol)[None, :], tile, half == 0, eps, D, MB)
         if TMA:
             tma.store_wait(0)
         if not STATES:
-            _store_state(W1_OUT + pid64 * D * F, B1_OUT + pid64 * F, W2_OUT + pid64 * F * D, B2_OUT + pid64 * D, w1,
-                         B1_s, W2F_s, b2, dcol, D, F, L_ZF, L_W2)
+            _store_state(W1_OUT + pid64 * D * FS + half * F, B1_OUT + pid64 * FS + half * F,
+                         W2_OUT + (pid64 * FS + half * F) * D, B2_OUT + pid64 * D, w1, B1_s, W2F_s, b2, dcol, D, F, FS,
+                         L_ZF, L_W2)
 
 
     @gluon.jit
@@ -1088,23 +1172,53 @@ def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
     return TensorDescriptor(t, [t.numel() // (8 * D), 8, D], [8 * D, D, 1], [2, 16, D], layout)
 
 
+def pair_heads(BH: int, dev: torch.device, mode: int) -> bool:
+    """Whether the forward runs two CTAs a head (the kernel's PAIR): mode 0 never, 2 always (tests, benchmarks),
+    1 where every CTA gets an SM of its own (one CTA an SM: the kernel's ~140 KB of shared memory), i.e. where one
+    CTA a head would leave SMs idle; with more heads the pairs would run in two rounds."""
+    if mode != 1:
+        return bool(mode)
+    return 2 * BH <= torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+PAIR_LAUNCHES = 0  # forward launches with two CTAs a head (tests check that a call took this path)
+
+
 def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
-                      bsum_mma=True):
-    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints."""
+                      bsum_mma=True, pair=0):
+    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
+    pair: pair_heads' mode (two CTAs a head where heads leave SMs idle)."""
     W1, b1, W2, b2 = state
     B, H, N, D = q.shape
     BH, F = B * H, W1.shape[-1]
     n_mb = N // mb
     n_ck = -(-n_mb // G)
-    global LAUNCHES
+    global LAUNCHES, PAIR_LAUNCHES
     LAUNCHES += 1
-    _ttt_mlp_fwd_smem_kernel[(BH,)](
+    paired = pair_heads(BH, q.device, pair)
+    if paired:
+        f32 = dict(device=q.device, dtype=torch.float32)
+        xch, opart = torch.empty(BH * 4 * mb * D, **f32), torch.empty(BH * 4 * mb * D, **f32)
+        cnt = torch.zeros(32 * (BH + 1), device=q.device, dtype=torch.int32)  # the ticket, then a line a pair
+        err, err_mirror = ttt_triton._stall_flag(q.device)
+        PAIR_LAUNCHES += 1
+    else:
+        xch = opart = b1
+        cnt = err = torch.empty(1, device=q.device, dtype=torch.int32)  # (not read)
+    _ttt_mlp_fwd_smem_kernel[(2 * BH if paired else BH,)](
         q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out, q, q)), eta, ln_w, ln_b, W1, b1, W2, b2, out,
         *finals, *cks, b1, b1,  # (the two descriptors after out's and these: the recompute's slots, unused here)
-        N, H, n_mb, n_ck, G, LN_EPS, 0, 1, 0, 0,
-        D=D, F=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps,
+        xch, opart, cnt, err,
+        N, H, n_mb, n_ck, G, LN_EPS, 0, 1, 0, 0, ttt_triton._SPLIT_MAX_SPIN,
+        D=D, FS=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps, PAIR=paired,
     )
+    if paired:
+        ttt_triton._after_split_launch(err, err_mirror, _PAIR_STALL)
     return out, finals, cks, 0
+
+
+_PAIR_STALL = ("ttt_mlp gluon: a paired forward's CTA waited for its partner past the poll budget (its results are "
+               "wrong); set KERNEL_CONFIG['mlp_fwd']['pair'] = 0")
 
 
 LINEAR_GLUON_MB = {16}  # mini-batches the Gluon Linear forward is written for (2 mini-batches in a 64-row tile)
@@ -1230,9 +1344,9 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             _ttt_mlp_fwd_smem_kernel[(BH,)](
                 q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
                 q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
-                st_b1, st_b2,
-                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots,  # from checkpoint c mul
-                D=D, F=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
+                st_b1, st_b2, st_b1, st_b1, ckb1, ckb1,  # (the paired forward's buffers: not read)
+                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots, 0,  # from checkpoint c mul
+                D=D, FS=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
         if "out" in parts:
             n_items = BH * cnt

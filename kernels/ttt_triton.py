@@ -1595,7 +1595,9 @@ KERNEL_CONFIG = {
     # output out by TMA (tma: 59.0 vs 63.6 ms). At the one-minute shape, 96 heads: 58.8-59.4 ms against gmem's 136-138
     # (48 heads: 59.3 vs the split's 88.6); 16 warps 72.3. Runs where ttt_gluon.gluon_supports (Hopper, bf16 / fp16,
     # D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1,
+    # pair (session 19): the Gluon forward with two CTAs a head where one a head leaves SMs idle (ttt_gluon.pair_heads:
+    # 0 never, 1 where 2 x heads <= SMs, 2 always).
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 0,
                 "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
@@ -1745,14 +1747,14 @@ def _stall_flag(device: torch.device) -> tuple:
     return _STALL_FLAGS[key]
 
 
-def _after_split_launch(flag, mirror) -> None:
+def _after_split_launch(flag, mirror, message: str = _STALL_MESSAGE) -> None:
     if mirror is None:
         stalled = flag.item()  # CPU: no stream to drain
     else:
         mirror.copy_(flag, non_blocking=True)
         stalled = mirror.item()  # the flag as of the last copy the device has done
     if stalled:
-        raise RuntimeError(_STALL_MESSAGE)
+        raise RuntimeError(message)
 
 
 def check_split_stalls() -> None:
@@ -1881,7 +1883,7 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             cfg = KERNEL_CONFIG["mlp_fwd"]
             res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
                              mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
-                             bsum_mma=bool(cfg.get("bsum_mma", 1)))
+                             bsum_mma=bool(cfg.get("bsum_mma", 1)), pair=int(cfg.get("pair", 0)))
             if res is not None:
                 return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape

@@ -3,6 +3,8 @@ registers and spills that decides which kernel variants are worth a device run).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -48,6 +50,25 @@ def test_gluon_forward_compiles_for_hopper(aot):
     assert r["sass"].get("HGMMA", 0) >= 9  # Z1, Z2, P1, W2, W1, b1, b2, and the output's two
     r = aot.report("linear_fwd:variant=smem,mb=16")  # the Gluon TTT-Linear forward
     assert r["sass"].get("HGMMA", 0) >= 3 and r["spill_stores"] == 0  # Z, W's and b's updates
+
+
+def test_gluon_paired_forward_compiles_for_hopper(aot):
+    """The paired forward (two CTAs a head, each half the hidden units; session 19): half the shared memory of one
+    CTA a head, so that the state's halves are what halves, and the pair's meetings are gpu-scope release / acquire
+    atomics (the partner's partial sums are read from global memory after the acquire)."""
+    from ttt_video.kernels import ttt_gluon
+
+    if not ttt_gluon.HAVE_GLUON:
+        pytest.skip("this Triton has no Gluon")
+    whole = aot.report("mlp_fwd:variant=smem")
+    paired = aot.report("mlp_fwd:variant=smem,pair=2")
+    assert 0 < paired["shared_bytes"] < 0.7 * whole["shared_bytes"], (paired["shared_bytes"], whole["shared_bytes"])
+    assert paired["sass"].get("HGMMA", 0) < whole["sass"].get("HGMMA", 0)  # [64, 128] tiles: fewer instructions
+    _, compiled = aot.compile_one("mlp_fwd:variant=smem,pair=2")
+    ptx = compiled.asm["ptx"]
+    # the arrival: an add with release semantics (atom or, its result unused, red); the poll: an acquire read
+    assert re.search(r"(atom|red)\.global\.gpu\.release\.add", ptx), "no release arrival"
+    assert re.search(r"(ld|atom)\.global\.gpu\.acquire", ptx), "no acquire poll"
 
 
 def test_gluon_backward_compiles_for_hopper(aot):

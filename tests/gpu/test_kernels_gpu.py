@@ -262,6 +262,53 @@ def test_smem_forward_matches_float64_reference(change, dt, monkeypatch):
     assert ttt_gluon.LAUNCHES > n0
 
 
+# The paired Gluon forward (KERNEL_CONFIG mlp_fwd pair, session 19: two CTAs a head, each half the hidden units,
+# meeting through global memory once a mini-batch): pair=2 forces it. Checkpoints it saves feed the backward, so
+# the gradients check them too. Short scans and groups, fp16, more CTAs than SMs (the start-order ticket: a CTA
+# waiting for an SM must not hang its partner), and the long scan.
+PAIR_CASES = [(2, 3, 640, 4, BF16), (2, 3, 640, 4, FP16), (1, 3, 64, 1, BF16), (1, 3, 192, 2, BF16),
+              (1, 2, 448, 3, BF16)]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in PAIR_CASES])
+def test_paired_forward_matches_float64_reference(case, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    ttt_gluon = _smem_config(monkeypatch, pair=2)
+    B, H, N, G, dt = case
+    n0 = ttt_gluon.PAIR_LAUNCHES
+    _checked(["mlp-pair", *map(str, case)], "mlp", B, H, N, 64, 64, G, dt)
+    assert ttt_gluon.PAIR_LAUNCHES > n0
+    ttt_triton.check_split_stalls()
+
+
+def test_paired_forward_with_more_ctas_than_sms(monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    ttt_gluon = _smem_config(monkeypatch, pair=2)
+    H = torch.cuda.get_device_properties(0).multi_processor_count // 2 + 11  # 2 H CTAs: more than the SMs
+    n0 = ttt_gluon.PAIR_LAUNCHES
+    _checked(["mlp-pair-many-ctas", H], "mlp", 1, H, 128, 64, 64, 2, BF16, draws=2)
+    assert ttt_gluon.PAIR_LAUNCHES > n0
+    ttt_triton.check_split_stalls()
+
+
+def test_paired_forward_long_sequence_bf16(monkeypatch):
+    ttt_gluon = _smem_config(monkeypatch, pair=2)
+    n0 = ttt_gluon.PAIR_LAUNCHES
+    _long_scan_errors(["mlp-pair-long", 1, 2, 4096, 64, 64, 16, "bf16"])
+    assert ttt_gluon.PAIR_LAUNCHES > n0
+
+
+def test_pair_rule_pairs_heads_only_where_they_leave_sms_idle():
+    from ttt_video.kernels import ttt_gluon
+
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert ttt_gluon.pair_heads(sms // 2, dev, 1) and not ttt_gluon.pair_heads(sms // 2 + 1, dev, 1)
+    assert not ttt_gluon.pair_heads(1, dev, 0) and ttt_gluon.pair_heads(4 * sms, dev, 2)
+
+
 # The Gluon backward (kernels/ttt_gluon.py, mlp_bwd variant "smem", the default on Hopper: per checkpoint group the
 # recompute forward, the output path of all its mini-batches, then one 8-warp CTA per head back through the group):
 # the tests below run each Gluon direction alone (the other one the default), every gradient against the float64
