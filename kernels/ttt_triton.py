@@ -1596,8 +1596,9 @@ KERNEL_CONFIG = {
     # (48 heads: 59.3 vs the split's 88.6); 16 warps 72.3. Runs where ttt_gluon.gluon_supports (Hopper, bf16 / fp16,
     # D 64, F 256, mini-batch 64); elsewhere the split / gmem rule below.
     # pair (session 19): the Gluon forward with two CTAs a head where one a head leaves SMs idle (ttt_gluon.pair_heads:
-    # 0 never, 1 where 2 x heads <= SMs, 2 always).
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 0,
+    # 0 never, 1 where 2 x heads <= SMs, 2 always). 48 heads (the DiT's launch of one direction): 66.7 -> 44.4 ms at
+    # the one-minute shape; 96 heads (both directions in one launch) paired: 85.5 against 61.6 (two rounds of CTAs).
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 1,
                 "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
