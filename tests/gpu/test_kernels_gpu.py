@@ -249,6 +249,8 @@ SMEM_CHANGES = [{}, {"bsum_mma": 0}, {"tma": 0}, {"smem_num_warps": 16}]
 def _smem_config(monkeypatch, **change):
     from ttt_video.kernels import ttt_gluon, ttt_triton
 
+    # one CTA a head unless ``change`` says otherwise (the default pairs CTAs at these tests' few heads)
+    change = {"pair": 0, **change}
     monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"], variant="smem", **change))
     return ttt_gluon
 
