@@ -71,7 +71,8 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
             if cfg.get("part") == "out":
                 return tg._ttt_mlp_bwd_out_kernel, dict(D=D, F=F, MB=64, TMA_C=bool(cfg.get("out_tma_c", 1)),
                                                         num_warps=8)
-            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8, GW_HINT=bool(cfg.get("gw_hint", 0)))
+            return tg._ttt_mlp_bwd_smem_kernel, dict(D=D, F=F, MB=64, num_warps=8, GW_HINT=bool(cfg.get("gw_hint", 0)),
+                                                     PAIR=cfg.get("pair", 0) == 2)  # pair=2: the paired form
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_bwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, IEEE=ieee)
@@ -110,8 +111,8 @@ def compile_one(spec: str, D: int = 64, F: int = 256, op_dtype: str = "bf16", ar
 
             if arg in TMA_DESCRIPTORS:  # [MB, D] tiles (the Linear forward's: 3-d boxes)
                 box = [2, 16, D] if name == "linear_fwd" else [constexprs["MB"], D]
-            else:
-                box = [D, 64] if arg in C1_DESCRIPTORS else [F, D]
+            else:  # (the paired sequential kernel loads half a state's rows)
+                box = [D, 64] if arg in C1_DESCRIPTORS else [F // (1 + bool(constexprs.get("PAIR"))), D]
             layout = gl.NVMMASharedLayout.get_default_for(box, gl.float16)
             signature[arg] = f"tensordesc<{op_dtype}[{', '.join(map(str, box))}],{layout!r}>"
         elif arg in INT_ARGS:

@@ -29,6 +29,8 @@ def add_backward_args(p: argparse.ArgumentParser):
     p.add_argument("--bwd-group", type=int, default=None, help="the backward's groups: this many mini-batches, a "
                    "multiple of --group (0: --group)")
     p.add_argument("--group", type=int, default=0, help="mini-batches a checkpoint group (0: the default)")
+    p.add_argument("--pair", type=int, default=None, help="the sequential kernel with two CTAs a head (0 never, "
+                   "1 where heads leave SMs idle, 2 always)")
 
 
 def backward_case(a):
@@ -37,7 +39,7 @@ def backward_case(a):
     from ttt_video.kernels import ttt_gluon, ttt_triton as tt
 
     cfg = tt.KERNEL_CONFIG["mlp_bwd"]  # the options given on the command line, into the (process's) config
-    for key in ("out_persist", "out_tma_c", "overlap", "gw_hint", "bwd_group"):
+    for key in ("out_persist", "out_tma_c", "overlap", "gw_hint", "bwd_group", "pair"):
         if getattr(a, key) is not None:
             cfg[key] = getattr(a, key)
     B, H, N, D, F, mb, G = 2, a.heads, a.tokens, 64, 256, 64, a.group or tt.DEFAULT_GROUP

@@ -885,19 +885,21 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _gw_merge(GWP, CP, a1, b1, a2, b2, MMA: gl.constexpr, TWO: gl.constexpr, W1: gl.constexpr, ADD_C, COPY,
-                  F: gl.constexpr, D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr, HINT: gl.constexpr):
+                  F: gl.constexpr, D: gl.constexpr, L_ZD: gl.constexpr, DT: gl.constexpr, HINT: gl.constexpr,
+                  FS: gl.constexpr):
         """A gradient accumulator in global memory (fp32; L2-resident) += a1^T b1 (+ a2^T b2) (with MMA) + the next
         mini-batch's output-path term C (where ADD_C), 64 hidden units at a time so that only a [64, 64]
         accumulator is live; COPY (an [F, D] shared buffer) receives the result in bf16 (dL/dW1 transposed), the next
         mini-batch's operand. W1: dL/dW1 [D, F], a = [MB, D] tiles, b = [MB, F]; else dL/dW2 [F, D], a = [MB, F],
         b = [MB, D]. HINT: the accumulator's lines marked evict-last in L2 and the terms' (read once) evict-first,
-        so that other kernels' streams (the overlapped backward's) do not push the accumulator out to HBM."""
+        so that other kernels' streams (the overlapped backward's) do not push the accumulator out to HBM. F: the
+        hidden units merged (this CTA's), FS: the state's (dL/dW1's row stride)."""
         GW_EV: gl.constexpr = "evict_last" if HINT else ""
         C_EV: gl.constexpr = "evict_first" if HINT else ""
         r = gl.arange(0, 64, layout=gl.SliceLayout(1, L_ZD))
         c = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
         if W1:  # chunk ch: columns [64 ch, 64 ch + 64) of [D, F]
-            offs = r[:, None] * F + c[None, :]
+            offs = r[:, None] * FS + c[None, :]
             step: gl.constexpr = 64
         else:  # rows [64 ch, 64 ch + 64) of [F, D]
             offs = r[:, None] * D + c[None, :]
@@ -934,8 +936,10 @@ if HAVE_GLUON:
         C1, C2, CB1, CVEC,
         GW1, GB1, GW2, GVEC,
         DK, DV, DETA,
-        N, H, mb0, cnt, n_slots, eps,
+        XCH, CNT, ERR,
+        N, H, mb0, cnt, n_slots, eps, max_spin,
         D: gl.constexpr, F: gl.constexpr, MB: gl.constexpr, num_warps: gl.constexpr, GW_HINT: gl.constexpr = False,
+        PAIR: gl.constexpr = False,
     ):
         """The sequential part of the TTT-MLP backward for one checkpoint group (mini-batches mb0 .. mb0 + cnt - 1,
         in reverse), one 8-warp CTA per (sequence, head), after the STATES forward (the state at each mini-batch's
@@ -956,6 +960,8 @@ if HAVE_GLUON:
         64-bit wgmma descriptor per k-step, and held through the scan they spilled)."""
         gl.static_assert(num_warps == 8)
         gl.static_assert(F == 256)
+        FL: gl.constexpr = F // (1 + PAIR)  # this CTA's hidden units (PAIR: the half of the slots' rows it loads)
+        NH: gl.constexpr = FL // 128  # column halves of the [MB, FL] element-wise work
         L_ZH: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, 64, 16])
         L_ZD: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, D // 2, 16])
@@ -963,8 +969,8 @@ if HAVE_GLUON:
         ROW: gl.constexpr = gl.SliceLayout(1, BL)
         COL: gl.constexpr = gl.SliceLayout(0, BL)
         S_XD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, D], gl.bfloat16)
-        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, F], gl.bfloat16)
-        S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([F, D], gl.bfloat16)
+        S_XF: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, FL], gl.bfloat16)
+        S_FD: gl.constexpr = gl.NVMMASharedLayout.get_default_for([FL, D], gl.bfloat16)
         S_VEC: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
         # dL/db1's column sums as [F, MB] x [MB, 8] wgmmas against a ones column (8 columns: the narrowest wgmma)
         L_S1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
@@ -973,22 +979,33 @@ if HAVE_GLUON:
         S_ONES: gl.constexpr = gl.NVMMASharedLayout.get_default_for([MB, 8], gl.bfloat16)
         DT: gl.constexpr = KD.dtype
         tile_bytes: gl.constexpr = MB * D * DT.primitive_bitwidth // 8
-        w_bytes: gl.constexpr = F * D * DT.primitive_bitwidth // 8
+        w_bytes: gl.constexpr = FL * D * DT.primitive_bitwidth // 8
 
-        pid = gl.program_id(0)
+        if PAIR:  # _ttt_mlp_fwd_smem_kernel's pairing: a start-order ticket, then a counter a pair
+            ticket = gl.atomic_add(CNT, 1)
+            pid = ticket // 2
+            half = ticket % 2
+            pcnt = CNT + 32 + pid * 32
+            XS: gl.constexpr = 5 * MB * D  # a half's exchange slots: Z2, dk, dL/dP2, gacc partial sums; de1 (MB)
+            xb = XCH + pid.to(gl.int64) * 2 * XS  # half h's slots at + h XS
+            zd_offs = _w_offsets(MB, D, L_ZD)
+        else:
+            pid = gl.program_id(0)
+            half = 0
+        hc = half * FL  # this CTA's first hidden unit
         pid64 = pid.to(gl.int64)
         h = pid % H
         slot0 = pid * n_slots  # this head's first scratch slot
         crow0 = pid64 * cnt  # this head's first output-term row
 
-        WT_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W1^T of a slot / dL/dW1'^T in bf16
-        W2_s = gl.allocate_shared_memory(DT, [2, F, D], S_FD)  # W2 of a slot / dL/dW2' in bf16
+        WT_s = gl.allocate_shared_memory(DT, [2, FL, D], S_FD)  # W1^T of a slot / dL/dW1'^T in bf16
+        W2_s = gl.allocate_shared_memory(DT, [2, FL, D], S_FD)  # W2 of a slot / dL/dW2' in bf16
         # [MB, F] tiles: AA = gelu(Z1), dL/dZ1; BB = Z1 (fp16), m1 gelu'(Z1), -P1. [MB, D]: k; dl/dZ2, then
         # -P2 = -eta dl/dZ2; dL/dZ2. Rotating roles (AA / BB by the slot parity, the three [MB, D] by jj % 3).
-        XY_s = gl.allocate_shared_memory(DT, [2, MB, F], S_XF)
+        XY_s = gl.allocate_shared_memory(DT, [2, MB, FL], S_XF)
         Z3_s = gl.allocate_shared_memory(DT, [3, MB, D], S_XD)
         E0_s = gl.allocate_shared_memory(DT, [MB, 8], S_ONES)
-        GB1_s = gl.allocate_shared_memory(gl.float32, [F], S_VEC)
+        GB1_s = gl.allocate_shared_memory(gl.float32, [FL], S_VEC)
         bars = gl.allocate_shared_memory(gl.int64, [3, 1], mbarrier.MBarrierLayout())  # slot buffers 0, 1; k
         for nb in gl.static_range(3):
             mbarrier.init(bars.index(nb), count=1)
@@ -996,27 +1013,27 @@ if HAVE_GLUON:
         L_E0: gl.constexpr = gl.BlockedLayout([1, 8], [32, 1], [num_warps, 1], [1, 0])
         e0c = gl.arange(0, 8, layout=gl.SliceLayout(0, L_E0))
         E0_s.store(gl.where(e0c[None, :] == 0, 1.0, 0.0).to(DT) + gl.zeros([MB, 8], DT, L_E0))
-        fcol1 = gl.arange(0, F, layout=COL1)
+        fcol1 = hc + gl.arange(0, FL, layout=COL1)
         GB1_s.store(gl.load(GB1 + pid64 * F + fcol1) + gl.load(CB1 + (crow0 + cnt - 1) * F + fcol1))
-        gw1p = GW1 + pid64 * D * F
-        gw2p = GW2 + pid64 * F * D
+        gw1p = GW1 + pid64 * D * F + hc
+        gw2p = GW2 + (pid64 * F + hc) * D
         # dL/db2, dL/d(LN weight), dL/d(LN bias): read and written in place (per head: no other CTA touches them),
         # a CTA barrier between every thread's read and any thread's write
-        gvec = GVEC + pid64 * 3 * D
+        gvec = GVEC + (pid64 * (1 + PAIR) + half) * 3 * D  # PAIR: a copy a half (both hold the same values)
         # the last mini-batch's start state and k; the gradient's bf16 copies with its output term
         Eb = cnt % 2
         mbarrier.expect(bars.index(1 - Eb), 2 * w_bytes)
-        _tma_load(WTD, [(slot0 + cnt - 1) * F, 0], bars.index(1 - Eb), WT_s.index(1 - Eb))
-        _tma_load(W2D, [(slot0 + cnt - 1) * F, 0], bars.index(1 - Eb), W2_s.index(1 - Eb))
+        _tma_load(WTD, [(slot0 + cnt - 1) * F + hc, 0], bars.index(1 - Eb), WT_s.index(1 - Eb))
+        _tma_load(W2D, [(slot0 + cnt - 1) * F + hc, 0], bars.index(1 - Eb), W2_s.index(1 - Eb))
         mbarrier.expect(bars.index(2), tile_bytes)
         _tma_load(KD, [pid * N + (mb0 + cnt - 1) * MB, 0], bars.index(2), Z3_s.index(0))
         # before the first mini-batch only its output term is added (MMA off: the operand tiles passed are unused)
-        c1p = C1 + (crow0 + cnt - 1) * D * F
-        c2p = C2 + (crow0 + cnt - 1) * F * D
+        c1p = C1 + (crow0 + cnt - 1) * D * F + hc
+        c2p = C2 + ((crow0 + cnt - 1) * F + hc) * D
         _gw_merge(gw1p, c1p, Z3_s.index(0), XY_s.index(0), Z3_s.index(0), XY_s.index(0), False, False, True, True,
-                  WT_s.index(Eb), F, D, L_ZD, DT, GW_HINT)
+                  WT_s.index(Eb), FL, D, L_ZD, DT, GW_HINT, F)
         _gw_merge(gw2p, c2p, XY_s.index(0), Z3_s.index(0), XY_s.index(0), Z3_s.index(0), False, False, False, True,
-                  W2_s.index(Eb), F, D, L_ZD, DT, GW_HINT)
+                  W2_s.index(Eb), FL, D, L_ZD, DT, GW_HINT, F)
         fence_async_shared()
         _cta_barrier()
 
@@ -1031,7 +1048,7 @@ if HAVE_GLUON:
             W2s = W2_s.index(S)
             AA_s = XY_s.index(E)
             BB_s = XY_s.index(S)
-            Z1_s = _reinterpret(BB_s, gl.float16, [MB, F], S_XF)
+            Z1_s = _reinterpret(BB_s, gl.float16, [MB, FL], S_XF)
             K_s = Z3_s.index(jj % 3)
             GZ_s = Z3_s.index((jj + 1) % 3)
             DZ_s = Z3_s.index((jj + 2) % 3)
@@ -1045,12 +1062,20 @@ if HAVE_GLUON:
             mbarrier.wait(bars.index(2), jj % 2)
             mbarrier.wait(bars.index(S), (jj // 2) % 2)
 
-            _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 0, MB, L_ZH, DT)
-            _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F, 1, MB, L_ZH, DT)
+            for hh in gl.static_range(NH):
+                _z1_half(K_s, WTs, AA_s, Z1_s, ST_B1 + (slot0 + j) * F + hc, hh, MB, L_ZH, DT)
             fence_async_shared()
             _cta_barrier()
             z2 = warpgroup_mma(AA_s, W2s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
-            z2 = gl.convert_layout(z2, BL) + gl.load(ST_B2 + (slot0 + j) * D + dcol)[None, :]
+            if PAIR:  # meeting 2 jj + 1: the Z2 partial sums; the dk partial sums of the mini-batch before (j + 1)
+                gl.store(xb + half * XS + zd_offs, z2)
+                max_spin = _pair_meet(pcnt, ERR, 2 * (2 * jj + 1), max_spin)
+                z2 = gl.load(xb + tile) + gl.load(xb + XS + tile)
+                dkf = gl.load(xb + MB * D + tile) + gl.load(xb + XS + MB * D + tile)
+                gl.store(DK + tok + MB * D + tile, dkf.to(DT), mask=(tile >= 0) & (half == 0) & (jj > 0))
+            else:
+                z2 = gl.convert_layout(z2, BL)
+            z2 = z2 + gl.load(ST_B2 + (slot0 + j) * D + dcol)[None, :]
             gamma = gl.load(LNW + h * D + dcol)[None, :]
             beta = gl.load(LNB + h * D + dcol)[None, :]
             y = gl.load(V + tok + tile).to(gl.float32) - K_s.load(BL).to(gl.float32)  # the target v - k
@@ -1062,8 +1087,10 @@ if HAVE_GLUON:
             fence_async_shared()
             _cta_barrier()
             eta_rows = ETA + pid64 * N + i * MB
-            t1_0, gp_0, de1_0 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 0, MB, L_ZH, DT)
-            t1_1, gp_1, de1_1 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 1, MB, L_ZH, DT)
+            t1_0, gp_0, de1 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 0, MB, L_ZH, DT)
+            if not PAIR:
+                t1_1, gp_1, de1_1 = _m1_half(GZ_s, K_s, W2s, WTe, Z1_s, BB_s, GB1_s, eta_rows, 1, MB, L_ZH, DT)
+                de1 = de1 + de1_1
             fence_async_shared()
             _cta_barrier()
             dp2 = warpgroup_mma(AA_s, W2e, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False, is_async=True)
@@ -1072,17 +1099,29 @@ if HAVE_GLUON:
             e = gl.load(eta_rows + rows)
             # dL/db2 at the end state: the later mini-batches' and this one's output term
             gb2 = gl.load(gvec + dcol) + gl.load(CVEC + (crow0 + j) * 3 * D + dcol)
-            dp2 = -(gl.convert_layout(dp2, BL) + gb2[None, :])  # dL/dP2
-            de = gl.sum(dp2 * gz2, axis=1) - gl.convert_layout(de1_0 + de1_1, ROW)
-            gl.store(DETA + pid64 * N + i * MB + rows, de)
-            gG = e[:, None] * (dp2 - gl.convert_layout(gacc, BL))  # dL/d(dl/dZ2)
+            if PAIR:  # meeting 2 jj + 2: the partial sums over the hidden units of dL/dP2, gacc and de1
+                gl.store(xb + half * XS + 2 * MB * D + zd_offs, dp2)
+                gl.store(xb + half * XS + 3 * MB * D + zd_offs, gacc)
+                gl.store(xb + half * XS + 4 * MB * D + gl.arange(0, MB, layout=de1.type.layout), de1)
+                max_spin = _pair_meet(pcnt, ERR, 2 * (2 * jj + 2), max_spin)
+                dp2 = gl.load(xb + 2 * MB * D + tile) + gl.load(xb + XS + 2 * MB * D + tile)
+                gacc = gl.load(xb + 3 * MB * D + tile) + gl.load(xb + XS + 3 * MB * D + tile)
+                de1 = gl.load(xb + 4 * MB * D + rows) + gl.load(xb + XS + 4 * MB * D + rows)
+            else:
+                dp2 = gl.convert_layout(dp2, BL)
+                gacc = gl.convert_layout(gacc, BL)
+                de1 = gl.convert_layout(de1, ROW)
+            dp2 = -(dp2 + gb2[None, :])  # dL/dP2
+            de = gl.sum(dp2 * gz2, axis=1) - de1
+            gl.store(DETA + pid64 * N + i * MB + rows, de, mask=(rows >= 0) & (half == 0))
+            gG = e[:, None] * (dp2 - gacc)  # dL/d(dl/dZ2)
             # LN double backward (ttt_triton._ln_double_bwd)
             sG, sGx, s2 = gl.reduce((gG, gG * xh, gx * xh), 1, _add3)
             dgx = rstd[:, None] * (gG - sG[:, None] / D - xh * (sGx[:, None] / D))
             dxh = -rstd[:, None] * (gG * (s2[:, None] / D) + gx * (sGx[:, None] / D))
             dr = gl.sum(gG * gz2, axis=1) / rstd
             dg = dgx * gamma
-            gl.store(DV + tok + tile, (-dg).to(DT))
+            gl.store(DV + tok + tile, (-dg).to(DT), mask=(tile >= 0) & (half == 0))
             glnw = gl.load(gvec + D + dcol) + gl.sum(dgx * (gamma * xh + beta - y) + dg * xh, axis=0)
             glnb = gl.load(gvec + 2 * D + dcol) + gl.sum(dg, axis=0)
             dxh = dxh + dg * gamma
@@ -1098,44 +1137,58 @@ if HAVE_GLUON:
             gl.store(gvec + D + dcol, glnw)
             gl.store(gvec + 2 * D + dcol, glnb)
             dz1_0, np1_0 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_0, gp_0, 0, MB, L_ZH, DT)
-            dz1_1, np1_1 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_1, gp_1, 1, MB, L_ZH, DT)
+            if not PAIR:
+                dz1_1, np1_1 = _dz1_half(DZ_s, GZ_s, W2s, W2e, t1_1, gp_1, 1, MB, L_ZH, DT)
             _cta_barrier()  # every read of W2 (gacc, dL/dA, -P1) is done: its buffer takes dL/dW2 for j - 1
             more = j > 0
             # dL/dW2 += (-eta m1 gelu'(Z1))^T dl/dZ2 + gelu(Z1)^T dL/dZ2 = (m1 gelu'(Z1))^T (-P2) + A^T dL/dZ2, and
             # mini-batch j - 1's output term
-            _gw_merge(gw2p, C2 + (crow0 + j - 1) * F * D, BB_s, GZ_s, AA_s, DZ_s, True, True, False, more, W2s,
-                      F, D, L_ZD, DT, GW_HINT)
+            _gw_merge(gw2p, C2 + ((crow0 + j - 1) * F + hc) * D, BB_s, GZ_s, AA_s, DZ_s, True, True, False, more, W2s,
+                      FL, D, L_ZD, DT, GW_HINT, F)
             _cta_barrier()  # every read of gelu(Z1) and of BB is done
             AA_s.slice(0, 128, dim=1).store(dz1_0)
-            AA_s.slice(128, 128, dim=1).store(dz1_1)
             BB_s.slice(0, 128, dim=1).store(np1_0)
-            BB_s.slice(128, 128, dim=1).store(np1_1)
+            if not PAIR:
+                AA_s.slice(128, 128, dim=1).store(dz1_1)
+                BB_s.slice(128, 128, dim=1).store(np1_1)
             fence_async_shared()
             _cta_barrier()
             rz = gl.arange(0, MB, layout=gl.SliceLayout(1, L_ZD))
             cz = gl.arange(0, D, layout=gl.SliceLayout(0, L_ZD))
-            dk = warpgroup_mma(AA_s, WTs, gl.convert_layout(dg, L_ZD), is_async=True)
+            dg_acc = gl.convert_layout(dg, L_ZD)
+            if PAIR:  # dL/dk's partial sums, added at the next meeting (dg in half 0's)
+                dg_acc = dg_acc * (half == 0).to(gl.float32)
+            dk = warpgroup_mma(AA_s, WTs, dg_acc, is_async=True)
             dk = warpgroup_mma(BB_s, WTe, dk, is_async=True)
-            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([F, 8], gl.float32, L_S1), use_acc=False,
+            db1 = warpgroup_mma(AA_s.permute((1, 0)), E0_s, gl.zeros([FL, 8], gl.float32, L_S1), use_acc=False,
                                 is_async=True)
             dk, db1 = warpgroup_mma_wait(num_outstanding=0, deps=(dk, db1))
-            gl.store(DK + tok + rz[:, None] * D + cz[None, :], dk.to(DT))
+            if PAIR:
+                gl.store(xb + half * XS + MB * D + zd_offs, dk)
+            else:
+                gl.store(DK + tok + rz[:, None] * D + cz[None, :], dk.to(DT))
             gb1 = GB1_s.load(COL1) + gl.sum(db1, axis=1) + gl.load(CB1 + (crow0 + j - 1) * F + fcol1,
                                                                     mask=(fcol1 >= 0) & more, other=0.0)
             _cta_barrier()  # every read of W1 and of dL/dW1' (dk) and of dL/db1 is done
             GB1_s.store(gb1)
             if more:  # the next mini-batch's start state into dL/dW1''s buffer, its k into this one's dl/dZ2 tile
                 mbarrier.expect(bars.index(E), 2 * w_bytes)
-                _tma_load(WTD, [(slot0 + j - 1) * F, 0], bars.index(E), WTe)
-                _tma_load(W2D, [(slot0 + j - 1) * F, 0], bars.index(E), W2e)
+                _tma_load(WTD, [(slot0 + j - 1) * F + hc, 0], bars.index(E), WTe)
+                _tma_load(W2D, [(slot0 + j - 1) * F + hc, 0], bars.index(E), W2e)
                 mbarrier.expect(bars.index(2), tile_bytes)
                 _tma_load(KD, [pid * N + (i - 1) * MB, 0], bars.index(2), GZ_s)
             # dL/dW1 += k^T dL/dZ1, and mini-batch j - 1's output term
-            _gw_merge(gw1p, C1 + (crow0 + j - 1) * D * F, K_s, AA_s, K_s, AA_s, True, False, True, more, WTs,
-                      F, D, L_ZD, DT, GW_HINT)
+            _gw_merge(gw1p, C1 + (crow0 + j - 1) * D * F + hc, K_s, AA_s, K_s, AA_s, True, False, True, more, WTs,
+                      FL, D, L_ZD, DT, GW_HINT, F)
             fence_async_shared()
             _cta_barrier()
         gl.store(GB1 + pid64 * F + fcol1, GB1_s.load(COL1))
+        if PAIR:  # a last meeting for the first mini-batch's dL/dk
+            max_spin = _pair_meet(pcnt, ERR, 2 * (2 * cnt + 1), max_spin)
+            rows = gl.arange(0, MB, layout=ROW)
+            tile = rows[:, None] * D + gl.arange(0, D, layout=COL)[None, :]
+            dkf = gl.load(xb + MB * D + tile) + gl.load(xb + XS + MB * D + tile)
+            gl.store(DK + (pid64 * N + mb0 * MB) * D + tile, dkf.to(DT), mask=(tile >= 0) & (half == 0))
 
 
 def tma_rows_fit(shape) -> bool:
@@ -1261,7 +1314,7 @@ def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
                        parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False,
-                       gw_hint=False, group_mul=1):
+                       gw_hint=False, group_mul=1, pair=0):
     """The Gluon TTT-MLP backward. Per backward group (group_mul checkpoint groups), last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1276,6 +1329,8 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     sequential kernel after its output path, and a group's scratch writes after the sequential kernel two groups
     later that read the same set). The caller's stream waits for the last sequential kernel before returning.
     gw_hint: the sequential kernel's gradient accumulators kept in L2 by eviction hints (_gw_merge's HINT).
+    pair: pair_heads' mode for the sequential kernel (PAIR: two CTAs a head, each half the hidden units, meeting
+    twice a mini-batch; where heads leave SMs idle).
     group_mul: the backward's groups span group_mul of the forward's checkpoint groups (G' = G group_mul mini-batches,
     each recomputed from the checkpoint at its start; the others are not read): fewer, longer launches.
 
@@ -1290,8 +1345,11 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     dev = q.device
     f32 = dict(device=dev, dtype=torch.float32)
     gw = [e.clone() for e in ends[:3]]  # dL/d(W1, b1, W2), advanced group by group to the initial state
-    gvec = torch.zeros(BH, 3, D, **f32)  # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias)
-    gvec[:, 0] = ends[3]
+    paired = pair_heads(BH, dev, pair)
+    # dL/db2 (from dL/d(final b2)), dL/d(LN weight), dL/d(LN bias); paired: a copy a half (the same values)
+    gvec_halves = torch.zeros(BH, 1 + paired, 3, D, **f32)
+    gvec_halves[:, :, 0] = ends[3][:, None]
+    gvec = gvec_halves[:, 0]
     ln_out = torch.zeros(BH, 2, D, **f32)  # the output path's dL/d(LN weight, bias)
     mul = max(1, int(group_mul))
     Gb = G * mul  # the backward's group
@@ -1301,6 +1359,8 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     # fp32 for fp16 inputs, whose finer operands the bf16 rounding would show: 1.4e-3 against 7.5e-4)
     c_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     w_layout = gl.NVMMASharedLayout.get_default_for([F, D], gl.float16)
+    # the paired sequential kernel's loads of a slot's rows (half the hidden units a CTA)
+    wh_layout = gl.NVMMASharedLayout.get_default_for([F // 2, D], gl.float16)
     # the output-path kernel: one CTA an SM looping over the group's items (out_persist 1; n > 1: n CTAs, the
     # tests' way to give each CTA several items; 0: a CTA an item), its bf16 terms out by TMA (out_tma_c; fp32
     # terms, for fp16 inputs, take plain stores)
@@ -1309,8 +1369,8 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     tma_c = bool(out_tma_c) and c_dtype == torch.bfloat16 and BH * Gb * F < 2**31
 
     def scratch():
-        """One set of scratch buffers and their TMA descriptors: (W1^T slots, W2 slots, b1 slots, b2 slots,
-        C1, C2, CB1, CVEC, and the descriptors of the slots and of C1 / C2)."""
+        """One set of scratch buffers and their TMA descriptors: (b1 slots, b2 slots, C1, C2, CB1, CVEC, and the
+        descriptors of the W1^T / W2 slots, of C1 / C2, and the sequential kernel's of the slots)."""
         st_w1 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)  # W1^T per slot
         st_w2 = torch.empty(BH * n_slots * F, D, device=dev, dtype=q.dtype)
         st_b1, st_b2 = torch.empty(BH * n_slots, F, **f32), torch.empty(BH * n_slots, D, **f32)
@@ -1324,9 +1384,14 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             c2d = TensorDescriptor(c2.view(BH * Gb * F, D), [BH * Gb * F, D], [D, 1], [F, D], w_layout)
         else:
             c1d = c2d = wtd  # (not read)
-        return st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d
+        if paired:
+            seq_d = [TensorDescriptor(t, list(t.shape), [D, 1], [F // 2, D], wh_layout) for t in (st_w1, st_w2)]
+        else:
+            seq_d = [wtd, w2d]
+        return st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d, seq_d
 
     sets = [scratch() for _ in range(2 if overlap else 1)]
+    err, err_mirror = ttt_triton._stall_flag(dev)
     qd, kd, vd = (_tile_descriptor(t, mb) for t in (q, k, v))
     dq, dk, dv, deta = grads
     main = torch.cuda.current_stream(dev)
@@ -1337,7 +1402,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
     for c in reversed(range(-(-n_mb // Gb))):
         mb0 = c * Gb
         cnt = min(Gb, n_mb - mb0)
-        st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d = sets[c % len(sets)]
+        st_b1, st_b2, c1, c2, cb1, cvec, wtd, w2d, c1d, c2d, seq_d = sets[c % len(sets)]
         if overlap and c + 2 in seq_done:  # this set was last read by the sequential kernel two groups later
             main.wait_event(seq_done.pop(c + 2))
         if "states" in parts:
@@ -1359,14 +1424,22 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
             if overlap:
                 seq.wait_stream(main)  # this group's states and output terms
             with torch.cuda.stream(seq):
-                _ttt_mlp_bwd_smem_kernel[(BH,)](
-                    kd, wtd, w2d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec, dk, dv, deta,
-                    N, H, mb0, cnt, n_slots, LN_EPS, D=D, F=F, MB=mb, num_warps=8, GW_HINT=bool(gw_hint),
+                if paired:  # the exchange slots and a fresh ticket and counters a launch
+                    xch = torch.empty(BH * 2 * 5 * mb * D, **f32)
+                    pcnt = torch.zeros(32 * (BH + 1), device=dev, dtype=torch.int32)
+                else:
+                    xch, pcnt = gvec, err
+                _ttt_mlp_bwd_smem_kernel[(2 * BH if paired else BH,)](
+                    kd, *seq_d, v, eta, lnw, lnb, st_b1, st_b2, c1, c2, cb1, cvec, *gw, gvec_halves, dk, dv, deta,
+                    xch, pcnt, err, N, H, mb0, cnt, n_slots, LN_EPS, ttt_triton._SPLIT_MAX_SPIN,
+                    D=D, F=F, MB=mb, num_warps=8, GW_HINT=bool(gw_hint), PAIR=paired,
                 )
             if overlap:
                 seq_done[c] = seq.record_event()
     if overlap:
         main.wait_stream(seq)
+    if paired:
+        ttt_triton._after_split_launch(err, err_mirror, _PAIR_STALL)
     BWD_LAUNCHES += 1
     dstate[:] = gw + [gvec[:, 0]]
     dlnw.copy_(gvec[:, 1] + ln_out[:, 0])

@@ -95,6 +95,11 @@ def test_gluon_backward_compiles_for_hopper(aot):
     assert by_tma["sass"].get("STG", 0) < plain["sass"].get("STG", 0) / 2, (by_tma["sass"], plain["sass"])
     cfg, compiled = aot.compile_one("mlp_fwd:variant=smem,states=1")
     assert 0 < compiled.metadata.shared <= 227 * 1024
+    # the paired sequential kernel (session 19): half the state's rows a CTA, so about half the shared memory and
+    # fewer wgmma instructions
+    whole, paired = aot.report("mlp_bwd:variant=smem"), aot.report("mlp_bwd:variant=smem,pair=2")
+    assert 0 < paired["shared_bytes"] < 0.7 * whole["shared_bytes"]
+    assert paired["sass"].get("HGMMA", 0) < whole["sass"].get("HGMMA", 0)
 
 
 def test_unknown_kernel_name_is_refused(aot):

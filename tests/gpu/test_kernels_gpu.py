@@ -325,7 +325,8 @@ def _gluon_direction(monkeypatch, direction, **bwd_change):
     from ttt_video.kernels import ttt_triton
 
     ttt_gluon = _smem_config(monkeypatch)
-    if direction == "backward":
+    if direction == "backward":  # one CTA a head unless bwd_change says otherwise
+        bwd_change = {"pair": 0, **bwd_change}
         monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_bwd",
                             dict(ttt_triton.KERNEL_CONFIG["mlp_bwd"], variant="smem", **bwd_change))
         return lambda: ttt_gluon.BWD_LAUNCHES
@@ -338,6 +339,43 @@ def test_smem_backward_matches_float64_reference(dt, bwd_group, monkeypatch):
     launches = _gluon_direction(monkeypatch, "backward", bwd_group=bwd_group)
     n0 = launches()
     _checked(["mlp-smem-bwd", str(dt), bwd_group], "mlp", 2, 3, 640, 64, 64, 4, dt)
+    assert launches() > n0
+
+
+# The paired sequential backward kernel (KERNEL_CONFIG mlp_bwd pair, session 19: two CTAs a head, each half the
+# hidden units, meeting twice a mini-batch; dk's partial sums added at the next meeting): pair=2 forces it.
+PAIR_BWD_CASES = [(2, 3, 640, 4, BF16, 0), (2, 3, 640, 4, FP16, 0), (2, 3, 640, 4, BF16, 64), (1, 3, 64, 1, BF16, 0),
+                  (1, 2, 448, 3, BF16, 0), (1, 2, 1280, 3, BF16, 9)]
+
+
+@pytest.mark.parametrize("case", PAIR_BWD_CASES,
+                         ids=["-".join(str(x) for x in c).replace("torch.", "") for c in PAIR_BWD_CASES])
+def test_paired_backward_matches_float64_reference(case, monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    B, H, N, G, dt, bwd_group = case
+    launches = _gluon_direction(monkeypatch, "backward", pair=2, bwd_group=bwd_group)
+    n0 = launches()
+    _checked(["mlp-pair-bwd", *map(str, case)], "mlp", B, H, N, 64, 64, G, dt)
+    assert launches() > n0
+    ttt_triton.check_split_stalls()
+
+
+def test_paired_backward_with_more_ctas_than_sms(monkeypatch):
+    from ttt_video.kernels import ttt_triton
+
+    launches = _gluon_direction(monkeypatch, "backward", pair=2)
+    H = torch.cuda.get_device_properties(0).multi_processor_count // 2 + 11
+    n0 = launches()
+    _checked(["mlp-pair-bwd-many-ctas", H], "mlp", 1, H, 128, 64, 64, 2, BF16, draws=2)
+    assert launches() > n0
+    ttt_triton.check_split_stalls()
+
+
+def test_paired_backward_long_sequence_bf16(monkeypatch):
+    launches = _gluon_direction(monkeypatch, "backward", pair=2)
+    n0 = launches()
+    _long_scan_errors(["mlp-pair-bwd-long", 1, 2, 4096, 64, 64, 16, "bf16"])
     assert launches() > n0
 
 
