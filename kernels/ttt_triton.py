@@ -1628,8 +1628,10 @@ KERNEL_CONFIG = {
     # DiT's scan_checkpoint_group_size: 4 of them), each recomputed from its first checkpoint: fewer, longer launches
     # (session 18, gluon_bwd_parts at 96 heads, overlap and gw_hint on: G' 16 69.1 / 69.5, 32 66.3 / 83.7, 64 66.6 /
     # 65.7 us a mini-batch; 48 heads 47.5 / 44.2 / 43.1), scratch in proportion (~1.6 GB at 96 heads, G' 64).
-    # pair (session 19): the sequential kernel with two CTAs a head where one a head leaves SMs idle (as mlp_fwd's).
-    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 1, "gw_hint": 1, "bwd_group": 64, "pair": 0,
+    # pair (session 19): the sequential kernel with two CTAs a head where one a head leaves SMs idle (as mlp_fwd's):
+    # 48 heads, gluon_bwd_parts: sequential kernel alone 36.2 / 34.9 -> 25.3 / 25.2 us a mini-batch, backward 45.8 /
+    # 44.0 -> 38.3 / 38.2; 96 heads paired (two rounds): 68.8, as unpaired (~67-68), so the rule keeps one a head there.
+    "mlp_bwd": {"variant": "smem", "out_persist": 1, "out_tma_c": 1, "overlap": 1, "gw_hint": 1, "bwd_group": 64, "pair": 1,
                 "fc": 64, "w2t": 0, "num_warps": 8, "num_stages": 1, "fs": 64, "split_num_warps": 4},
     # pipelined q/k/v loads: 57.7 -> 37.7 ms (run 4). variant "pipe": the output of mini-batch i - 1 computed in
     # mini-batch i's inner-forward dot (one dependent dot fewer per mini-batch). At the one-minute shape (session
