@@ -24,6 +24,10 @@ Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -
     W1 += k^T P1, b1 += sum P1                wgmma into the register master
     out = q + LN(gelu(q W1 + b1) W2 + b2)     two wgmmas with the updated state
 
+Where one CTA a head would leave SMs idle (2 x heads <= SMs: the DiT's launches of one direction), the forward and the
+backward's sequential kernel run two CTAs a head instead (PAIR, pair_heads), each with half the hidden units, meeting
+through global memory (_pair_meet): the kernels' docstrings and docs/performance.md, session 19.
+
 The TTT-Linear forward (mini-batch 16) is in _ttt_linear_fwd_smem_kernel's docstring. The TTT-MLP backward
 (mlp_backward_gluon: per checkpoint group the forward kernel with STATES, _ttt_mlp_bwd_out_kernel and
 _ttt_mlp_bwd_smem_kernel) is described in their docstrings and docs/performance.md, session 15.
@@ -957,7 +961,14 @@ if HAVE_GLUON:
         the first takes dL/dW (for j - 1) and the second mini-batch j - 1's W. The [MB, F] element-wise work runs in
         column halves (whole tiles spilled); the [MB, F] / [MB, D] tiles rotate over their buffers from one
         mini-batch to the next (loop-invariant operand addresses are hoisted out of the loop by the compiler, a
-        64-bit wgmma descriptor per k-step, and held through the scan they spilled)."""
+        64-bit wgmma descriptor per k-step, and held through the scan they spilled).
+
+        PAIR: two CTAs a head (the forward's pairing: a start-order ticket, _pair_meet), each with half the hidden
+        units (its rows of the slots, by TMA boxes of F / 2 rows; its columns of dL/dW1 and rows of dL/dW2; one
+        column half of the element-wise work). The sums over the hidden units meet twice a mini-batch through XCH:
+        Z2's partial sums, then dL/dP2's, the gradient's W2 term's and deta's row sums; both CTAs add them in the same
+        order and so run the same [MB, D] work (GVEC: a copy a half). dk's partial sums go out at the end of a
+        mini-batch and are added at the next meeting (a last one after the loop); half 0 stores dk, dv and deta."""
         gl.static_assert(num_warps == 8)
         gl.static_assert(F == 256)
         FL: gl.constexpr = F // (1 + PAIR)  # this CTA's hidden units (PAIR: the half of the slots' rows it loads)
