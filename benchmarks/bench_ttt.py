@@ -171,17 +171,16 @@ def bench_sdpa(windows, L, H, D, reps=3):
 
 
 def _apply_config(spec: str):
-    """'name:key=val,...' -> a copy of KERNEL_CONFIG with that entry changed (installed in place)."""
+    """'name:key=val,...' -> a copy of KERNEL_CONFIG with that entry changed (installed in place; the entries held
+    before are left as they were)."""
     from ttt_video.kernels import ttt_triton
 
-    name, _, kv = spec.partition(":")
     cfg = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
-    for item in filter(None, kv.split(",")):
-        key, val = item.split("=")
-        cfg[name][key] = val if key == "variant" else int(val)
     ttt_triton.KERNEL_CONFIG.clear()
     ttt_triton.KERNEL_CONFIG.update(cfg)
-    return name, cfg[name]
+    ttt_triton.apply_config_spec(spec)
+    name = spec.partition(":")[0]
+    return name, ttt_triton.KERNEL_CONFIG[name]
 
 
 def probe_one(spec: str, H: int, N: int, D: int, reps: int) -> dict:

@@ -1281,8 +1281,9 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     return out, finals, cks, 0
 
 
-_PAIR_STALL = ("ttt_mlp gluon: a paired forward's CTA waited for its partner past the poll budget (its results are "
-               "wrong); set KERNEL_CONFIG['mlp_fwd']['pair'] = 0")
+_PAIR_STALL = ("ttt_mlp gluon: a paired kernel's CTA waited for its partner past the poll budget (its results are "
+               "wrong); turn pairing off: KERNEL_CONFIG['mlp_fwd']['pair'] = KERNEL_CONFIG['mlp_bwd']['pair'] = 0, or "
+               "the environment variable TTT_VIDEO_KERNEL_CONFIG='mlp_fwd:pair=0;mlp_bwd:pair=0'")
 
 
 LINEAR_GLUON_MB = {16}  # mini-batches the Gluon Linear forward is written for (2 mini-batches in a 64-row tile)

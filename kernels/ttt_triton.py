@@ -1652,6 +1652,30 @@ KERNEL_CONFIG = {
     "linear_bwd": {"num_warps": 4, "num_stages": 1},
 }
 
+# KERNEL_CONFIG changes from the environment, for a process that cannot edit it (a ComfyUI server, the trainer's
+# command line): 'name:key=val,...;...', e.g. TTT_VIDEO_KERNEL_CONFIG='mlp_fwd:pair=0;mlp_bwd:pair=0'
+KERNEL_CONFIG_ENV = "TTT_VIDEO_KERNEL_CONFIG"
+
+
+def apply_config_spec(spec: str) -> None:
+    """Install 'name:key=val,...;...' into KERNEL_CONFIG (values are ints, ``variant`` a name). Unknown kernel names
+    and malformed items raise ValueError: a typo must not silently leave the default in place."""
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, _, items = part.partition(":")
+        if name not in KERNEL_CONFIG:
+            raise ValueError(f"{KERNEL_CONFIG_ENV}: unknown kernel {name!r} (one of {sorted(KERNEL_CONFIG)})")
+        for item in filter(None, (i.strip() for i in items.split(","))):
+            key, eq, val = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"{KERNEL_CONFIG_ENV}: {item!r} in {part!r} is not key=value")
+            try:
+                KERNEL_CONFIG[name][key] = val if key == "variant" else int(val)
+            except ValueError:
+                raise ValueError(f"{KERNEL_CONFIG_ENV}: {key}={val!r} in {part!r} is not an integer") from None
+
+
+apply_config_spec(os.environ.get(KERNEL_CONFIG_ENV, ""))
+
 
 def _launch_opts(name: str) -> dict:
     cfg = KERNEL_CONFIG[name]

@@ -217,6 +217,29 @@ def test_both_mlp_directions_default_to_gluon_else_the_split_at_the_device_check
     assert cfg["mlp_bwd"]["split_num_warps"] == 4 and cfg["mlp_bwd"]["num_warps"] == 8
 
 
+def test_pairing_is_on_by_default_and_the_environment_can_turn_it_off(monkeypatch):
+    """Both Gluon TTT-MLP directions pair CTAs where heads leave SMs idle (mode 1, the device-measured rule of
+    session 19); TTT_VIDEO_KERNEL_CONFIG changes KERNEL_CONFIG in a process that cannot edit it (a ComfyUI server),
+    and a malformed value fails loudly instead of leaving the default in place."""
+    from ttt_video.kernels import ttt_triton
+
+    assert ttt_triton.KERNEL_CONFIG["mlp_fwd"]["pair"] == 1 and ttt_triton.KERNEL_CONFIG["mlp_bwd"]["pair"] == 1
+    env = dict(os.environ, TTT_VIDEO_KERNEL_CONFIG="mlp_fwd:pair=0;mlp_bwd:pair=0,bwd_group=32")
+    code = ("from ttt_video.kernels import ttt_triton as t; c = t.KERNEL_CONFIG; "
+            "print(c['mlp_fwd']['pair'], c['mlp_bwd']['pair'], c['mlp_bwd']['bwd_group'], c['mlp_fwd']['variant'])")
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert got.split() == ["0", "0", "32", "smem"]
+    for bad, why in [("mlp_fwdd:pair=0", "unknown kernel"), ("mlp_fwd:pair", "not key=value"),
+                     ("mlp_fwd:pair=off", "not an integer")]:
+        env["TTT_VIDEO_KERNEL_CONFIG"] = bad
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert res.returncode != 0 and why in res.stderr, (bad, res.stderr[-300:])
+    # in process: the same parser
+    monkeypatch.setitem(ttt_triton.KERNEL_CONFIG, "mlp_fwd", dict(ttt_triton.KERNEL_CONFIG["mlp_fwd"]))
+    ttt_triton.apply_config_spec("mlp_fwd:pair=2,variant=gmem")
+    assert ttt_triton.KERNEL_CONFIG["mlp_fwd"]["pair"] == 2 and ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] == "gmem"
+
+
 def test_a_split_stall_raises():
     """A program that gave up waiting for its group sets the stall flag: the launch's caller raises (on a CPU at
     once; on a GPU at a later call or at check_split_stalls(), tests/gpu), never returns silently wrong results."""
