@@ -148,22 +148,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _pair_meet(CNT, ERR, target, max_spin):
-        """The two CTAs of a head (PAIR) meet: this CTA's stores so far are released to its partner (every thread's,
-        through the CTA barrier), then it waits until the pair's counter reaches ``target`` (both arrived; acquire).
-        ttt_triton._group_wait's protocol: a bounded poll, a stall flagged in ERR (the scan is wrong from there on)
+        """The two CTAs of a head (PAIR) meet: this CTA's stores so far are released to its partner, then it waits
+        until the pair's counter reaches ``target`` (both arrived; acquire). The Triton split kernels' meeting (their
+        helpers compile the same in Gluon): a bounded poll, a stall flagged in ERR (the scan is wrong from there on)
         and no more waiting. Returns the poll budget for the next meeting."""
-        _cta_barrier()
-        gl.atomic_add(CNT, 1, sem="release", scope="gpu")
-        n = gl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-        spins = 0
-        while (n < target) & (spins < max_spin):
-            n = gl.atomic_add(CNT, 0, sem="acquire", scope="gpu")
-            spins += 1
-        if n < target:
-            gl.atomic_xchg(ERR, 1)
-            max_spin = 0
-        _cta_barrier()
-        return max_spin
+        ttt_triton._group_arrive(CNT)
+        return ttt_triton._group_wait(CNT, ERR, target, max_spin)
 
     @gluon.jit
     def _pair_output(OPART, QP, O_s, OD, row, b2, gamma, beta, tile, first, eps, D: gl.constexpr, MB: gl.constexpr):
