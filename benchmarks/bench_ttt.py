@@ -271,15 +271,11 @@ def main(argv=None):
         base = {k: dict(v) for k, v in ttt_triton.KERNEL_CONFIG.items()}
         r["variants"] = {}
         for spec in a.variants.split(";"):
-            name, _, kv = spec.partition(":")
-            cfg = {k: dict(v) for k, v in base.items()}
-            for item in filter(None, kv.split(",")):
-                key, val = item.split("=")
-                cfg[name][key] = val if key == "variant" else int(val)
             ttt_triton.KERNEL_CONFIG.clear()
-            ttt_triton.KERNEL_CONFIG.update(cfg)
+            ttt_triton.KERNEL_CONFIG.update(base)  # each variant against the run's config (_apply_config copies)
+            name, entry = _apply_config(spec)
             kind = "mlp" if name.startswith("mlp") else "linear"
-            mb = 64 if kind == "mlp" else int(cfg[name].get("mb", 16))
+            mb = 64 if kind == "mlp" else int(entry.get("mb", 16))
             t1 = time.time()
             try:
                 res = bench_ttt(ttt_mlp if kind == "mlp" else ttt_linear, kind, B2, H, N, D, Fh if kind == "mlp" else D,
