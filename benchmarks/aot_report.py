@@ -28,7 +28,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "in_add", "n_slots", "cnt", "n_items"}
+INT_ARGS = {"N", "H", "n_mb", "n_ck", "G", "BH", "max_spin", "mb0", "in_mul", "in_add", "n_slots", "cnt", "n_items",
+            "h0", "ck_stride"}
 INT32_PTRS = {"CNT", "ERR"}
 FLOAT_ARGS = {"eps"}
 TMA_DESCRIPTORS = {"QD", "KD", "VD", "OD"}  # [MB, D] tiles of q / k / v / out

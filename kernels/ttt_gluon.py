@@ -26,7 +26,9 @@ Per mini-batch (explicit W_end form, the contract of ttt_core.ops.ttt_mlp; p = -
 
 Where one CTA a head would leave SMs idle (2 x heads <= SMs: the DiT's launches of one direction), the forward and the
 backward's sequential kernel run two CTAs a head instead (PAIR, pair_heads), each with half the hidden units, meeting
-through global memory (_pair_meet): the kernels' docstrings and docs/performance.md, session 19.
+through global memory (_pair_meet): the kernels' docstrings and docs/performance.md, session 19. Between SMs / 2 and
+SMs heads (the one-launch 96 heads, the DiT's B = 2 launches), the forward pairs some heads in turn
+(mix_schedule: groups of heads, each a chain of launches over parts of the scan on a stream of its own; session 20).
 
 The TTT-Linear forward (mini-batch 16) is in _ttt_linear_fwd_smem_kernel's docstring. The TTT-MLP backward
 (mlp_backward_gluon: per checkpoint group the forward kernel with STATES, _ttt_mlp_bwd_out_kernel and
@@ -176,7 +178,7 @@ if HAVE_GLUON:
         CK_W1, CK_B1, CK_W2, CK_B2,
         ST_B1, ST_B2,
         XCH, OPART, CNT, ERR,
-        N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots, max_spin,
+        N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots, max_spin, h0, ck_stride,
         D: gl.constexpr, FS: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr,
         BSUM_MMA: gl.constexpr, STATES: gl.constexpr, num_warps: gl.constexpr, PAIR: gl.constexpr = False,
     ):
@@ -237,7 +239,7 @@ if HAVE_GLUON:
             pid = gl.program_id(0)
             half = 0
         pid64 = pid.to(gl.int64)
-        h = pid % H
+        h = (pid + h0) % H  # h0: the launch's first head (mlp_forward_gluon's mix launches some of the heads)
 
         # k and q tiles; with TMA double-buffered (mini-batch i + 1's are copied while i runs) and v's tile too
         K_s2 = gl.allocate_shared_memory(DT, [1 + TMA, MB, D], S_XD)
@@ -295,7 +297,7 @@ if HAVE_GLUON:
 
         for c in range(n_ck):
             if SAVE:
-                ck = pid64 * n_ck + c
+                ck = pid64 * ck_stride + c  # CK_*: the launch's first checkpoint (a launch over part of the scan)
                 _store_state(CK_W1 + ck * D * FS + half * F, CK_B1 + ck * FS + half * F,
                              CK_W2 + (ck * FS + half * F) * D, CK_B2 + ck * D, w1, B1_s, W2F_s, b2, dcol, D, F, FS,
                              L_ZF, L_W2)
@@ -1226,46 +1228,144 @@ def _row_box_descriptor(t: torch.Tensor) -> "TensorDescriptor":
     return TensorDescriptor(t, [t.numel() // (8 * D), 8, D], [8 * D, D, 1], [2, 16, D], layout)
 
 
-def pair_heads(BH: int, dev: torch.device, mode: int) -> bool:
+def pair_heads(BH: int, dev: torch.device, mode: int, sms: int = 0) -> bool:
     """Whether the forward runs two CTAs a head (the kernel's PAIR): mode 0 never, 2 always (tests, benchmarks),
     1 where every CTA gets an SM of its own (one CTA an SM: the kernel's ~140 KB of shared memory), i.e. where one
-    CTA a head would leave SMs idle; with more heads the pairs would run in two rounds."""
+    CTA a head would leave SMs idle; with more heads the pairs would run in two rounds (sms: the SM count to plan
+    for, 0 the GPU's)."""
     if mode != 1:
         return bool(mode)
-    return 2 * BH <= torch.cuda.get_device_properties(dev).multi_processor_count
+    return 2 * BH <= (sms or torch.cuda.get_device_properties(dev).multi_processor_count)
 
 
 PAIR_LAUNCHES = 0  # forward launches with two CTAs a head (tests check that a call took this path)
+MIX_CALLS = 0  # forward calls run as mix_schedule's rotation
+PLAN_SMS = 0  # the SM count the forward's pair / mix rules plan for (0: the GPU's; tests set a few: mixed at 2 heads)
 
 
-def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
-                      bsum_mma=True, pair=0):
-    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
-    pair: pair_heads' mode (two CTAs a head where heads leave SMs idle)."""
-    W1, b1, W2, b2 = state
-    B, H, N, D = q.shape
-    BH, F = B * H, W1.shape[-1]
-    n_mb = N // mb
-    n_ck = -(-n_mb // G)
-    global LAUNCHES, PAIR_LAUNCHES
-    LAUNCHES += 1
-    paired = pair_heads(BH, q.device, pair)
+def mix_schedule(BH: int, sms: int, n_mb: int, G: int, ratio: float, max_groups: int = 4):
+    """Where one CTA a head leaves SMs idle but two would not fit (SMs / 2 < BH < SMs: the one-launch table's 96
+    heads, the DiT's B = 2 launches), the forward spends the free SMs on pairing some of the heads and rotates which:
+    the heads are cut into P contiguous groups and the scan into P phases; in phase c the m groups j with
+    (c - j) mod P < m run paired (two CTAs a head, 2 x their heads in CTAs), the others one CTA a head, and a paired
+    phase covers ``ratio`` (one CTA a head's time a mini-batch over the paired one's) times the mini-batches of an
+    unpaired one, so every group's phases take about the same time and at most SMs CTAs want an SM at once.
+
+    Each group runs paired m phases of P, so a scan takes P / (m ratio + P - m) of one CTA a head's time; P (at most
+    ``max_groups``: a stream a group, and CUDA gives 8 hardware queues, CUDA_DEVICE_MAX_CONNECTIONS, so more streams
+    share queues and a launch waiting on its stream holds back the next stream's) and m (m x the largest group <=
+    SMs - BH) minimise that. At 96 heads on 132 SMs: P = 3 groups of 32 heads, m = 1, 0.888 x, ~10 us a mini-batch
+    against 11.2 (session 20's rates: 8.13 us paired, 11.23 one CTA a head, each the same beside the other as
+    alone). Phase boundaries are multiples of G (the checkpoints' positions); a group's phases of one kind in a row
+    are one launch, empty ones none.
+    Returns [(first head, end head, [(first mini-batch, end mini-batch, paired), ...]), ...] or None."""
+    free = sms - BH
+    if free <= 0 or 2 * BH <= sms or n_mb < 2 * G:
+        return None
+    best = None
+    for P in range(2, min(max_groups, BH) + 1):
+        m = free // -(-BH // P)
+        if m >= 1 and (best is None or P / (m * ratio + P - m) < best[0] - 1e-9):
+            best = (P / (m * ratio + P - m), P, m)
+    if best is None:
+        return None
+    _, P, m = best
+    unit = n_mb / (m * ratio + P - m)  # the mini-batches of an unpaired phase
+    plan = []
+    for j in range(P):
+        segs, pos, ideal = [], 0, 0.0
+        for c in range(P):
+            paired = (c - j) % P < m
+            ideal += unit * (ratio if paired else 1.0)
+            end = n_mb if c == P - 1 else min(n_mb, G * round(ideal / G))
+            if end > pos and segs and segs[-1][2] == paired:  # phases of one kind in a row: one launch
+                segs[-1] = (segs[-1][0], end, paired)
+            elif end > pos:
+                segs.append((pos, end, paired))
+            pos = max(pos, end)
+        plan.append((BH * j // P, BH * (j + 1) // P, segs))
+    return plan
+
+
+_MIX_STREAMS: dict = {}
+
+
+def _mix_streams(dev: torch.device, n: int) -> list:
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    have = _MIX_STREAMS.setdefault(idx, [])
+    while len(have) < n:
+        have.append(torch.cuda.Stream(device=idx))
+    return have[:n]
+
+
+def _forward_launch(args, state_in, lo, hi, s, e, paired, err, mb, G, n_ck, save, num_warps, tma, bsum_mma):
+    """One launch of the forward kernel over heads [lo, hi) (rows of the [B H, ...] views in ``args``) and mini-batches
+    [s, e) of their scans, from ``state_in``'s rows (the initial state, or the final-state buffers that the group's
+    previous launch wrote: each CTA reads its own part of a head's state before it writes it)."""
+    q, k, v, eta, out, finals, cks, ln_w, ln_b, H = args
+    g, (W1, b1, W2, b2) = hi - lo, (t[lo:hi] for t in state_in)
+    D, F, N = q.shape[-1], W1.shape[-1], q.shape[1]
+    q, k, v, eta, out = (t[lo:hi] for t in (q, k, v, eta, out))
     if paired:
         f32 = dict(device=q.device, dtype=torch.float32)
-        xch, opart = torch.empty(BH * 4 * mb * D, **f32), torch.empty(BH * 4 * mb * D, **f32)
-        cnt = torch.zeros(32 * (BH + 1), device=q.device, dtype=torch.int32)  # the ticket, then a line a pair
-        err, err_mirror = ttt_triton._stall_flag(q.device)
-        PAIR_LAUNCHES += 1
+        xch, opart = torch.empty(g * 4 * mb * D, **f32), torch.empty(g * 4 * mb * D, **f32)
+        cnt = torch.zeros(32 * (g + 1), device=q.device, dtype=torch.int32)  # the ticket, then a line a pair
     else:
         xch = opart = b1
         cnt = err = torch.empty(1, device=q.device, dtype=torch.int32)  # (not read)
-    _ttt_mlp_fwd_smem_kernel[(2 * BH if paired else BH,)](
+    cks = [c[lo:hi, s // G:] for c in cks] if save else [c[lo:hi] for c in cks]
+    _ttt_mlp_fwd_smem_kernel[(2 * g if paired else g,)](
         q, k, v, *(_tile_descriptor(t, mb) for t in (q, k, v, out, q, q)), eta, ln_w, ln_b, W1, b1, W2, b2, out,
-        *finals, *cks, b1, b1,  # (the two descriptors after out's and these: the recompute's slots, unused here)
+        *(t[lo:hi] for t in finals), *cks, b1, b1,  # (the two descriptors after out's and these: the recompute's)
         xch, opart, cnt, err,
-        N, H, n_mb, n_ck, G, LN_EPS, 0, 1, 0, 0, ttt_triton._SPLIT_MAX_SPIN,
+        N, H, e, -(-(e - s) // G), G, LN_EPS, s, 1, 0, 0, ttt_triton._SPLIT_MAX_SPIN, lo, n_ck,
         D=D, FS=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps, PAIR=paired,
     )
+
+
+def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
+                      bsum_mma=True, pair=0, mix=0):
+    """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
+    pair: pair_heads' mode (two CTAs a head where heads leave SMs idle); mix (with pair 1, where pairing every head
+    does not fit): mix_schedule's ratio in per cent (0: one CTA a head there), its groups' launches each on a side
+    stream of its own, joined before this returns."""
+    B, H, N, D = q.shape
+    BH = B * H
+    n_mb = N // mb
+    n_ck = -(-n_mb // G)
+    global LAUNCHES, PAIR_LAUNCHES, MIX_CALLS
+    LAUNCHES += 1
+    sms = PLAN_SMS or torch.cuda.get_device_properties(q.device).multi_processor_count
+    paired = pair_heads(BH, q.device, pair, sms)
+    plan = mix_schedule(BH, sms, n_mb, G, mix / 100) if pair == 1 and mix and not paired else None
+    err, err_mirror = ttt_triton._stall_flag(q.device)
+    args = (q.view(BH, N, D), k.view(BH, N, D), v.view(BH, N, D), eta.view(BH, N), out.view(BH, N, D), finals, cks,
+            ln_w, ln_b, H)
+    opts = (err, mb, G, n_ck, save, num_warps, tma, bsum_mma)
+    if plan is None:
+        _forward_launch(args, state, 0, BH, 0, n_mb, paired, *opts)
+        PAIR_LAUNCHES += paired
+    else:
+        MIX_CALLS += 1
+        start = torch.cuda.Event()
+        start.record()
+        streams = _mix_streams(q.device, len(plan))
+        for stream in streams:
+            stream.wait_event(start)
+        # issued in the order they should start (streams that share a hardware queue then wait on each other least)
+        ratio, launches = mix / 100, []
+        for g, (lo, hi, segs) in enumerate(plan):
+            t = 0.0
+            for n, (s, e, p) in enumerate(segs):
+                launches.append((t, g, n, lo, hi, s, e, p))
+                t += (e - s) / (ratio if p else 1.0)
+        for _, g, n, lo, hi, s, e, p in sorted(launches):
+            with torch.cuda.stream(streams[g]):
+                _forward_launch(args, finals if n else state, lo, hi, s, e, p, *opts)
+            PAIR_LAUNCHES += p
+        for stream in streams:
+            torch.cuda.current_stream().wait_stream(stream)
+        paired = True
     if paired:
         ttt_triton._after_split_launch(err, err_mirror, _PAIR_STALL)
     return out, finals, cks, 0
@@ -1412,7 +1512,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
                 q, k, v, qd, kd, vd, vd, wtd, w2d, eta, lnw, lnb, ckW1, ckb1, ckW2, ckb2,
                 q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
                 st_b1, st_b2, st_b1, st_b1, ckb1, ckb1,  # (the paired forward's buffers: not read)
-                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots, 0,  # from checkpoint c mul
+                N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots, 0, 0, 1,  # from checkpoint c mul
                 D=D, FS=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
         if "out" in parts:

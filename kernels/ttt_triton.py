@@ -1598,7 +1598,9 @@ KERNEL_CONFIG = {
     # pair (session 19): the Gluon forward with two CTAs a head where one a head leaves SMs idle (ttt_gluon.pair_heads:
     # 0 never, 1 where 2 x heads <= SMs, 2 always). 48 heads (the DiT's launch of one direction): 66.7 -> 44.4 ms at
     # the one-minute shape; 96 heads (both directions in one launch) paired: 85.5 against 61.6 (two rounds of CTAs).
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 1,
+    # pair 1: two CTAs a head where heads leave SMs idle; mix: where they would not fit, pair some heads in turn
+    # (ttt_gluon.mix_schedule; the one-CTA-a-head time a mini-batch over the paired one's, per cent; 0: off)
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 1, "mix": 138,
                 "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
@@ -1911,7 +1913,8 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             cfg = KERNEL_CONFIG["mlp_fwd"]
             res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
                              mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
-                             bsum_mma=bool(cfg.get("bsum_mma", 1)), pair=int(cfg.get("pair", 0)))
+                             bsum_mma=bool(cfg.get("bsum_mma", 1)), pair=int(cfg.get("pair", 0)),
+                             mix=int(cfg.get("mix", 0)))
             if res is not None:
                 return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape

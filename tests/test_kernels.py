@@ -240,6 +240,45 @@ def test_pairing_is_on_by_default_and_the_environment_can_turn_it_off(monkeypatc
     assert ttt_triton.KERNEL_CONFIG["mlp_fwd"]["pair"] == 2 and ttt_triton.KERNEL_CONFIG["mlp_fwd"]["variant"] == "gmem"
 
 
+@pytest.mark.parametrize("BH,n_mb,G", [(96, 5487, 16), (67, 5487, 16), (80, 24, 2), (100, 700, 7), (100, 10, 1)])
+def test_mix_schedule_rotates_pairing_within_the_sms(BH, n_mb, G):
+    """ttt_gluon.mix_schedule (heads between SMs / 2 and SMs): the groups partition the heads, each group's launches
+    cover its scan once, in order, from checkpoint boundaries, alternating paired and not; on long scans, at the
+    rates the plan assumes, every group takes the same time (no group sets the end alone), shorter than one CTA a
+    head by the planned share, and at the middle of every phase the CTAs running fit on the SMs."""
+    from ttt_video.kernels import ttt_gluon
+
+    sms, ratio = 132, 1.38
+    plan = ttt_gluon.mix_schedule(BH, sms, n_mb, G, ratio)
+    assert plan is not None
+    assert [lo for lo, _, _ in plan] == [0] + [hi for _, hi, _ in plan[:-1]] and plan[-1][1] == BH
+    spans = []  # per group: (start time, end time, CTAs) of each launch, in one-CTA-a-head mini-batch times
+    for lo, hi, segs in plan:
+        assert hi > lo and segs[0][0] == 0 and segs[-1][1] == n_mb
+        t, span = 0.0, []
+        for (s, e, p), nxt in zip(segs, segs[1:] + [(n_mb, None, not segs[-1][2])]):
+            assert e > s and s % G == 0 and nxt[0] == e and nxt[2] != p
+            span.append((t, t + (e - s) / (ratio if p else 1.0), (hi - lo) * (2 if p else 1)))
+            t = span[-1][1]
+        spans.append(span)
+    assert any(p for _, _, segs in plan for _, _, p in segs)
+    end = max(sp[-1][1] for sp in spans)
+    assert end < n_mb
+    if n_mb >= 100 * G:  # long scans (short ones round to whole checkpoint groups)
+        P = len(plan)
+        m = (sms - BH) // -(-BH // P)
+        assert end / n_mb == pytest.approx(P / (m * ratio + P - m), rel=0.01)
+        assert min(sp[-1][1] for sp in spans) / end > 0.98
+        for c in range(P):
+            t = (c + 0.5) * end / P
+            assert sum(n for sp in spans for a, b, n in sp if a <= t < b) <= sms, (c, t)
+    # no plan where pairing every head fits, where no group fits the free SMs, or for scans too short to cut
+    assert ttt_gluon.mix_schedule(sms // 2, sms, n_mb, G, ratio) is None
+    assert ttt_gluon.mix_schedule(sms, sms, n_mb, G, ratio) is None
+    assert ttt_gluon.mix_schedule(sms - 1, sms, n_mb, G, ratio) is None
+    assert ttt_gluon.mix_schedule(BH, sms, 2 * G - 1, G, ratio) is None
+
+
 def test_a_split_stall_raises():
     """A program that gave up waiting for its group sets the stall flag: the launch's caller raises (on a CPU at
     once; on a GPU at a later call or at check_split_stalls(), tests/gpu), never returns silently wrong results."""
