@@ -359,6 +359,11 @@ def main(argv=None):
     print("|------------------------------------------------------|------------|---------|")
     row("TTT-MLP triton forward", "mlp_fwd_ms", flops_fwd)
     row("TTT-MLP triton forward+backward (G=16)", "mlp_fwdbwd_ms", flops_fwd * 33 / 7)
+    for spec, res in r.get("variants", {}).items():  # --variants: the rows above with a KERNEL_CONFIG change
+        for what, mul in (("fwd", 1), ("fwdbwd", 33 / 7)):
+            if spec.startswith("mlp") and f"{what}_ms" in res:
+                r[f"variant_{spec}_{what}_ms"] = res[f"{what}_ms"]
+                row(f"  same, {spec}: {what}", f"variant_{spec}_{what}_ms", flops_fwd * mul)
     row("TTT-MLP triton fwd, 2 launches of 1 direction (DiT)", "mlp_dir_fwd_ms", flops_fwd)
     row("TTT-MLP triton fwd+bwd, 2 launches of 1 direction", "mlp_dir_fwdbwd_ms", flops_fwd * 33 / 7)
     row("  same, gmem forward pinned: fwd", "mlp_dir_gmem_fwd_ms", flops_fwd)

@@ -311,10 +311,14 @@ def test_pair_rule_pairs_heads_only_where_they_leave_sms_idle():
     assert not ttt_gluon.pair_heads(1, dev, 0) and ttt_gluon.pair_heads(4 * sms, dev, 2)
 
 
-# heads between SMs / 2 and SMs (B H 80, 100, 97): the forward as ttt_gluon.mix_schedule's rotation, the groups'
-# launches (paired and not, several a group, each from the previous one's final state) on side streams; the
-# backward (the default) then reads the checkpoints those launches wrote
-MIX_CASES = [(2, 40, 1536, 2, BF16), (2, 40, 1536, 3, FP16), (1, 100, 640, 1, BF16), (1, 97, 1024, 2, BF16)]
+# heads between SMs / 2 and SMs: the forward as ttt_gluon.mix_schedule's rotation, the groups' launches (paired and
+# not, several a group, each from the previous one's final state) on side streams; the backward (the default) then
+# reads the checkpoints those launches wrote. At the GPU's SM count (B H 80-100) bf16 scans stay short and fp16 ones
+# go longer: over 80-100 heads a bf16 draw of 16-24 mini-batches often holds an ill-conditioned head whose gradients
+# every kernel gets 2e-2 to 0.14 off (the one-CTA and the Triton gmem kernels give the same errors on those draws:
+# session 20, benchmarks/seed_compare.py). Longer bf16 scans at few heads plan for a few SMs (PLAN_SMS).
+MIX_CASES = [(1, 100, 640, 1, BF16, 0), (2, 40, 512, 1, BF16, 0), (2, 40, 1536, 3, FP16, 0), (1, 97, 1024, 2, FP16, 0),
+             (1, 3, 1536, 2, BF16, 5), (2, 2, 1280, 3, BF16, 7)]
 
 
 @pytest.mark.parametrize("case", MIX_CASES, ids=["-".join(str(x) for x in c).replace("torch.", "") for c in MIX_CASES])
@@ -322,8 +326,9 @@ def test_mixed_forward_matches_float64_reference(case, monkeypatch):
     from ttt_video.kernels import ttt_triton
 
     ttt_gluon = _smem_config(monkeypatch, pair=1, mix=138)
-    B, H, N, G, dt = case
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    B, H, N, G, dt, sms = case
+    monkeypatch.setattr(ttt_gluon, "PLAN_SMS", sms)
+    sms = sms or torch.cuda.get_device_properties(0).multi_processor_count
     assert ttt_gluon.mix_schedule(B * H, sms, N // 64, G, 1.38) is not None, "the case must take the mixed path"
     n0, p0 = ttt_gluon.MIX_CALLS, ttt_gluon.PAIR_LAUNCHES
     _checked(["mlp-mix", *map(str, case)], "mlp", B, H, N, 64, 64, G, dt, draws=2)
