@@ -314,8 +314,8 @@ def test_pair_rule_pairs_heads_only_where_they_leave_sms_idle():
 # heads between SMs / 2 and SMs: the forward as ttt_gluon.mix_schedule's rotation, the groups' launches (paired and
 # not, several a group, each from the previous one's final state) on side streams; the backward (the default) then
 # reads the checkpoints those launches wrote. At the GPU's SM count (B H 80-100) in fp16: over 80-100 heads a bf16
-# draw often holds an ill-conditioned head whose gradients every kernel gets 1e-2 to 0.14 off (the one-CTA and the
-# Triton gmem kernels give the same errors on those draws: session 20, benchmarks/seed_compare.py), while fp16's
+# draw often holds an ill-conditioned head whose gradients come out 1e-2 to 0.14 off whatever the forward (mixed,
+# one CTA a head or the Triton gmem one give the same errors on those draws: session 20, seed_compare.py), while fp16's
 # ~1e-3 leaves a wrong checkpoint or state hand-off nowhere to hide. bf16 at few heads, planned for a few SMs
 # (PLAN_SMS), as the other bf16 tests.
 MIX_CASES = [(1, 100, 640, 1, FP16, 0), (2, 40, 1536, 3, FP16, 0), (1, 97, 1024, 2, FP16, 0),
@@ -339,8 +339,8 @@ def test_mixed_forward_matches_float64_reference(case, monkeypatch):
 
 def test_mixed_forward_long_sequence_bf16(monkeypatch):
     """The long scan's shape (2 heads: at 80 heads a draw more often holds an ill-conditioned head, whose gradients
-    every kernel, the Triton gmem one too, gets 2e-2 to 0.5 off: session 20, benchmarks/seed_compare.py) planned for
-    3 SMs, so its 2 heads run as the mixed rotation: launches from checkpoint boundaries in groups of 16."""
+    come out 2e-2 to 0.5 off whatever the forward: session 20, benchmarks/seed_compare.py) planned for 3 SMs, so its
+    2 heads run as the mixed rotation: launches from checkpoint boundaries in groups of 16."""
     ttt_gluon = _smem_config(monkeypatch, pair=1, mix=138)
     monkeypatch.setattr(ttt_gluon, "PLAN_SMS", 3)
     assert ttt_gluon.mix_schedule(2, 3, 64, 16, 1.38) is not None
