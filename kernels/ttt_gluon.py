@@ -1347,8 +1347,8 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
         PAIR_LAUNCHES += paired
     else:
         MIX_CALLS += 1
-        start = torch.cuda.Event()
-        start.record()
+        caller = torch.cuda.current_stream(q.device)
+        start = caller.record_event()
         streams = _mix_streams(q.device, len(plan))
         for stream in streams:
             stream.wait_event(start)
@@ -1364,9 +1364,8 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
                 _forward_launch(args, finals if n else state, lo, hi, s, e, p, *opts)
             PAIR_LAUNCHES += p
         for stream in streams:
-            torch.cuda.current_stream().wait_stream(stream)
-        paired = True
-    if paired:
+            caller.wait_stream(stream)
+    if paired or plan is not None:
         ttt_triton._after_split_launch(err, err_mirror, _PAIR_STALL)
     return out, finals, cks, 0
 
