@@ -54,8 +54,7 @@ def _kernel_and_constexprs(name: str, cfg: dict, D: int, F: int, op_dtype: str):
                                                      BSUM_MMA=bool(cfg.get("bsum_mma", 1)),
                                                      STATES=bool(cfg.get("states", 0)),
                                                      num_warps=cfg.get("smem_num_warps", 8),
-                                                     PAIR=cfg.get("pair", 0) == 2,  # pair=2: the paired form
-                                                     GELU16=bool(cfg.get("gelu16", 0)))
+                                                     PAIR=cfg.get("pair", 0) == 2)  # pair=2: the paired form
         if cfg.get("variant") == "split":
             fs = cfg.get("fs", 64)
             return tt._ttt_mlp_fwd_split_kernel, dict(D=D, FS=fs, NSPLIT=F // fs, MB=64, SAVE=True, IEEE=ieee,

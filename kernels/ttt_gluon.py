@@ -94,55 +94,6 @@ if HAVE_GLUON:
         g1 = gl.fma(h * gl.fma(-t, t, 1.0), gl.fma(z2, _GELU_3CA, _GELU_C), gl.fma(0.5, t, 0.5))
         return g, g1
 
-    # GELU16 (KERNEL_CONFIG mlp_fwd gelu16): the forward's tanh-GELU and its derivative on two fp16 values an
-    # instruction (f16x2 arithmetic, tanh.approx.f16x2): ~8 instructions an element where fp32 takes ~13. The result
-    # goes to the bf16 / fp16 operand tile and gelu' to the fp16 register copy that the fp32 path rounds to anyway;
-    # fp16's 2^-11 is below the bf16 operand rounding (2^-9). The PTX: constants C, C A, 3 C A, 1/2, 1 as f16x2;
-    # z in $in, gelu in g (then $0, as bf16x2 through fp32 for bf16: the low half is the first element), gelu' in $1.
-    def _h2_asm(grad: bool, bf16: bool) -> str:
-        z = "$2" if grad else "$1"
-        lines = [".reg .b32 c0, c1, c3, hf, one, z2, u, t, h, g, nt, s, w, hs, p;", ".reg .b16 g0, g1;",
-                 ".reg .f32 f0, f1;", "mov.b32 c0, 0x3A623A62;", "mov.b32 c1, 0x28912891;",
-                 "mov.b32 c3, 0x2EDA2EDA;", "mov.b32 hf, 0x38003800;", "mov.b32 one, 0x3C003C00;",
-                 f"mul.rn.f16x2 z2, {z}, {z};", "fma.rn.f16x2 u, z2, c1, c0;", f"mul.rn.f16x2 u, u, {z};",
-                 "tanh.approx.f16x2 t, u;", f"mul.rn.f16x2 h, {z}, hf;", "fma.rn.f16x2 g, h, t, h;"]
-        if grad:
-            lines += ["neg.f16x2 nt, t;", "fma.rn.f16x2 s, nt, t, one;", "fma.rn.f16x2 w, z2, c3, c0;",
-                      "mul.rn.f16x2 hs, h, s;", "fma.rn.f16x2 p, t, hf, hf;", "fma.rn.f16x2 $1, hs, w, p;"]
-        if bf16:
-            lines += ["mov.b32 {g0, g1}, g;", "cvt.f32.f16 f0, g0;", "cvt.f32.f16 f1, g1;",
-                      "cvt.rn.bf16x2.f32 $0, f1, f0;"]
-        else:
-            lines += ["mov.b32 $0, g;"]
-        return "{ " + " ".join(lines) + " }"
-
-    _GELU_GRAD_H2_BF16 = tl.constexpr(_h2_asm(True, True))
-    _GELU_GRAD_H2_F16 = tl.constexpr(_h2_asm(True, False))
-    _GELU_H2_BF16 = tl.constexpr(_h2_asm(False, True))
-    _GELU_H2_F16 = tl.constexpr(_h2_asm(False, False))
-
-    @gluon.jit
-    def _gelu_and_grad_h2(z, DT: gl.constexpr):
-        """(gelu(z) in DT, gelu'(z) in fp16) for fp32 z, in f16x2 arithmetic (GELU16)."""
-        if DT == gl.bfloat16:
-            r = gl.inline_asm_elementwise(_GELU_GRAD_H2_BF16, "=r,=r,r", [z.to(gl.float16)],
-                                          dtype=(gl.bfloat16, gl.float16), is_pure=True, pack=2)
-        else:
-            r = gl.inline_asm_elementwise(_GELU_GRAD_H2_F16, "=r,=r,r", [z.to(gl.float16)],
-                                          dtype=(gl.float16, gl.float16), is_pure=True, pack=2)
-        return r
-
-    @gluon.jit
-    def _gelu_h2(z, DT: gl.constexpr):
-        """gelu(z) in DT for fp32 z, in f16x2 arithmetic (GELU16)."""
-        if DT == gl.bfloat16:
-            r = gl.inline_asm_elementwise(_GELU_H2_BF16, "=r,r", [z.to(gl.float16)], dtype=gl.bfloat16,
-                                          is_pure=True, pack=2)
-        else:
-            r = gl.inline_asm_elementwise(_GELU_H2_F16, "=r,r", [z.to(gl.float16)], dtype=gl.float16,
-                                          is_pure=True, pack=2)
-        return r
-
     @gluon.jit
     def _reinterpret(buf, dtype: gl.constexpr, shape: gl.constexpr, layout: gl.constexpr):
         if _PUBLIC_REINTERPRET:
@@ -230,7 +181,6 @@ if HAVE_GLUON:
         N, H, n_mb, n_ck, G, eps, mb0, in_mul, in_add, n_slots, max_spin, h0, ck_stride,
         D: gl.constexpr, FS: gl.constexpr, MB: gl.constexpr, SAVE: gl.constexpr, TMA: gl.constexpr,
         BSUM_MMA: gl.constexpr, STATES: gl.constexpr, num_warps: gl.constexpr, PAIR: gl.constexpr = False,
-        GELU16: gl.constexpr = False,
     ):
         """The TTT-MLP forward (module docstring). With STATES (the backward's recompute of one checkpoint group):
         the state at the start of each of mini-batches [mb0, n_mb) and after the last into the head's scratch slots
@@ -382,13 +332,10 @@ if HAVE_GLUON:
                     _cta_barrier()
                 # inner forward on the keys
                 z1 = warpgroup_mma(K_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-                if GELU16:
-                    a, da = _gelu_and_grad_h2(z1 + B1_s.load(COLF)[None, :], DT)
-                else:
-                    a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
-                    # gelu'(Z1) waits through Z2 and the LN in fp16 (16 registers, not 32; 2^-11 relative, below the
-                    # bf16 rounding P1 gets next)
-                    da = da.to(gl.float16)
+                a, da = _gelu_and_grad(z1 + B1_s.load(COLF)[None, :])
+                # gelu'(Z1) waits through Z2 and the LN in fp16 (16 registers, not 32; 2^-11 relative, below the
+                # bf16 rounding P1 gets next)
+                da = da.to(gl.float16)
                 A_s.store(a.to(DT))
                 fence_async_shared()
                 _cta_barrier()
@@ -472,10 +419,7 @@ if HAVE_GLUON:
                                 B1_s.load(gl.SliceLayout(1, L_S1)), b2, dcol, F, D)
                 if not STATES:  # the output with the updated state
                     zq1 = warpgroup_mma(Q_s, W1B_s, gl.zeros([MB, F], gl.float32, L_ZF), use_acc=False)
-                    if GELU16:
-                        A_s.store(_gelu_h2(zq1 + B1_s.load(COLF)[None, :], DT))
-                    else:
-                        A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
+                    A_s.store(_gelu(zq1 + B1_s.load(COLF)[None, :]).to(DT))
                     fence_async_shared()
                     _cta_barrier()
                     zq2 = warpgroup_mma(A_s, W2B_s, gl.zeros([MB, D], gl.float32, L_ZD), use_acc=False)
@@ -1354,7 +1298,7 @@ def _mix_streams(dev: torch.device, n: int) -> list:
     return have[:n]
 
 
-def _forward_launch(args, state_in, lo, hi, s, e, paired, err, mb, G, n_ck, save, num_warps, tma, bsum_mma, gelu16):
+def _forward_launch(args, state_in, lo, hi, s, e, paired, err, mb, G, n_ck, save, num_warps, tma, bsum_mma):
     """One launch of the forward kernel over heads [lo, hi) (rows of the [B H, ...] views in ``args``) and mini-batches
     [s, e) of their scans, from ``state_in``'s rows (the initial state, or the final-state buffers that the group's
     previous launch wrote: each CTA reads its own part of a head's state before it writes it)."""
@@ -1376,16 +1320,15 @@ def _forward_launch(args, state_in, lo, hi, s, e, paired, err, mb, G, n_ck, save
         xch, opart, cnt, err,
         N, H, e, -(-(e - s) // G), G, LN_EPS, s, 1, 0, 0, ttt_triton._SPLIT_MAX_SPIN, lo, n_ck,
         D=D, FS=F, MB=mb, SAVE=save, TMA=tma, BSUM_MMA=bsum_mma, STATES=False, num_warps=num_warps, PAIR=paired,
-        GELU16=gelu16,
     )
 
 
 def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, save, num_warps=8, tma=True,
-                      bsum_mma=True, pair=0, mix=0, gelu16=False):
+                      bsum_mma=True, pair=0, mix=0):
     """Launch the Gluon forward: fills ``out``, ``finals`` (row-major) and, if ``save``, the row-major checkpoints.
     pair: pair_heads' mode (two CTAs a head where heads leave SMs idle); mix (with pair 1, where pairing every head
     does not fit): mix_schedule's ratio in per cent (0: one CTA a head there), its groups' launches each on a side
-    stream of its own, joined before this returns. gelu16: the kernel's GELU16 (the GELU in f16x2 arithmetic)."""
+    stream of its own, joined before this returns."""
     B, H, N, D = q.shape
     BH = B * H
     n_mb = N // mb
@@ -1398,7 +1341,7 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
     err, err_mirror = ttt_triton._stall_flag(q.device)
     args = (q.view(BH, N, D), k.view(BH, N, D), v.view(BH, N, D), eta.view(BH, N), out.view(BH, N, D), finals, cks,
             ln_w, ln_b, H)
-    opts = (err, mb, G, n_ck, save, num_warps, tma, bsum_mma, gelu16)
+    opts = (err, mb, G, n_ck, save, num_warps, tma, bsum_mma)
     if plan is None:
         _forward_launch(args, state, 0, BH, 0, n_mb, paired, *opts)
         PAIR_LAUNCHES += paired
@@ -1472,7 +1415,7 @@ def _seq_stream(dev: torch.device) -> "torch.cuda.Stream":
 
 def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, dstate, dlnw, dlnb,
                        parts=("states", "out", "backward"), out_persist=1, out_tma_c=True, overlap=False,
-                       gw_hint=False, group_mul=1, pair=0, gelu16=False):
+                       gw_hint=False, group_mul=1, pair=0):
     """The Gluon TTT-MLP backward. Per backward group (group_mul checkpoint groups), last first: the STATES forward (the state at the start of
     each of its mini-batches into scratch slots), _ttt_mlp_bwd_out_kernel (every mini-batch's output path at once:
     dq and the terms dL/dW' gains from the output) and _ttt_mlp_bwd_smem_kernel (the sequential part). cks: the
@@ -1569,7 +1512,7 @@ def mlp_backward_gluon(q, k, v, eta, lnw, lnb, dout, cks, ends, mb, G, grads, ds
                 q, ckW1, ckb1, ckW2, ckb2, ckW1, ckb1, ckW2, ckb2,  # output, finals, checkpoints: not written
                 st_b1, st_b2, st_b1, st_b1, ckb1, ckb1,  # (the paired forward's buffers: not read)
                 N, H, mb0 + cnt, 1, cnt, LN_EPS, mb0, n_ck, c * mul, n_slots, 0, 0, 1,  # from checkpoint c mul
-                D=D, FS=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8, GELU16=gelu16,
+                D=D, FS=F, MB=mb, SAVE=False, TMA=True, BSUM_MMA=True, STATES=True, num_warps=8,
             )
         if "out" in parts:
             n_items = BH * cnt

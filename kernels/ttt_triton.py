@@ -1601,7 +1601,7 @@ KERNEL_CONFIG = {
     # mix (session 20): with pair 1, where pairing every head would not fit but one CTA a head leaves SMs idle
     # (SMs / 2 < heads < SMs), pair some heads in turn (ttt_gluon.mix_schedule); the value is the one-CTA-a-head time
     # a mini-batch over the paired one's in per cent (H100: 11.23 / 8.13 us), 0 turns it off. 96 heads: 61.2 -> 57.0 ms.
-    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 1, "mix": 138, "gelu16": 0,
+    "mlp_fwd": {"variant": "smem", "smem_num_warps": 8, "bsum_mma": 1, "tma": 1, "pair": 1, "mix": 138,
                 "fs": 64, "park": 1, "rowshare": 0, "fc": 64, "w2t": 1, "num_warps": 4, "num_stages": 1, "out_pass": 1},
     # gmem backward (3 F-chunk passes per mini-batch, states and dL/dW in L2): 3.5x faster than "plain"
     # (3.43 -> 0.98 s at the one-minute shape; the whole-state backward stays as the fallback for hidden
@@ -1705,8 +1705,7 @@ def gluon_bwd_options(G: int) -> dict:
     cfg = KERNEL_CONFIG["mlp_bwd"]
     return dict(out_persist=int(cfg.get("out_persist", 1)), out_tma_c=bool(cfg.get("out_tma_c", 1)),
                 overlap=bool(cfg.get("overlap", 0)), gw_hint=bool(cfg.get("gw_hint", 0)),
-                group_mul=gluon_bwd_group_mul(G), pair=int(cfg.get("pair", 0)),
-                gelu16=bool(KERNEL_CONFIG["mlp_fwd"].get("gelu16", 0)))  # the recompute: as the forward
+                group_mul=gluon_bwd_group_mul(G), pair=int(cfg.get("pair", 0)))
 
 
 def gluon_bwd_group_mul(G: int) -> int:
@@ -1916,7 +1915,7 @@ def _mlp_forward(q, k, v, eta, state, ln_w, ln_b, mb, G, save):
             res = _try_gluon(ttt_gluon.mlp_forward_gluon, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, out, finals, cks,
                              mb, G, save, num_warps=cfg.get("smem_num_warps", 8), tma=bool(cfg.get("tma", 1)),
                              bsum_mma=bool(cfg.get("bsum_mma", 1)), pair=int(cfg.get("pair", 0)),
-                             mix=int(cfg.get("mix", 0)), gelu16=bool(cfg.get("gelu16", 0)))
+                             mix=int(cfg.get("mix", 0)))
             if res is not None:
                 return res
         variant = "split"  # no Gluon, not Hopper, fp32 inputs or another shape
