@@ -1359,12 +1359,14 @@ def mlp_forward_gluon(q, k, v, eta, state, ln_w, ln_b, out, finals, cks, mb, G, 
             for n, (s, e, p) in enumerate(segs):
                 launches.append((t, g, n, lo, hi, s, e, p))
                 t += (e - s) / (ratio if p else 1.0)
-        for _, g, n, lo, hi, s, e, p in sorted(launches):
-            with torch.cuda.stream(streams[g]):
-                _forward_launch(args, finals if n else state, lo, hi, s, e, p, *opts)
-            PAIR_LAUNCHES += p
-        for stream in streams:
-            caller.wait_stream(stream)
+        try:
+            for _, g, n, lo, hi, s, e, p in sorted(launches):
+                with torch.cuda.stream(streams[g]):
+                    _forward_launch(args, finals if n else state, lo, hi, s, e, p, *opts)
+                PAIR_LAUNCHES += p
+        finally:  # also when a launch raises (ttt_triton's fallback then writes the buffers after the queued ones)
+            for stream in streams:
+                caller.wait_stream(stream)
     if paired or plan is not None:
         ttt_triton._after_split_launch(err, err_mirror, _PAIR_STALL)
     return out, finals, cks, 0

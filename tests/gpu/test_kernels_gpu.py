@@ -349,6 +349,29 @@ def test_mixed_forward_long_sequence_bf16(monkeypatch):
     assert ttt_gluon.MIX_CALLS > n0
 
 
+def test_mixed_forward_launch_failure_falls_back_after_the_queued_launches(monkeypatch):
+    """A mixed plan's launch that fails after others were queued on the side streams (a Gluon kernel variant this
+    Triton does not build): mlp_forward_gluon joins the side streams before the error leaves it, so the Triton
+    fallback that ttt_triton then runs writes the outputs after the queued launches, never beside them."""
+    from ttt_video.kernels import ttt_triton
+
+    ttt_gluon = _smem_config(monkeypatch, pair=1, mix=138)
+    monkeypatch.setattr(ttt_gluon, "PLAN_SMS", 5)
+    monkeypatch.setattr(ttt_triton, "GLUON_DISABLED", [])
+    real, calls = ttt_gluon._forward_launch, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise TypeError("simulated: a kernel variant this Triton does not build")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ttt_gluon, "_forward_launch", second_fails)
+    with pytest.warns(RuntimeWarning, match="using the Triton kernels"):
+        _checked(["mlp-mix-fallback"], "mlp", 1, 3, 1536, 64, 64, 2, BF16, draws=1)
+    assert len(calls) == 2 and ttt_triton.GLUON_DISABLED
+
+
 # The Gluon backward (kernels/ttt_gluon.py, mlp_bwd variant "smem", the default on Hopper: per checkpoint group the
 # recompute forward, the output path of all its mini-batches, then one 8-warp CTA per head back through the group):
 # the tests below run each Gluon direction alone (the other one the default), every gradient against the float64
