@@ -224,6 +224,7 @@ def test_pairing_is_on_by_default_and_the_environment_can_turn_it_off(monkeypatc
     from ttt_video.kernels import ttt_triton
 
     assert ttt_triton.KERNEL_CONFIG["mlp_fwd"]["pair"] == 1 and ttt_triton.KERNEL_CONFIG["mlp_bwd"]["pair"] == 1
+    assert ttt_triton.KERNEL_CONFIG["mlp_fwd"]["mix"] > 100  # heads paired in turn (session 20), a paired rate > 1
     env = dict(os.environ, TTT_VIDEO_KERNEL_CONFIG="mlp_fwd:pair=0;mlp_bwd:pair=0,bwd_group=32")
     code = ("from ttt_video.kernels import ttt_triton as t; c = t.KERNEL_CONFIG; "
             "print(c['mlp_fwd']['pair'], c['mlp_bwd']['pair'], c['mlp_bwd']['bwd_group'], c['mlp_fwd']['variant'])")
