@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call (issue 4): build the paper's ThunderKittens TTT-MLP kernels (scripts/build_ttt_tk.py), check
+# them against our float64 reference and time them beside ours and fla's Gated DeltaNet (benchmarks/bench_tk.py).
+# Run through the device tool from the repo root, carrying .thirdparty (their clone, git-ignored) and the fla wheels:
+#   bash scripts/device_tk.sh [bench_tk.py args...]
+# Logs go to $OUT: nvsmi.txt, tk_build.log, warm.log, tk.log, tk.json.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+REPO=$PWD
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+mkdir -p /tmp/pkg/ttt_video
+echo "__path__ = ['$REPO']" > /tmp/pkg/ttt_video/__init__.py
+export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
+export FLA_CACHE_RESULTS=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv | tee "$OUT/nvsmi.txt"
+nvcc --version | tail -2
+t0=$(date +%s)
+# Compile our kernels and fla's while nvcc builds theirs: 3,072 tokens keep 351,232's integer specialisations
+# (N, N/16 and N/64 multiples of 16; N/1024 not).
+timeout 300 python3 benchmarks/bench_ttt.py --tokens 3072 --reps 1 --skip linear,torch,sdpa,gla > "$OUT/warm.log" 2>&1 &
+MAX_JOBS=16 timeout 400 python3 scripts/build_ttt_tk.py --build /tmp/ttt_tk_build > "$OUT/tk_build.log" 2>&1
+echo "ttt-tk build rc $? after $(( $(date +%s) - t0 )) s"
+grep -E "error|spill|Used [0-9]+ registers|built" "$OUT/tk_build.log" | head -12
+wait
+echo "warm-up done after $(( $(date +%s) - t0 )) s"
+grep -iE "error|Traceback" "$OUT/warm.log" | head -5
+timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/bench_tk.py --build /tmp/ttt_tk_build --json "$OUT/tk.json" \
+  "$@" 2>&1 | tee "$OUT/tk.log"
