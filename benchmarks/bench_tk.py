@@ -97,6 +97,41 @@ class TKRunner:
         return (*flat, d_eta.reshape(B, H, NC * CS), *d_state, d_ln_w.sum(0).reshape(H, D), d_ln_b.sum(0).reshape(H, D))
 
 
+def tk_op(tk, group=16):
+    """ttt-tk behind our op's signature, with autograd (their forward and backward, as ttt-video-dit's TkMLP wraps
+    them), for a model's TTT layer (benchmarks/bench_block.py). The sequence is padded with zero-eta tokens to whole
+    checkpoint groups (their backward needs them; a zero-eta token changes no state and its output is dropped)."""
+    whole = MB * group
+
+    class _TK(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, eta, W1, b1, W2, b2, ln_w, ln_b):
+            ctx.n, ctx.dtypes = q.shape[2], [t.dtype for t in (q, k, v, eta, W1, b1, W2, b2, ln_w, ln_b)]
+            pad = (-ctx.n) % whole
+            if pad:
+                q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+                eta = torch.nn.functional.pad(eta, (0, pad))
+            ctx.run = TKRunner(tk, q, k, v, eta, (W1, b1, W2, b2), ln_w, ln_b, group)
+            out = ctx.run.forward().reshape(q.shape)[:, :, : ctx.n]
+            return out.to(ctx.dtypes[0])  # a copy: their backward adds into the output buffer
+
+        @staticmethod
+        def backward(ctx, dout):
+            n, padded = ctx.n, ctx.run.shape[2] * MB
+            grads = list(ctx.run.backward(torch.nn.functional.pad(dout, (0, 0, 0, padded - n))))
+            grads[:3] = [g[:, :, :n] for g in grads[:3]]
+            grads[3] = grads[3][:, :, :n]
+            del ctx.run
+            return tuple(g.to(dt) for g, dt in zip(grads, ctx.dtypes))
+
+    def op(q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size=64, checkpoint_group_size=0, backend="auto"):
+        if mini_batch_size != MB:
+            raise ValueError(f"ttt-tk runs mini-batches of {MB} only, got {mini_batch_size}")
+        return _TK.apply(q, k, v, eta, *state, ln_weight, ln_bias), None
+
+    return op
+
+
 def check_tk(tk, seeds=(1, 2), eta_scales=(1.0, 0.1, 0.01, 1e-4), B=1, H=4, N=4096, group=16) -> list[dict]:
     """ttt-tk and ours against the float64 reference (our ops, torch backend) on the same fresh draws (the GPU
     tests' inputs, eta times each scale: the tests' eta, 0.05-0.55, is far above the model's ~1e-5, to make every
