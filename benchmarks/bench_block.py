@@ -43,7 +43,8 @@ def gdn_op(q, k, v, eta, state, ln_weight, ln_bias, mini_batch_size=64, checkpoi
 
     chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only, as bench_ttt.bench_fla: fla #640's guard refuses the backward
     qt, kt, vt = (t.transpose(1, 2).to(torch.bfloat16) for t in (q, k, v))
-    logits = (eta.float() * (mini_batch_size * q.shape[-1] / 0.1)).transpose(1, 2)  # back to sigmoid's range
+    # eta = base_lr (0.1 for TTT-MLP) * sigmoid(logits) / head_dim / mini_batch: back to the sigmoid's [0, 1]
+    logits = (eta.float() * (mini_batch_size * q.shape[-1] / 0.1)).transpose(1, 2)
     g = F.logsigmoid(logits * 8 + 4)  # decays near 1, as bench_ttt's draws
     beta = logits.to(torch.bfloat16)
     out, _ = chunk_gated_delta_rule(qt, kt, vt, g, beta)
@@ -55,13 +56,13 @@ def build_block(variant: str, segments: int, op):
     from ttt_video.ttt_core import ttt_layer
     from ttt_video.ttt_core.config import preset
     from ttt_video.ttt_core.dit import TTTDiT
+    from ttt_video.ttt_core.geometry import latent_frames_for_segments
 
     ttt_layer.ttt_mlp = op  # the layer calls its module's ttt_mlp
     cfg = preset("cogvideox-5b", num_layers=1, global_layer="none" if variant == "local" else "ttt_mlp")
     model = TTTDiT(cfg).to("cuda", torch.bfloat16)
-    frames = 13 + 12 * (segments - 1)
-    latents = torch.randn(1, frames, cfg.in_channels, cfg.sample_height, cfg.sample_width, device="cuda",
-                          dtype=torch.bfloat16)
+    shape = (1, latent_frames_for_segments(segments), cfg.in_channels, cfg.sample_height, cfg.sample_width)
+    latents = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, segments, cfg.max_text_seq_length, cfg.text_embed_dim, device="cuda", dtype=torch.bfloat16)
     block = model.transformer_blocks[0]
     captured = []

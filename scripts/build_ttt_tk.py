@@ -1,6 +1,6 @@
 """Build the paper's ThunderKittens TTT-MLP kernels (test-time-training/ttt-tk) as a torch extension, for the
-side-by-side comparison in benchmarks/bench_ttt.py (issue 4: "faster than the paper's ThunderKittens kernel
-relative to Gated DeltaNet"). Hopper (sm_90a) only, as theirs is; needs nvcc and ninja (the device image has both).
+side-by-side comparisons in benchmarks/bench_tk.py and benchmarks/bench_block.py (issue 4: "faster than the
+paper's ThunderKittens kernel relative to Gated DeltaNet"). Hopper (sm_90a) only, as theirs is; needs nvcc and ninja (the device image has both).
 
     git clone https://github.com/test-time-training/ttt-tk .thirdparty/ttt-tk   # we measured commit 353b6c8
     python scripts/build_ttt_tk.py [--src .thirdparty/ttt-tk] [--build /tmp/ttt_tk_build] [--check-only]
